@@ -1,0 +1,69 @@
+"""Configuration of the Spectrum forecaster (SPEC.md: schedule, basis, fit and blend)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class SpectrumConfig:
+    """Settings of one Spectrum run; every field is checked when the object is built.
+
+    Args:
+        num_inference_steps: number of denoising steps ``S`` of the sampler. The time axis of the
+            fit is the step index mapped to ``tau = 2 s / S - 1``.
+        warmup_steps: the first ``W`` steps always run the block stack.
+        window_size: initial window ``N`` of the paper's schedule; after the warm-up a real step
+            comes every ``floor(n)`` steps, with ``n`` starting at ``N``.
+        flex_window: growth ``alpha`` of the window after each real step (0 gives a fixed
+            interval of ``N``).
+        degree: degree ``M`` of the Chebyshev basis ``T_0 .. T_M``.
+        ridge_lambda: ridge penalty ``lambda`` of the fit. With 0 the minimum-norm least-squares
+            solution is used.
+        blend_weight: weight ``w`` of the Chebyshev forecast in the blend with the local linear
+            extrapolation of the last two real features; 1 is the paper's pure forecaster.
+    """
+
+    num_inference_steps: int = 50
+    warmup_steps: int = 5
+    window_size: float = 2
+    flex_window: float = 0.75
+    degree: int = 4
+    ridge_lambda: float = 0.1
+    blend_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        _require_int("num_inference_steps", self.num_inference_steps, minimum=1)
+        _require_int("warmup_steps", self.warmup_steps, minimum=1,
+                     why="the forecaster needs at least one real step before it can forecast")
+        _require_real("window_size", self.window_size, minimum=1.0)
+        _require_real("flex_window", self.flex_window, minimum=0.0)
+        _require_int("degree", self.degree, minimum=0)
+        _require_real("ridge_lambda", self.ridge_lambda, minimum=0.0)
+        _require_real("blend_weight", self.blend_weight, minimum=0.0, maximum=1.0)
+
+    @property
+    def num_basis(self) -> int:
+        """Number of Chebyshev basis functions ``P = M + 1``."""
+        return self.degree + 1
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _require_int(name: str, value, minimum: int, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"SpectrumConfig.{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        reason = f" ({why})" if why else ""
+        raise ValueError(f"SpectrumConfig.{name} must be an integer >= {minimum}{reason}, got {value!r}")
+
+
+def _require_real(name: str, value, minimum: float, maximum: float | None = None) -> None:
+    allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"SpectrumConfig.{name} must be a finite number {allowed}, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"SpectrumConfig.{name} must be {allowed}, got {value!r}")
