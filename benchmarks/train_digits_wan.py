@@ -1,0 +1,245 @@
+"""Train the miniature Wan2.1-architecture digits model with Wan's flow-matching objective.
+
+    PYTHONPATH=. python -m benchmarks.train_digits_wan --out spectrum_xdit/assets/digits_wan
+    PYTHONPATH=. python -m benchmarks.train_digits_wan --quick --out /tmp/digits_wan_quick   # smoke run
+
+Objective (as Wan2.1 / rectified flow): for a clean latent ``x0``, noise ``e ~ N(0, I)`` and a
+sigma drawn uniformly and then shifted like the sampler (``sigma = s*u / (1 + (s-1)*u)``,
+``s = 3``), the model sees ``x_t = (1 - sigma) * x0 + sigma * e`` at timestep ``1000 * sigma`` and
+regresses ``e - x0`` (MSE). Prompts are encoded once by the frozen tiny UMT5 exactly as
+``WanPipeline.encode_prompt`` does (max_sequence_length 226, zero-padded); 10% of the samples get the
+empty prompt's embedding (the pipeline's default negative prompt), so classifier-free guidance has a
+trained unconditional branch. The saved transformer weights are an EMA (0.998) of the trained ones.
+
+Defaults: 5000 AdamW steps of batch 32 (lr 1e-3, 150 warm-up steps, cosine to 1e-4, weight decay
+0.01 on matrices, grad-norm clip 1.0), fresh clips every step from the 1438-digit train split.
+About 21 min on two shared CPU cores (0.25 s/step); run it under ``nice -n 10``.
+
+Cost trick, exact: the pipeline always hands the transformer 226 text positions, of which all past
+the prompt's 5 tokens are identical zero vectors. Training attends over the 5 real positions plus
+one padding position whose logit gets ``+log(221)`` (see ``PaddedCrossAttnProcessor``), which is the
+same attention; the start-up check compares it with the stock processor on the full 226 positions.
+Inference uses the stock processor and the stock pipeline.
+
+Everything is seeded (``torch.use_deterministic_algorithms``); on one machine and thread count a
+rerun gives the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file, save_model
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+from tqdm.auto import tqdm
+
+from benchmarks import digits_data as dd
+from spectrum_xdit import digits_wan as dw
+
+
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """Prompt embeddings exactly as ``WanPipeline`` makes them: (N, 226, D), zero past each prompt's length."""
+    with torch.no_grad():
+        emb, _ = pipe.encode_prompt(prompt=prompts, do_classifier_free_guidance=False,
+                                    max_sequence_length=dw.MAX_SEQUENCE_LENGTH, device=torch.device("cpu"))
+    return emb
+
+
+class PaddedCrossAttnProcessor(WanAttnProcessor):
+    """Cross-attention over a shortened text sequence that equals attention over the full padded one.
+
+    The pipeline's text states are zero past each prompt's length, and the Wan text projection and
+    key norm act per token, so all padding tokens give one and the same key and value. Attention over
+    ``n`` identical keys equals attention over one of them with ``log(n)`` added to its logit. The
+    training sequence keeps the ``L`` longest real length positions plus one padding position that
+    stands for the remaining ``226 - L`` copies; this processor adds ``log(226 - L)`` to that last
+    logit. Training-only: it changes nothing but the cost (226 -> L+1 text tokens); the equality with
+    the stock processor on the full sequence is checked at start-up.
+    """
+
+    def __init__(self, bias: torch.Tensor):
+        super().__init__()
+        self.bias = bias
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        mask = self.bias.to(hidden_states.dtype).view(1, 1, 1, -1)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask=mask,
+                                rotary_emb=rotary_emb)
+
+
+def shorten_text(emb: torch.Tensor, real_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 226, D) pipeline embeddings -> (N, real_len+1, D) and the logit bias for the processor."""
+    full = emb.shape[1]
+    if not torch.all(emb[:, real_len:] == 0):
+        raise ValueError("expected zero padding past the longest prompt")
+    bias = torch.zeros(real_len + 1)
+    bias[-1] = math.log(full - real_len)
+    return emb[:, :real_len + 1].clone(), bias
+
+
+def set_cross_attn_processor(transformer, processor) -> None:
+    for block in transformer.blocks:
+        block.attn2.set_processor(processor)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=dw.ASSETS)
+    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--ema", type=float, default=0.998)
+    ap.add_argument("--cfg-dropout", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run (20 steps, batch 8)")
+    ap.add_argument("--spatial", type=int, default=dw.VAE_CONFIG["scale_factor_spatial"],
+                    help="pass-through VAE space-to-depth factor (1 or 2)")
+    ap.add_argument("--transformer-overrides", type=json.loads, default={},
+                    help='JSON dict of WanTransformer3DModel config overrides, e.g. \'{"num_layers": 6}\'')
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.batch_size, args.warmup = 20, 8, 5
+
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    # components: the frozen text encoder from its seed, the transformer from the training seed
+    tokenizer = dw.build_tokenizer()
+    text_encoder = dw.build_text_encoder()
+    p = args.spatial
+    z_dim = dw.VAE_CONFIG["scale_factor_temporal"] * p * p
+    vae_cfg = {**dw.VAE_CONFIG, "z_dim": z_dim, "latents_mean": [0.0] * z_dim, "latents_std": [1.0] * z_dim,
+               "scale_factor_spatial": p}
+    tcfg = {**dw.TRANSFORMER_CONFIG, "in_channels": z_dim, "out_channels": z_dim, **args.transformer_overrides}
+    transformer = dw.build_transformer(seed=args.seed, **tcfg).train()
+    vae = dw.PassThroughWanVAE(**vae_cfg)
+    from diffusers import WanPipeline
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                       scheduler=dw.build_scheduler(), transformer=transformer)
+
+    conditions = dd.all_prompts()               # 40 (digit, direction, prompt), index = 4*digit + dir
+    emb = encode_prompts(pipe, [p for _, _, p in conditions] + [""])  # (41, 226, D); row 40 = empty
+    uncond_row = len(conditions)
+    real_len = int(max(pipe.tokenizer([p for _, _, p in conditions] + [""], return_attention_mask=True)
+                       .attention_mask[i].count(1) for i in range(len(conditions) + 1)))
+    emb_short, bias = shorten_text(emb, real_len)
+
+    # the shortened cross-attention must reproduce the full 226-token one (same weights, same inputs)
+    with torch.no_grad():
+        probe = torch.randn(3, z_dim, 3, dd.FRAME // p, dd.FRAME // p, generator=gen)
+        rows = torch.tensor([0, 17, uncond_row])
+        tt = torch.tensor([900.0, 400.0, 50.0])
+        set_cross_attn_processor(transformer, WanAttnProcessor())
+        ref = transformer(hidden_states=probe, timestep=tt, encoder_hidden_states=emb[rows], return_dict=False)[0]
+        set_cross_attn_processor(transformer, PaddedCrossAttnProcessor(bias))
+        got = transformer(hidden_states=probe, timestep=tt, encoder_hidden_states=emb_short[rows],
+                          return_dict=False)[0]
+        err = (got - ref).abs().max().item()
+    print(f"text tokens for training: {real_len + 1} (bias log({emb.shape[1] - real_len}) on the last); "
+          f"max |diff| vs full 226-token cross-attention: {err:.2e}", flush=True)
+    if err > 1e-4:
+        raise RuntimeError("shortened cross-attention does not match the full one")
+
+    split = dd.load_split()
+    train_x = torch.from_numpy(split["train_x"])
+    train_y = torch.from_numpy(split["train_y"])
+    n_train = train_x.shape[0]
+
+    ema = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    decay_params = [p for n, p in transformer.named_parameters() if p.ndim >= 2]
+    other_params = [p for n, p in transformer.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay_params, "weight_decay": args.weight_decay},
+                             {"params": other_params, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.99))
+
+    n_params = sum(p.numel() for p in transformer.parameters())
+    print(f"transformer {n_params / 1e6:.3f} M params, {3 * (dd.FRAME // p // 2) ** 2} tokens per clip; {n_train} train digits; "
+          f"{args.steps} steps x batch {args.batch_size}; threads {args.threads}", flush=True)
+
+    shift = dw.FLOW_SHIFT
+    losses: list[float] = []
+    t0 = time.time()
+    bar = tqdm(range(args.steps), desc="train", mininterval=5.0)
+    for step in bar:
+        idx = torch.randint(0, n_train, (args.batch_size,), generator=gen)
+        dirs = torch.randint(0, len(dd.DIRECTIONS), (args.batch_size,), generator=gen)
+        rows = train_y[idx] * len(dd.DIRECTIONS) + dirs
+        drop = torch.rand(args.batch_size, generator=gen) < args.cfg_dropout
+        rows = torch.where(drop, torch.full_like(rows, uncond_row), rows)
+        x0 = vae.pack(dd.make_clips(train_x[idx], dirs))                    # (B, z_dim, 3, 16/p, 16/p)
+        noise = torch.randn(x0.shape, generator=gen)
+        u = torch.rand(args.batch_size, generator=gen)
+        sigma = shift * u / (1.0 + (shift - 1.0) * u)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        x_t = (1.0 - s) * x0 + s * noise
+        target = noise - x0
+
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        pred = transformer(hidden_states=x_t, timestep=sigma * 1000.0, encoder_hidden_states=emb_short[rows],
+                           return_dict=False)[0]
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+
+        d = min(args.ema, (1.0 + step) / (10.0 + step))
+        with torch.no_grad():
+            for k, v in transformer.state_dict().items():
+                ema[k].mul_(d).add_(v.detach(), alpha=1.0 - d)
+
+        losses.append(loss.item())
+        if step % 25 == 0 or step == args.steps - 1:
+            recent = sum(losses[-100:]) / len(losses[-100:])
+            bar.set_postfix(loss=f"{recent:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+    bar.close()
+    wall = time.time() - t0
+    final_loss = sum(losses[-200:]) / len(losses[-200:])
+    print(f"done: {args.steps} steps in {wall:.0f} s ({wall / args.steps:.3f} s/step); "
+          f"mean loss over last {min(200, len(losses))} steps {final_loss:.4f}", flush=True)
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in ema.items()}, str(out / "transformer.safetensors"),
+              metadata={"format": "pt", "weights": "ema"})
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in tcfg.items()}
+    (out / "transformer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "vae_config.json").write_text(json.dumps(vae_cfg, indent=2) + "\n")
+    save_model(text_encoder, str(out / "text_encoder.safetensors"), metadata={"format": "pt"})
+    (out / "text_encoder_config.json").write_text(json.dumps(dw.TEXT_ENCODER_CONFIG, indent=2) + "\n")
+    tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+    info = {
+        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,
+        "weight_decay": args.weight_decay, "ema": args.ema, "cfg_dropout": args.cfg_dropout, "seed": args.seed,
+        "threads": args.threads, "flow_shift": shift, "sigma_sampling": "uniform u, shifted s*u/(1+(s-1)*u)",
+        "wall_seconds": round(wall, 1), "final_loss_last200": round(final_loss, 5),
+        "loss_curve_per_100": [round(sum(losses[i:i + 100]) / len(losses[i:i + 100]), 5)
+                               for i in range(0, len(losses), 100)],
+        "transformer_params": n_params, "train_digits": n_train,
+        "torch": torch.__version__,
+    }
+    (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"saved to {out}", flush=True)
+    return info
+
+
+if __name__ == "__main__":
+    main()
