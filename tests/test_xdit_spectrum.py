@@ -1,0 +1,87 @@
+"""Spectrum under xDiT's sequence parallelism (gloo, CPU processes) equals Spectrum in one process.
+
+Each rank builds the tiny pipeline, computes the single-process Spectrum result itself (plain
+diffusers transformer), then rebuilds the transformer as xDiT's wrapper, applies Spectrum again
+and reruns the same generation sharded. Under sequence parallelism each rank's hooks see only
+its shard of the tokens, so the forecaster state is the shard's: the per-rank bytes must be the
+single-process bytes divided by the sequence-parallel degree.
+"""
+
+import pytest
+import torch
+
+from spectrum_xdit.parallel.testing import run_distributed
+
+pytestmark = pytest.mark.timeout(300)
+
+STEPS = 20
+LAYOUTS = {"ulysses2": (2, 1), "ring2": (1, 2)}
+
+
+def _spectrum_sharded_vs_single(kind: str, ulysses: int, ring: int) -> dict:
+    from spectrum_xdit.parallel.cpu_support import enable_cpu_support
+
+    enable_cpu_support()
+    import torch.distributed as dist
+
+    from spectrum_xdit import SpectrumConfig, apply_spectrum, spectrum_stats
+    from spectrum_xdit.models import build_tiny_flux_pipeline, build_tiny_wan_pipeline
+    from spectrum_xdit.parallel.xdit_setup import (
+        init_xdit_runtime,
+        set_flux_input_parameters,
+        setup_xdit_parallel,
+        xdit_transformer,
+    )
+
+    engine_config = setup_xdit_parallel(ulysses_degree=ulysses, ring_degree=ring, cfg_degree=1)
+    config = SpectrumConfig(num_inference_steps=STEPS)
+    if kind == "wan":
+        pipe = build_tiny_wan_pipeline(seed=0)
+        call = dict(height=32, width=32, num_frames=5, guidance_scale=4.0, negative_prompt="dull")
+        field = "frames"
+    else:
+        pipe = build_tiny_flux_pipeline(seed=0)
+        call = dict(height=16, width=16, max_sequence_length=16, true_cfg_scale=4.0, negative_prompt="dull")
+        field = "images"
+    pipe.set_progress_bar_config(disable=True)
+    call.update(prompt="a red square", num_inference_steps=STEPS, output_type="latent")
+
+    plain = pipe.transformer
+    apply_spectrum(plain, config)
+    single = getattr(pipe(generator=torch.Generator().manual_seed(0), **call), field)
+    single_stats = spectrum_stats(plain)
+
+    pipe.transformer = xdit_transformer(plain)
+    apply_spectrum(pipe.transformer, config)
+    init_xdit_runtime(pipe, engine_config)
+    if kind == "flux":
+        set_flux_input_parameters(call["max_sequence_length"])
+    sharded = getattr(pipe(generator=torch.Generator().manual_seed(0), **call), field)
+    sharded_stats = spectrum_stats(pipe.transformer)
+
+    bytes_per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(bytes_per_rank, {b: s["state_bytes"] for b, s in sharded_stats.items()})
+    return {
+        "error": ((sharded - single).norm() / single.norm()).item(),
+        "single_stats": single_stats,
+        "sharded_stats": sharded_stats,
+        "bytes_per_rank": bytes_per_rank,
+    }
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", ["wan", "flux"])
+def test_spectrum_sharded_equals_single_process(kind, layout):
+    ulysses, ring = LAYOUTS[layout]
+    degree = ulysses * ring
+    result = run_distributed(_spectrum_sharded_vs_single, world_size=degree, args=(kind, ulysses, ring),
+                             timeout=240.0)
+    print(f"{kind} {layout}: relative error {result['error']:.2e}, per-rank bytes {result['bytes_per_rank']}")
+    assert result["error"] <= 1e-5, f"{kind} {layout}: relative error {result['error']:.2e}"
+    single, sharded = result["single_stats"], result["sharded_stats"]
+    assert set(single) == set(sharded) == {"cond", "uncond"}
+    for branch in single:
+        assert sharded[branch]["real_steps"] == single[branch]["real_steps"]
+        assert single[branch]["forecasts"] > 0
+        for rank_bytes in result["bytes_per_rank"]:
+            assert rank_bytes[branch] * degree == single[branch]["state_bytes"], (branch, rank_bytes)
