@@ -77,6 +77,9 @@ class SpectrumStack:
         self.stats: dict[str, dict] = {}
         self._stats_stale = False
         self.active: BranchState | None = None
+        # Called with this stack whenever a branch starts a generation (before its first block
+        # runs); the parallel layer uses it to check that every rank follows the same schedule.
+        self.generation_start_callbacks: list = []
 
     def begin_call(self, hidden_states: torch.Tensor) -> None:
         """Fix the step of this call for its branch and decide whether the blocks run."""
@@ -105,6 +108,8 @@ class SpectrumStack:
         if step == 0 or key != state.input_key:
             state.reset()
             self.stats[self.states.branch] = {"real_steps": [], "forecast_steps": [], "state_bytes": 0}
+            for callback in self.generation_start_callbacks:
+                callback(self)
         state.input_key = key
         state.step = step
         state.next_step = step + 1

@@ -85,3 +85,38 @@ def test_spectrum_sharded_equals_single_process(kind, layout):
         assert single[branch]["forecasts"] > 0
         for rank_bytes in result["bytes_per_rank"]:
             assert rank_bytes[branch] * degree == single[branch]["state_bytes"], (branch, rank_bytes)
+
+
+def _divergent_schedule(rank_flex_windows) -> None:
+    from spectrum_xdit.parallel.cpu_support import enable_cpu_support
+
+    enable_cpu_support()
+    import torch.distributed as dist
+
+    from spectrum_xdit import SpectrumConfig, apply_spectrum
+    from spectrum_xdit.models import build_tiny_wan_pipeline
+    from spectrum_xdit.parallel.consistency import enable_schedule_check
+    from spectrum_xdit.parallel.xdit_setup import init_xdit_runtime, setup_xdit_parallel, xdit_transformer
+
+    engine_config = setup_xdit_parallel(ulysses_degree=2, ring_degree=1, cfg_degree=1)
+    pipe = build_tiny_wan_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer = xdit_transformer(pipe.transformer)
+    config = SpectrumConfig(num_inference_steps=STEPS, flex_window=rank_flex_windows[dist.get_rank()])
+    apply_spectrum(pipe.transformer, config)
+    enable_schedule_check(pipe.transformer)
+    init_xdit_runtime(pipe, engine_config)
+    pipe(prompt="a red square", num_inference_steps=STEPS, height=32, width=32, num_frames=5,
+         guidance_scale=4.0, output_type="latent", generator=torch.Generator().manual_seed(0))
+    return "finished"
+
+
+def test_divergent_schedule_fails_clearly_instead_of_hanging():
+    from spectrum_xdit.parallel.testing import DistributedError
+
+    with pytest.raises(DistributedError, match="Spectrum schedules differ across ranks"):
+        run_distributed(_divergent_schedule, world_size=2, args=([0.75, 3.0],), timeout=120.0)
+
+
+def test_identical_schedules_pass_the_check():
+    assert run_distributed(_divergent_schedule, world_size=2, args=([0.75, 0.75],), timeout=120.0) == "finished"

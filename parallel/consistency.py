@@ -1,0 +1,46 @@
+"""Rank-consistent decisions: every rank must skip or run the block stack at the same steps.
+
+A rank that skips the blocks also skips the collectives inside them (Ulysses all-to-all, Ring
+exchange); if another rank enters them, the job hangs. The paper schedule depends only on the
+step index, so identical configs give identical decisions by construction. This module checks
+that assumption once per generation with one small all-gather, and turns a mismatch into the
+same clear error on every rank instead of a hang.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch.distributed as dist
+
+from ..hooks import SpectrumStack, spectrum_stack
+
+
+def schedule_fingerprint(stack: SpectrumStack) -> int:
+    """A CRC32 of everything the skip decisions depend on: step count and real steps."""
+    config = stack.config
+    text = f"{config.num_inference_steps}:{sorted(stack.real_steps)}"
+    return zlib.crc32(text.encode())
+
+
+def verify_schedule(stack: SpectrumStack, group=None) -> None:
+    """All-gather this rank's schedule fingerprint and raise on every rank if any differs."""
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    mine = schedule_fingerprint(stack)
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, mine, group=group)
+    if len(set(gathered)) > 1:
+        ranks = {}
+        for rank, fingerprint in enumerate(gathered):
+            ranks.setdefault(fingerprint, []).append(rank)
+        groups = "; ".join(f"ranks {members} share fingerprint {fp:#010x}" for fp, members in ranks.items())
+        raise RuntimeError(
+            "Spectrum schedules differ across ranks, so some ranks would skip collectives that "
+            f"others enter (a hang). {groups}. This rank runs real steps {sorted(stack.real_steps)}"
+            " of " + str(stack.config.num_inference_steps) + ". Give every rank the same SpectrumConfig.")
+
+
+def enable_schedule_check(transformer, group=None) -> None:
+    """Verify the schedule across ``group`` (default: the whole job) at every generation start."""
+    spectrum_stack(transformer).generation_start_callbacks.append(lambda stack: verify_schedule(stack, group))
