@@ -1,58 +1,62 @@
-"""`make run`: one generation of the shipped trained digits model (a Wan2.1-architecture
-transformer, see spectrum_xdit/digits_wan.py) with and without Spectrum.
+"""`make run`: the trained digits model (a Wan2.1-architecture transformer, see
+spectrum_xdit/digits_wan.py) on two gloo ranks with xDiT's Ulysses=2, once without and once
+with Spectrum, through `torchrun ... spectrum-xdit generate`.
 
-Builds the pipeline from the package's assets (no hub), runs 50 guided UniPC steps twice, writes
-both videos as GIFs and prints NFE per guidance branch, denoising wall time (median of repeats),
-speedup and PSNR between the two outputs.
+Writes both videos and reports under --output_dir and prints NFE per guidance branch, denoising
+wall time, speedup, per-rank forecaster state and PSNR between the two outputs.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import json
+import subprocess
+import sys
+from pathlib import Path
 
-import torch
+import imageio.v3 as iio
 
-from .. import SpectrumConfig, apply_spectrum, spectrum_stats
-from ..media import psnr, write_media
-from ..digits_wan import GENERATION_KWARGS, build_digits_wan_pipeline
+from ..media import psnr
 
 
-def _generate(pipe, prompt: str, seed: int, steps: int, repeats: int = 1):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        frames = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=5.0,
-                      generator=torch.Generator().manual_seed(seed), output_type="np",
-                      **GENERATION_KWARGS).frames[0]
-        times.append(time.perf_counter() - start)
-    return frames, statistics.median(times)
+def _launch(method: str, args, out: Path) -> dict:
+    stem = out / f"digits-wan_{method}"
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
+               "--master_port", str(args.master_port), "-m", "spectrum_xdit.launch.cli", "generate",
+               "--ulysses_degree", str(args.nproc), "--cache_method", method, "--prompt", args.prompt,
+               "--seed", str(args.seed), "--num_inference_steps", str(args.num_inference_steps),
+               "--output", f"{stem}.gif", "--report", f"{stem}.json"]
+    print("$", " ".join(command[2:]), flush=True)
+    subprocess.run(command, check=True, timeout=600)
+    return json.loads(Path(f"{stem}.json").read_text())
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs")
+    parser.add_argument("--prompt", default="digit 7 moving right")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_inference_steps", type=int, default=50)
-    parser.add_argument("--prompt", default="digit 7 moving right")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (median)")
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--master_port", type=int, default=29517)
     args = parser.parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
 
-    pipe = build_digits_wan_pipeline()
-    _generate(pipe, args.prompt, args.seed, 2)  # warm-up: first-call allocations and thread start-up
-    full, full_seconds = _generate(pipe, args.prompt, args.seed, args.num_inference_steps, args.repeats)
-    apply_spectrum(pipe.transformer, SpectrumConfig(num_inference_steps=args.num_inference_steps))
-    fast, fast_seconds = _generate(pipe, args.prompt, args.seed, args.num_inference_steps, args.repeats)
-
-    full_path = write_media(f"{args.output_dir}/digits-wan_none.gif", full)
-    fast_path = write_media(f"{args.output_dir}/digits-wan_spectrum.gif", fast)
-    print(f"wrote {full_path} and {fast_path}")
-    for branch, stats in spectrum_stats(pipe.transformer).items():
-        print(f"{branch:>7}: NFE {stats['nfe']}/{args.num_inference_steps} (real steps {stats['real_steps']})")
-    print(f"wall time: none {full_seconds:.2f} s, spectrum {fast_seconds:.2f} s, "
-          f"speedup {full_seconds / fast_seconds:.2f}x")
+    reports = {method: _launch(method, args, out) for method in ("none", "spectrum")}
+    full = iio.imread(out / "digits-wan_none.gif") / 255.0
+    fast = iio.imread(out / "digits-wan_spectrum.gif") / 255.0
+    print(f"\nmodel digits-wan, {args.num_inference_steps} UniPC steps, guidance 5.0, "
+          f"{args.nproc} gloo ranks, Ulysses={args.nproc}")
+    for method, report in reports.items():
+        nfe = ", ".join(f"{branch} {count}" for branch, count in report["nfe"].items())
+        print(f"{method:>9}: NFE per branch {nfe}; denoise {report['denoise_seconds']:.2f} s; "
+              f"total {report['total_seconds']:.2f} s; forecaster state per rank "
+              f"{report['state_bytes_per_rank'] / 1024:.0f} KiB")
+    speedup = reports["none"]["denoise_seconds"] / reports["spectrum"]["denoise_seconds"]
+    print(f"speedup (denoising wall time): {speedup:.2f}x")
     print(f"PSNR spectrum vs none: {psnr(fast, full):.2f} dB")
+    print(f"outputs: {out / 'digits-wan_none.gif'}, {out / 'digits-wan_spectrum.gif'}")
 
 
 if __name__ == "__main__":

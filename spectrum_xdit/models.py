@@ -124,10 +124,10 @@ class ModelSpec:
         return self.family == "wan"
 
 
-def _build_digits_wan(**kwargs) -> DiffusionPipeline:
+def _build_digits_wan(torch_dtype=torch.float32, **_) -> DiffusionPipeline:
     from .digits_wan import build_digits_wan_pipeline
 
-    return build_digits_wan_pipeline(**kwargs)
+    return build_digits_wan_pipeline(dtype=torch_dtype)
 
 
 BUILTIN_MODELS = {

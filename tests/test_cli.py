@@ -1,0 +1,62 @@
+"""`spectrum-xdit generate`: argument checks, and torchrun with 2 gloo ranks equals one process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from spectrum_xdit.launch.cli import build_parser, check_arguments
+from spectrum_xdit.parallel.testing import free_port
+
+REPORT_KEYS = {"model", "num_inference_steps", "world_size", "parallel", "cache_method", "real_steps", "nfe",
+               "denoise_seconds", "total_seconds", "state_bytes_per_rank"}
+
+
+@pytest.mark.parametrize("argv,world_size,message", [
+    (["--ulysses_degree", "2"], 1, "world size is 1"),
+    (["--model", "tiny-wan", "--ulysses_degree", "4"], 4, "2 attention heads, not divisible by --ulysses_degree 4"),
+    (["--model", "sd-xl"], 1, "unknown model 'sd-xl'"),
+    (["--model", "tiny-wan", "--use_cfg_parallel"], 2, "no CFG parallelism for Wan2.1"),
+    (["--output", "x.png"], 1, "must end in .gif or .mp4"),
+    (["--spectrum_blend_weight", "2"], 1, r"blend_weight must be in \[0.0, 1.0\]"),
+    (["--ring_degree", "0"], 1, "--ring_degree must be >= 1"),
+])
+def test_bad_arguments_fail_before_building_a_model(argv, world_size, message, capsys):
+    parser = build_parser()
+    args = parser.parse_args(["generate", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        check_arguments(args, parser, world_size)
+    assert exit_info.value.code == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def _generate(tmp_path, name, nproc, extra):
+    latents, report = tmp_path / f"{name}.npy", tmp_path / f"{name}.json"
+    launcher = [sys.executable, "-m", "spectrum_xdit.launch.cli"]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                    "--master_port", str(free_port()), "-m", "spectrum_xdit.launch.cli"]
+    command = [*launcher, "generate", "--num_inference_steps", "20", "--save_latents", str(latents),
+               "--report", str(report), *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return np.load(latents), json.loads(report.read_text())
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("model", ["tiny-wan", "tiny-flux"])
+def test_torchrun_ulysses2_equals_single_process(tmp_path, model):
+    flags = ["--model", model, "--prompt", "a red square", "--cache_method", "spectrum"]
+    single, single_report = _generate(tmp_path, "single", 1, flags)
+    sharded, sharded_report = _generate(tmp_path, "sharded", 2, [*flags, "--ulysses_degree", "2"])
+    error = np.linalg.norm(sharded - single) / np.linalg.norm(single)
+    assert error <= 1e-5, error
+    assert REPORT_KEYS <= set(sharded_report)
+    assert sharded_report["world_size"] == 2 and sharded_report["parallel"]["ulysses_degree"] == 2
+    assert sharded_report["real_steps"] == single_report["real_steps"]
+    assert sharded_report["nfe"] == {"cond": 9, "uncond": 9}
+    assert sharded_report["state_bytes_per_rank"] * 2 == single_report["state_bytes_per_rank"]
