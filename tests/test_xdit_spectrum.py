@@ -15,7 +15,7 @@ from spectrum_xdit.parallel.testing import run_distributed
 pytestmark = pytest.mark.timeout(300)
 
 STEPS = 20
-LAYOUTS = {"ulysses2": (2, 1), "ring2": (1, 2)}
+LAYOUTS = {"ulysses2": (2, 1), "ring2": (1, 2), "usp2x2": (2, 2)}
 
 
 def _spectrum_sharded_vs_single(kind: str, ulysses: int, ring: int) -> dict:
