@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -30,7 +31,7 @@ def test_bad_arguments_fail_before_building_a_model(argv, world_size, message, c
     with pytest.raises(SystemExit) as exit_info:
         check_arguments(args, parser, world_size)
     assert exit_info.value.code == 2
-    assert __import__("re").search(message, capsys.readouterr().err)
+    assert re.search(message, capsys.readouterr().err)
 
 
 def _generate(tmp_path, name, nproc, extra):
