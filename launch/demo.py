@@ -17,6 +17,7 @@ from pathlib import Path
 import imageio.v3 as iio
 
 from ..media import psnr
+from ..parallel.testing import free_port
 
 
 def _launch(method: str, args, out: Path) -> dict:
@@ -38,8 +39,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--master_port", type=int, default=29517)
+    parser.add_argument("--master_port", type=int, default=None, help="default: a free port")
     args = parser.parse_args(argv)
+    args.master_port = args.master_port or free_port()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
