@@ -61,3 +61,51 @@ def test_torchrun_ulysses2_equals_single_process(tmp_path, model):
     assert sharded_report["real_steps"] == single_report["real_steps"]
     assert sharded_report["nfe"] == {"cond": 9, "uncond": 9}
     assert sharded_report["state_bytes_per_rank"] * 2 == single_report["state_bytes_per_rank"]
+
+
+def _xdit_cache_method_latents(generate_kwargs: dict, cache_config: str):
+    """`--cache_method spectrum` parsed by xDiT's own flags and applied by xDiT's `apply_cache`."""
+    from spectrum_xdit.parallel.cpu_support import enable_cpu_support
+
+    enable_cpu_support()
+    import torch
+    import xfuser.model_executor.cache.adapters as adapters
+    from xfuser.config import FlexibleArgumentParser, xFuserArgs
+
+    from spectrum_xdit.models import build_tiny_wan_pipeline
+    from spectrum_xdit.parallel.xdit_cache import register_spectrum_cache_method
+
+    register_spectrum_cache_method()
+    args = xFuserArgs.add_cli_args(FlexibleArgumentParser()).parse_args(
+        ["--model", "tiny-wan", "--cache_method", "spectrum", "--cache_config", cache_config])
+    pipe = build_tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    adapters.apply_cache(args.cache_method, generate_kwargs["num_inference_steps"], pipe,
+                         cache_config=args.cache_config)
+    return pipe(**generate_kwargs, generator=torch.Generator().manual_seed(0)).frames.numpy()
+
+
+@pytest.mark.timeout(300)
+def test_xdit_cache_method_spectrum_equals_generate(tmp_path):
+    from spectrum_xdit.parallel.testing import run_distributed
+
+    cli_latents, _ = _generate(tmp_path, "cli", 1, ["--model", "tiny-wan", "--prompt", "a red square",
+                                                    "--spectrum_flex_window", "3.0"])
+    call = dict(prompt="a red square", num_inference_steps=20, height=32, width=32, num_frames=5,
+                guidance_scale=5.0, output_type="latent")
+    # A fresh process: xDiT must be imported after the CPU patches are installed.
+    xdit_latents = run_distributed(_xdit_cache_method_latents, world_size=1,
+                                   args=(call, '{"flex_window": 3.0}'), timeout=200.0)
+    assert np.array_equal(cli_latents, xdit_latents)
+
+
+def test_xdit_cache_config_is_checked():
+    from spectrum_xdit.parallel.xdit_cache import spectrum_config_from_cache_config
+
+    assert spectrum_config_from_cache_config(30, '{"flex_window": 3.0}').flex_window == 3.0
+    with pytest.raises(ValueError, match="unknown --cache_config keys for spectrum: \\['threshold'\\]"):
+        spectrum_config_from_cache_config(30, '{"threshold": 0.1}')
+    with pytest.raises(ValueError, match="JSON object"):
+        spectrum_config_from_cache_config(30, "[1, 2]")
+    with pytest.raises(ValueError, match="blend_weight must be in"):
+        spectrum_config_from_cache_config(30, '{"blend_weight": 3}')
