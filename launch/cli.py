@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..config import SpectrumConfig
 from ..hooks import apply_spectrum, spectrum_stats
@@ -119,8 +120,6 @@ def generate(args, parser) -> dict:
         from ..parallel.cpu_support import enable_cpu_support
 
         enable_cpu_support()
-        import torch.distributed as dist
-
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
@@ -137,8 +136,9 @@ def generate(args, parser) -> dict:
         init_xdit_runtime(pipe, engine_config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=rank != 0)
-    if args.cache_method == "spectrum":
-        apply_spectrum(pipe.transformer, spectrum_config(args))
+    config = spectrum_config(args) if args.cache_method == "spectrum" else None
+    if config is not None:
+        apply_spectrum(pipe.transformer, config)
         if world_size > 1:
             enable_schedule_check(pipe.transformer)
 
@@ -172,7 +172,7 @@ def generate(args, parser) -> dict:
         "parallel": {"ulysses_degree": args.ulysses_degree, "ring_degree": args.ring_degree,
                      "cfg_degree": 2 if args.use_cfg_parallel else 1},
         "cache_method": args.cache_method,
-        "spectrum": spectrum_config(args).to_dict() if args.cache_method == "spectrum" else None,
+        "spectrum": config.to_dict() if config is not None else None,
         "real_steps": {b: s["real_steps"] for b, s in stats.items()},
         "nfe": {b: s["nfe"] for b, s in stats.items()},
         "denoise_seconds": denoise_seconds,
@@ -195,8 +195,6 @@ def generate(args, parser) -> dict:
         print(json.dumps({k: report[k] for k in ("model", "cache_method", "nfe", "denoise_seconds",
                                                   "total_seconds", "state_bytes_per_rank")}))
     if world_size > 1:
-        import torch.distributed as dist
-
         dist.barrier()
         dist.destroy_process_group()
     return report

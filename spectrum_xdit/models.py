@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 from diffusers import (
     AutoencoderKL,
-    DiffusionPipeline,
     AutoencoderKLWan,
+    DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
