@@ -51,6 +51,13 @@ class SpectrumForecaster:
     def feature_shape(self) -> torch.Size | None:
         return self._shape
 
+    @property
+    def last_feature(self) -> torch.Tensor | None:
+        """The feature of the latest real step, in its own shape and dtype (kept only when
+        ``blend_weight < 1``; ``None`` otherwise or before the first update). Read-only: it
+        is the forecaster's buffer, not a copy."""
+        return None if self._last is None else self._last.view(self._shape)
+
     def update(self, step: int, features: torch.Tensor) -> None:
         """Record the feature computed at a real step. Steps must increase."""
         step = self._check_step(step)

@@ -21,3 +21,74 @@ def test_forecaster_benchmark_runs(tmp_path, capsys):
             assert row["peak_bytes"] > row["state_bytes"] == row["F"] * len(bench.REAL_STEPS) * (
                 4 if row["dtype"] == "float32" else 2)
     assert "copy bandwidth" in capsys.readouterr().out
+
+
+def test_quality_benchmark_quick(tmp_path):
+    """`benchmarks.quality --quick` end to end: every method, counted NFE, real metrics, all outputs."""
+    from benchmarks import quality
+
+    out = tmp_path / "quality.json"
+    result = quality.main(["--quick", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    for suffix in (".md", ".png"):
+        assert out.with_suffix(suffix).stat().st_size > 0
+    assert (tmp_path / "quality_frames.png").stat().st_size > 0
+    rows = {(r["method"], r["setting"]): r for r in result["rows"]}
+    families = {r["method"] for r in result["rows"]}
+    assert families == {"full", "plain", "reuse", "spectrum", "taylorseer", "fbcache", "magcache"}
+    assert result["meta"]["pairs"] == 2
+    for row in result["rows"]:
+        assert set(row) >= {"method", "setting", "nfe", "psnr", "ssim", "accuracy", "speedup_wall", "speedup_nfe"}
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert row["speedup_wall"] > 0
+        if row["method"] == "full":
+            assert row["nfe"] == 50 and row["psnr"] is None
+            continue
+        # every method skips work and so differs from the reference, but stays a recognisable sample
+        assert 10.0 < row["psnr"] < 80.0 and 0.3 < row["ssim"] < 1.0
+        assert row["speedup_nfe"] == round(50 / row["nfe"], 3)
+    assert rows[("plain", "14 steps")]["nfe"] == 14
+    for (method, setting), row in rows.items():
+        if method in ("spectrum", "reuse"):
+            # counted evaluations of the block stack equal the schedule's real steps
+            assert row["nfe"] == row["block_nfe"] == len(row["real_steps"]) == 14
+            assert "forecast_ms" in row and "update_ms" in row
+        if method == "taylorseer":
+            assert row["nfe"] == 14
+        if method == "fbcache":
+            # the first block runs on every step, so it costs more than its stack count says
+            assert row["block_nfe"] > row["nfe"]
+    spectrum = [r for r in result["rows"] if r["method"] == "spectrum" and "flex 0.75" in r["setting"]]
+    reuse = rows[("reuse", "flex 0.75, warmup 5, window 2")]
+    assert all(r["real_steps"] == reuse["real_steps"] for r in spectrum)
+    # different predictors at the same real steps give different outputs
+    assert len({r["psnr"] for r in spectrum} | {reuse["psnr"]}) == len(spectrum) + 1
+
+
+def test_state_memory_measures_true_per_rank_state():
+    from benchmarks import state_memory as sm
+
+    assert sm.wan_tokens(480, 832, 81) == 32760 and sm.wan_tokens(720, 1280, 81) == 75600
+    config = SpectrumConfig()
+    # the allocated forecasters hold exactly the bytes the table's formula gives (bf16, 2 branches)
+    assert sm.measure(7, config) == 2 * sm.ours_bytes(7 * sm.HIDDEN, config, 2) == 2 * 7 * sm.HIDDEN * 24
+    rows = sm.table(0.0, config)
+    assert len(rows) == 8 and all(r["ours_source"] == "analytic" for r in rows)
+    by_degree = {r["sp_degree"]: r for r in rows if r["resolution"] == "480x832"}
+    assert by_degree[8]["tokens_per_rank"] == 4095 and by_degree[1]["ours_bytes"] == 8 * by_degree[8]["ours_bytes"]
+    # the reference keeps K = 14 bf16 snapshots plus their float32 copy and the coefficients
+    assert by_degree[1]["reference_peak_bytes"] == 2 * 32760 * 5120 * (14 * 2 + 14 * 4 + 5 * 4)
+
+
+def test_throughput_benchmark_launches_and_reports(tmp_path):
+    from benchmarks import throughput
+
+    out = tmp_path / "throughput.json"
+    result = throughput.main(["--worlds", "1", "--repeats", "1", "--model", "tiny-wan",
+                              "--num_inference_steps", "12", "--json", str(out), "--timeout", "300"])
+    rows = {r["cache_method"]: r for r in result["rows"]}
+    assert set(rows) == {"none", "spectrum"}
+    assert rows["none"]["nfe"] == {"cond": 12, "uncond": 12} and rows["none"]["state_bytes_per_rank"] == 0
+    assert rows["spectrum"]["nfe"]["cond"] < 12 and rows["spectrum"]["state_bytes_per_rank"] > 0
+    assert rows["none"]["speedup_vs_none"] == 1.0 and rows["spectrum"]["speedup_vs_none"] > 0
+    assert out.with_suffix(".md").read_text().count("| 1 | single |") == 2

@@ -1,0 +1,538 @@
+"""Quality against speed: Spectrum and the baselines on the trained digits Wan model.
+
+    python -m benchmarks.quality                 # 40 (prompt, seed) pairs, ~10 min on 2 cores
+    python -m benchmarks.quality --quick         # 2 pairs, every method at NFE 14, < 60 s
+    python -m benchmarks.quality --json benchmarks/results/quality_cpu.json
+
+Every method samples the same clips as the reference, full compute (50 UniPC steps, guidance
+5.0), and is scored against it at two budgets of block-stack evaluations per guidance branch
+(``--budgets``, default 14 and 10 of 50):
+
+- ``plain``: the sampler itself with that many steps (its schedule changes, so its output is a
+  different sample of the model, compared like the others against the 50-step one);
+- ``reuse``: FORA-style reuse of the last computed block-stack output, at exactly Spectrum's
+  real steps (Spectrum's hooks with the forecast replaced by the latest real feature);
+- ``spectrum``: flex_window 0.75 and 3.0 (warm-up and window set to land on the budget), blend
+  weight 0.5 (the reference recipe) and 1.0 (the paper's pure Chebyshev forecast), and 0.0
+  (local linear extrapolation alone) on the 0.75 schedule;
+- ``taylorseer``: diffusers' ``TaylorSeerCacheConfig`` on every block's output (order 1 and 2),
+  interval and warm-up chosen to give the budget exactly;
+- ``fbcache`` and ``magcache``: diffusers' ``FirstBlockCacheConfig`` and ``MagCacheConfig``
+  (ratios calibrated on this model), their thresholds bisected on held-out seeds to land near
+  the budget; the NFE they actually used on the benchmark seeds is what the table reports.
+
+NFE is counted, not inferred: a forward pre-hook on the feed-forward of the last block counts
+every real evaluation of the whole stack, divided by the two guidance branches.
+
+Metrics, per method: PSNR and SSIM of the decoded frames against the reference of the same seed
+(mean over clips), the fraction of frames a held-out digit classifier recognises as the prompted
+digit, NFE, ``speedup_nfe = 50 / nfe``, ``speedup_wall`` (median denoising wall time of the
+reference over the method's; prompts are encoded beforehand and the methods interleaved per clip,
+so machine noise hits all of them alike), and for the forecasting methods the time of one
+forecast and one update of the state (``forecast_ms``, ``update_ms``).
+
+Writes the JSON (``--json``), and beside it a Markdown table (``.md``), a plot of PSNR and
+accuracy against wall-clock speedup (``.png``) and a grid of frames per method (``_frames.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ast
+import io
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+from tqdm import tqdm
+
+from benchmarks import digits_data as dd
+from benchmarks.digits_classifier import load_classifier
+from spectrum_xdit import SpectrumConfig, apply_spectrum, remove_spectrum, spectrum_stats
+from spectrum_xdit.hooks import spectrum_stack
+from spectrum_xdit.media import psnr
+
+STEPS = 50
+GUIDANCE = 5.0
+DEFAULT_JSON = Path("benchmarks/results/quality_cpu.json")
+CALIBRATION_SEED = 1000  # seeds >= this are held out from the benchmark pairs, for tuning only
+
+# Spectrum schedules (warmup_steps, window_size) that land on a budget for each flex_window.
+SPECTRUM_SCHEDULES = {
+    (14, 0.75): (5, 2), (14, 3.0): (9, 2),
+    (10, 0.75): (2, 3), (10, 3.0): (5, 2),
+}
+# TaylorSeer computes at steps < before and at before + 1 + k * interval: (before, interval).
+TAYLORSEER_SCHEDULES = {14: (2, 4), 10: (2, 6)}
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def ssim(a: np.ndarray, b: np.ndarray, window: int = 7, sigma: float = 1.5) -> float:
+    """Mean SSIM of two stacks of grey frames ``(T, H, W)`` in [0, 1] (Wang et al. 2004).
+
+    Gaussian window (7 x 7, sigma 1.5: the usual 11 x 11 is most of a 16 x 16 frame), valid
+    positions only, constants ``(0.01 L)^2`` and ``(0.03 L)^2`` with ``L = 1``.
+    """
+    x = torch.as_tensor(np.asarray(a, np.float64)).unsqueeze(1)
+    y = torch.as_tensor(np.asarray(b, np.float64)).unsqueeze(1)
+    g = torch.exp(-((torch.arange(window, dtype=torch.float64) - (window - 1) / 2) ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :])[None, None]
+
+    def blur(t):
+        return torch.nn.functional.conv2d(t, kernel)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+class StackCounter:
+    """Counts real block evaluations through forward pre-hooks on each block's feed-forward.
+
+    ``take()`` returns (whole-stack evaluations, block evaluations / number of blocks): the
+    first counts the last block only; the second also charges the blocks that run on a skipped
+    step (FirstBlockCache always runs the first block), in units of the whole stack."""
+
+    def __init__(self, transformer):
+        self.blocks = len(transformer.blocks)
+        self.last = 0
+        self.all = 0
+        for index, block in enumerate(transformer.blocks):
+            block.ffn.register_forward_pre_hook(self._count_last if index == self.blocks - 1 else self._count)
+
+    def _count(self, module, args):
+        self.all += 1
+
+    def _count_last(self, module, args):
+        self.all += 1
+        self.last += 1
+
+    def take(self) -> tuple[int, float]:
+        counts = (self.last, self.all / self.blocks)
+        self.last = self.all = 0
+        return counts
+
+
+# ----------------------------------------------------------------------------- methods
+
+@dataclass
+class Method:
+    """One sampler configuration: how to install it on the transformer and how to undo that."""
+
+    method: str
+    setting: str
+    budget: int | None = None
+    steps: int = STEPS
+    timings: dict = field(default_factory=lambda: {"forecast": [], "update": []})
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.setting}".strip()
+
+    def attach(self, transformer) -> None:
+        pass
+
+    def detach(self, transformer) -> None:
+        pass
+
+    def info(self, transformer) -> dict:
+        return {}
+
+
+class SpectrumMethod(Method):
+    def __init__(self, method: str, setting: str, budget: int, config: SpectrumConfig):
+        super().__init__(method, setting, budget)
+        self.config = config
+
+    def attach(self, transformer) -> None:
+        apply_spectrum(transformer, self.config)
+        stack = spectrum_stack(transformer)
+        forecast, record = self._forecast_fn(stack), stack.record
+
+        def timed_forecast():
+            t0 = time.perf_counter()
+            out = forecast()
+            self.timings["forecast"].append(time.perf_counter() - t0)
+            return out
+
+        def timed_record(features):
+            t0 = time.perf_counter()
+            record(features)
+            self.timings["update"].append(time.perf_counter() - t0)
+
+        stack.forecast, stack.record = timed_forecast, timed_record
+
+    def _forecast_fn(self, stack):
+        return stack.forecast
+
+    def detach(self, transformer) -> None:
+        remove_spectrum(transformer)
+
+    def info(self, transformer) -> dict:
+        stats = spectrum_stats(transformer)
+        return {"real_steps": stats["cond"]["real_steps"]} if "cond" in stats else {}
+
+
+class ReuseMethod(SpectrumMethod):
+    """FORA-style: at a skipped step, the block stack's output of the latest real step."""
+
+    def _forecast_fn(self, stack):
+        # blend_weight 0 keeps the latest real feature; clone so the pipeline can't alias it
+        return lambda: stack.active.forecaster.last_feature.clone()
+
+
+class DiffusersCacheMethod(Method):
+    def __init__(self, method: str, setting: str, budget: int | None, make_config, tuned: dict | None = None):
+        super().__init__(method, setting, budget)
+        self.make_config = make_config
+        self.tuned = tuned or {}
+
+    def attach(self, transformer) -> None:
+        transformer.enable_cache(self.make_config())
+
+    def detach(self, transformer) -> None:
+        transformer.disable_cache()
+
+    def info(self, transformer) -> dict:
+        return dict(self.tuned)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+class Bench:
+    def __init__(self, threads: int):
+        from spectrum_xdit.digits_wan import GENERATION_KWARGS, build_digits_wan_pipeline
+
+        torch.set_num_threads(threads)
+        self.pipe = build_digits_wan_pipeline()
+        self.kwargs = GENERATION_KWARGS
+        self.counter = StackCounter(self.pipe.transformer)
+        self._embeds: dict[str, tuple] = {}
+
+    def embeds(self, prompt: str):
+        if prompt not in self._embeds:
+            with torch.no_grad():
+                self._embeds[prompt] = self.pipe.encode_prompt(
+                    prompt, negative_prompt="", do_classifier_free_guidance=True, device="cpu")
+        return self._embeds[prompt]
+
+    def sample(self, method: Method, prompt: str, seed: int) -> tuple[np.ndarray, float, float, dict]:
+        """Frames (T, H, W) grey in [0, 1], denoising seconds, NFE per branch, method info (with
+        ``block_nfe``: block evaluations per branch in units of the whole stack)."""
+        positive, negative = self.embeds(prompt)
+        transformer = self.pipe.transformer
+        method.attach(transformer)
+        try:
+            self.counter.take()
+            t0 = time.perf_counter()
+            video = self.pipe(prompt_embeds=positive, negative_prompt_embeds=negative,
+                              num_inference_steps=method.steps, guidance_scale=GUIDANCE,
+                              generator=torch.Generator().manual_seed(seed), output_type="np",
+                              **self.kwargs).frames[0]
+            seconds = time.perf_counter() - t0
+            stacks, blocks = self.counter.take()
+            nfe = stacks / 2
+            info = {"block_nfe": blocks / 2, **method.info(transformer)}
+        finally:
+            method.detach(transformer)
+        return video.mean(axis=-1), seconds, nfe, info
+
+
+def tune_threshold(bench: Bench, build, target: float, prompts: list[tuple[str, int]], lo: float, hi: float,
+                   iterations: int) -> tuple[float, float]:
+    """Bisect a threshold (NFE falls as it grows) on held-out (prompt, seed) pairs.
+
+    Returns the tried threshold whose mean NFE is closest to ``target`` (ties: the higher NFE)."""
+    tried = []
+    for _ in range(iterations):
+        mid = math.sqrt(lo * hi)
+        method = build(mid)
+        nfe = statistics.fmean(bench.sample(method, p, s)[2] for p, s in prompts)
+        tried.append((abs(nfe - target), -nfe, mid, nfe))
+        if nfe > target:
+            lo = mid
+        elif nfe < target:
+            hi = mid
+        else:
+            break
+    _, _, threshold, nfe = min(tried)
+    return threshold, nfe
+
+
+def calibrate_magcache(bench: Bench, prompt: str, seed: int) -> list[float]:
+    """MagCache's own calibration run (no skipping); diffusers prints the ratios per branch."""
+    transformer = bench.pipe.transformer
+    transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=STEPS))
+    buffer = io.StringIO()
+    try:
+        positive, negative = bench.embeds(prompt)
+        with contextlib.redirect_stdout(buffer), torch.no_grad():
+            bench.pipe(prompt_embeds=positive, negative_prompt_embeds=negative, num_inference_steps=STEPS,
+                       guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(seed),
+                       output_type="latent", **bench.kwargs)
+    finally:
+        transformer.disable_cache()
+    ratios = [ast.literal_eval(line) for line in buffer.getvalue().splitlines() 
+              if line.startswith("[") and not line.startswith("[MagCache")]
+    if not ratios or any(len(r) != STEPS for r in ratios):
+        raise RuntimeError(f"MagCache calibration printed no usable ratios: {buffer.getvalue()[:500]!r}")
+    return np.mean(np.asarray(ratios, dtype=np.float64), axis=0).tolist()
+
+
+def build_methods(bench: Bench, budgets: list[int], calibration: list[tuple[str, int]], iterations: int,
+                  log) -> list[Method]:
+    methods: list[Method] = [Method("full", f"{STEPS} steps")]
+    magcache_ratios = None
+    for budget in budgets:
+        methods.append(Method("plain", f"{budget} steps", budget, steps=budget))
+        for flex in (0.75, 3.0):
+            warmup, window = SPECTRUM_SCHEDULES[(budget, flex)]
+            base = dict(num_inference_steps=STEPS, warmup_steps=warmup, window_size=window, flex_window=flex)
+            schedule = f"flex {flex}, warmup {warmup}, window {window}"
+            methods.append(ReuseMethod("reuse", schedule, budget, SpectrumConfig(**base, blend_weight=0.0)))
+            blends = (0.0, 0.5, 1.0) if flex == 0.75 else (0.5, 1.0)
+            for blend in blends:
+                methods.append(SpectrumMethod("spectrum", f"{schedule}, blend {blend}", budget,
+                                              SpectrumConfig(**base, blend_weight=blend)))
+        before, interval = TAYLORSEER_SCHEDULES[budget]
+        for order in (1, 2):
+            def taylorseer(before=before, interval=interval, order=order):
+                return TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=before,
+                                             max_order=order, taylor_factors_dtype=torch.float32,
+                                             cache_identifiers=[r"blocks\.\d+"])
+            methods.append(DiffusersCacheMethod("taylorseer", f"order {order}, interval {interval}, warmup {before}",
+                                                budget, taylorseer))
+
+        def fbcache(threshold):
+            return DiffusersCacheMethod("fbcache", f"threshold {threshold:.4g}", budget,
+                                        lambda: FirstBlockCacheConfig(threshold=threshold),
+                                        {"threshold": threshold})
+        threshold, nfe = tune_threshold(bench, fbcache, budget, calibration, 0.01, 0.5, iterations)
+        log(f"fbcache: threshold {threshold:.4g} gives NFE {nfe:.1f} on the held-out seeds (target {budget})")
+        methods.append(fbcache(threshold))
+
+        if magcache_ratios is None:
+            magcache_ratios = calibrate_magcache(bench, *calibration[0])
+
+        def magcache(threshold, ratios=magcache_ratios):
+            def config():
+                return MagCacheConfig(threshold=threshold, max_skip_steps=6, retention_ratio=0.1,
+                                      num_inference_steps=STEPS, mag_ratios=list(ratios))
+            return DiffusersCacheMethod("magcache", f"threshold {threshold:.4g}, K 6, retention 0.1", budget,
+                                        config, {"threshold": threshold})
+        threshold, nfe = tune_threshold(bench, magcache, budget, calibration, 1e-3, 10.0, iterations)
+        log(f"magcache: threshold {threshold:.4g} gives NFE {nfe:.1f} on the held-out seeds (target {budget})")
+        methods.append(magcache(threshold))
+    return methods
+
+
+# ----------------------------------------------------------------------------- report
+
+def summarise(method: Method, runs: list[dict], full_seconds: float) -> dict:
+    def mean(key):
+        values = [r[key] for r in runs]
+        return None if any(v is None for v in values) else round(statistics.fmean(values), 4)
+
+    seconds = statistics.median(r["seconds"] for r in runs)
+    nfe = statistics.fmean(r["nfe"] for r in runs)
+    row = {
+        "method": method.method, "setting": method.setting, "budget": method.budget,
+        "nfe": round(nfe, 2), "psnr": mean("psnr"), "ssim": mean("ssim"), "accuracy": mean("accuracy"),
+        "block_nfe": round(statistics.fmean(r["info"]["block_nfe"] for r in runs), 2),
+        "speedup_wall": round(full_seconds / seconds, 3), "speedup_nfe": round(STEPS / nfe, 3),
+        "seconds_median": round(seconds, 4),
+    }
+    for kind in ("forecast", "update"):
+        if method.timings[kind]:
+            row[f"{kind}_ms"] = round(1e3 * statistics.median(method.timings[kind]), 4)
+    row.update({k: v for k, v in runs[0]["info"].items() if k != "block_nfe"})
+    return row
+
+
+def markdown_table(rows: list[dict], real_step_ms: float) -> str:
+    lines = ["| budget | method | setting | NFE | block NFE | PSNR (dB) | SSIM | accuracy | speedup (wall) "
+             "| speedup (NFE) | forecast ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    best = {}
+    for row in rows:
+        if row["budget"] is not None:
+            best[row["budget"]] = max(best.get(row["budget"], -1.0), row["psnr"])
+    for row in rows:
+        psnr_text = "ref" if row["psnr"] is None else f"{row['psnr']:.2f}"
+        if row["psnr"] is not None and row["psnr"] == best.get(row["budget"]):
+            psnr_text = f"**{psnr_text}**"
+        ssim_text = "ref" if row["ssim"] is None else f"{row['ssim']:.4f}"
+        lines.append(
+            f"| {row['budget'] or STEPS} | {row['method']} | {row['setting']} | {row['nfe']:g} | {row['block_nfe']:g} "
+            f"| {psnr_text} "
+            f"| {ssim_text} | {100 * row['accuracy']:.1f}% | {row['speedup_wall']:.2f}x | {row['speedup_nfe']:.2f}x "
+            f"| {row.get('forecast_ms', ''):} |")
+    lines.append("")
+    lines.append(f"NFE: evaluations of the whole block stack per guidance branch; block NFE also counts "
+                 f"the blocks run on skipped steps, in units of the stack. Bold: best PSNR at the budget. "
+                 f"A full-compute transformer call (one branch, one step) takes {real_step_ms:.2f} ms here "
+                 f"(denoising time / {2 * STEPS} calls); forecast ms is the median time of one forecast.")
+    return "\n".join(lines) + "\n"
+
+
+FAMILY_STYLE = {"full": ("black", "*"), "plain": ("tab:gray", "s"), "reuse": ("tab:brown", "v"),
+                "spectrum": ("tab:red", "o"), "taylorseer": ("tab:blue", "^"), "fbcache": ("tab:green", "D"),
+                "magcache": ("tab:purple", "P")}
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, key, label in ((axes[0], "psnr", "PSNR vs 50-step output (dB)"),
+                           (axes[1], "accuracy", "frames recognised as the prompted digit")):
+        seen = set()
+        for row in rows:
+            if row[key] is None:
+                continue
+            colour, marker = FAMILY_STYLE[row["method"]]
+            name = row["method"] if row["method"] not in seen else None
+            seen.add(row["method"])
+            size = 90 if row["budget"] == 14 else 50
+            ax.scatter(row["speedup_wall"], row[key], c=colour, marker=marker, s=size, label=name,
+                       edgecolors="k", linewidths=0.4)
+        ax.set_xlabel("denoising wall-clock speedup over 50 steps (larger marker: NFE 14, smaller: 10)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    full = next(r for r in rows if r["method"] == "full")
+    axes[1].axhline(full["accuracy"], color="black", lw=0.8, ls="--")
+    axes[0].legend(loc="best", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def frame_grid(samples: dict[str, np.ndarray], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(samples)
+    frames = samples[labels[0]].shape[0]
+    fig, axes = plt.subplots(len(labels), frames, figsize=(frames * 0.9 + 3.2, len(labels) * 0.9 + 0.6),
+                             squeeze=False)
+    for i, label in enumerate(labels):
+        for t in range(frames):
+            ax = axes[i][t]
+            ax.imshow(samples[label][t], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[i][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+def run(num_pairs: int, budgets: list[int], out_json: Path, threads: int, tune_iterations: int,
+        calibration_pairs: int, command: str, quiet: bool = False) -> dict:
+    started = time.time()
+
+    def log(message: str) -> None:
+        if not quiet:
+            tqdm.write(message)
+
+    bench = Bench(threads)
+    classifier = load_classifier()
+    conditions = dd.all_prompts()
+    if num_pairs < 1:
+        raise ValueError(f"--pairs must be >= 1, got {num_pairs}")
+    # (prompt, seed) pairs: every condition once (seed = its index), then again with new seeds
+    pairs = [(conditions[i % len(conditions)], i) for i in range(num_pairs)]
+    calibration = [(conditions[(7 * i + 3) % len(conditions)][2], CALIBRATION_SEED + i)
+                   for i in range(calibration_pairs)]
+
+    methods = build_methods(bench, budgets, calibration, tune_iterations, log)
+    runs: dict[str, list[dict]] = {m.label: [] for m in methods}
+    grid: dict[str, np.ndarray] = {}
+    for (digit, _direction, prompt), seed in tqdm(pairs, desc="quality", unit="clip", disable=quiet):
+        reference = None
+        for method in methods:
+            frames, seconds, nfe, info = bench.sample(method, prompt, seed)
+            if reference is None:
+                reference = frames
+            with torch.no_grad():
+                pred = classifier(torch.from_numpy(frames * 2.0 - 1.0).float()).argmax(1).numpy()
+            same = method.method == "full"
+            runs[method.label].append({
+                "seconds": seconds, "nfe": nfe, "info": info,
+                "psnr": None if same else psnr(frames, reference),
+                "ssim": None if same else ssim(frames, reference),
+                "accuracy": float((pred == digit).mean()),
+            })
+            if seed == 0:
+                grid[f"{method.label} (NFE {nfe:g})"] = frames
+    full_seconds = statistics.median(r["seconds"] for r in runs[methods[0].label])
+    rows = [summarise(m, runs[m.label], full_seconds) for m in methods]
+    real_step_ms = 1e3 * full_seconds / (2 * STEPS)
+
+    meta = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                                       f"{platform.processor() or platform.platform()}",
+        "torch": torch.__version__, "model": "digits-wan (spectrum_xdit/assets/digits_wan)",
+        "steps": STEPS, "guidance_scale": GUIDANCE, "pairs": num_pairs,
+        "calibration_seeds": [s for _, s in calibration], "real_step_ms": round(real_step_ms, 3),
+        "wall_seconds": round(time.time() - started, 1),
+    }
+    result = {"meta": meta, "rows": rows}
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=2) + "\n")
+    title = (f"digits-wan, {num_pairs} clips, {STEPS} UniPC steps, guidance {GUIDANCE}; "
+             f"{meta['date']}; {meta['machine']}")
+    table = markdown_table(rows, real_step_ms)
+    out_json.with_suffix(".md").write_text(f"{title}\n\n`{command}`\n\n{table}")
+    plot(rows, out_json.with_suffix(".png"), title)
+    frame_grid(grid, out_json.with_name(out_json.stem + "_frames.png"),
+               f"'{pairs[0][0][2]}', seed 0: the 9 frames of each method")
+    if not quiet:
+        print(table)
+        print(f"wrote {out_json}, {out_json.with_suffix('.md')}, {out_json.with_suffix('.png')}, "
+              f"{out_json.with_name(out_json.stem + '_frames.png')} in {meta['wall_seconds']:.0f} s")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 pairs, budget 14, short tuning: an end-to-end check")
+    parser.add_argument("--pairs", type=int, default=None, help="(prompt, seed) pairs (default 40; quick 2)")
+    parser.add_argument("--budgets", type=int, nargs="+", default=None, choices=sorted(TAYLORSEER_SCHEDULES),
+                        help="NFE per branch to match (default 14 10; quick: 14)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help=f"output JSON (default {DEFAULT_JSON}; quick: outputs/quality_quick.json)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    pairs = args.pairs if args.pairs is not None else (2 if args.quick else 40)
+    out = args.json or (Path("outputs/quality_quick.json") if args.quick else DEFAULT_JSON)
+    command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
+    budgets = args.budgets or ([14] if args.quick else [14, 10])
+    return run(pairs, budgets, out, args.threads, tune_iterations=3 if args.quick else 7,
+               calibration_pairs=1 if args.quick else 2, command=command.strip())
+
+
+if __name__ == "__main__":
+    main()
