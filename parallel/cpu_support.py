@@ -178,23 +178,33 @@ _PATCHES: dict[str, Callable[[ModuleType], None]] = {
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Finds the listed modules with the other finders and patches each right after it runs."""
+    """Finds the listed modules with the other finders and patches each right after it runs.
+
+    Several of these finders may be installed (``spectrum_xdit.parallel.xdit_fixes`` adds
+    one); each asks the others, so a finder already searching for a module declines to search
+    for it again, and the patches of all of them are applied in turn.
+    """
 
     def __init__(self, patches: dict[str, Callable[[ModuleType], None]]):
         self._patches = patches
+        self._searching: set[str] = set()
 
     def find_spec(self, fullname, path, target=None):
         patch = self._patches.get(fullname)
-        if patch is None:
+        if patch is None or fullname in self._searching:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                spec.loader = _PatchingLoader(spec.loader, patch)
-                return spec
-        return None
+        self._searching.add(fullname)
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    spec.loader = _PatchingLoader(spec.loader, patch)
+                    return spec
+            return None
+        finally:
+            self._searching.discard(fullname)
 
 
 class _PatchingLoader(importlib.abc.Loader):

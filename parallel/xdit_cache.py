@@ -18,6 +18,7 @@ import json
 
 from ..config import SpectrumConfig
 from ..hooks import apply_spectrum
+from .xdit_fixes import apply_xdit_fixes
 
 CACHE_METHOD = "spectrum"
 
@@ -39,7 +40,11 @@ def spectrum_config_from_cache_config(num_steps: int, cache_config: str | None) 
 
 
 def register_spectrum_cache_method() -> None:
-    """Make xDiT's ``--cache_method`` flags and ``apply_cache`` know ``spectrum``. Idempotent."""
+    """Make xDiT's ``--cache_method`` flags and ``apply_cache`` know ``spectrum``. Idempotent.
+
+    Also installs the padding-path fixes (``xdit_fixes``), which xDiT's own entry points would
+    otherwise run without."""
+    apply_xdit_fixes()
     import xfuser.model_executor.cache.adapters as adapters
     from xfuser.config.args import xFuserArgs
 

@@ -17,6 +17,9 @@ keeps this rank's chunk, runs the blocks on it, and all-gathers the output, so e
 returns the full output. Pipelines therefore run unchanged and redundantly on every rank
 (same seed, same latents).
 
+:func:`setup_xdit_parallel` also installs :func:`spectrum_xdit.parallel.xdit_fixes.apply_xdit_fixes`
+(xfuser 0.7.0's padding path: token counts not divisible by the sequence-parallel degree).
+
 Call :func:`spectrum_xdit.parallel.cpu_support.enable_cpu_support` first on CPU machines.
 """
 
@@ -27,6 +30,8 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
+from .xdit_fixes import apply_xdit_fixes
 
 
 def setup_xdit_parallel(
@@ -44,6 +49,7 @@ def setup_xdit_parallel(
 
     Returns xDiT's ``EngineConfig`` for these degrees, as its runner builds it from its flags.
     """
+    apply_xdit_fixes()
     from xfuser.config import xFuserArgs
     from xfuser.core.distributed import init_distributed_environment, initialize_model_parallel
 

@@ -4,7 +4,13 @@ Each check starts N fresh processes (``spectrum_xdit.parallel.testing.run_distri
 up xDiT's parallel state, rebuilds a tiny random-weight diffusers Wan2.1 / FLUX.1 transformer as
 xDiT's wrapper class, and compares the sharded result with the single-process diffusers result
 computed in the same process. Checks that share a process layout share one launch.
+
+Token counts not divisible by the degree take the wrappers' padding path, which needs
+``spectrum_xdit.parallel.xdit_fixes`` (installed by ``setup_xdit_parallel``); each such case
+is also run through xDiT's unfixed ``forward`` to show what the fix changes.
 """
+
+import sys
 
 import pytest
 import torch
@@ -17,11 +23,12 @@ TOLERANCE = 1e-5
 LAUNCH_TIMEOUT = 180.0
 
 # Token counts (after patchify): even ones split evenly over 2 and 4 ranks, odd ones take
-# the wrappers' padding path.
+# the wrappers' padding path (one padding token on 2 and on 4 ranks).
 WAN_EVEN = dict(frames=2, height=4, width=8)  # 2 x 2 x 4 = 16 tokens
-WAN_ODD = dict(frames=1, height=6, width=2)  # 1 x 3 x 1 = 3 tokens
+WAN_ODD = dict(frames=1, height=6, width=10)  # 1 x 3 x 5 = 15 tokens
 FLUX_EVEN = dict(height=4, width=4)  # 16 image tokens
-FLUX_ODD = dict(height=3, width=3)  # 9 image tokens
+FLUX_ODD = dict(height=3, width=5)  # 15 image tokens
+ODD_TOKENS = 15
 TEXT_TOKENS = 8
 
 
@@ -82,17 +89,45 @@ def _xdit_checks(ulysses: int, ring: int, cfg: int, cases: dict, pipeline_steps:
     from spectrum_xdit.parallel.xdit_setup import setup_xdit_parallel
 
     engine_config = setup_xdit_parallel(ulysses_degree=ulysses, ring_degree=ring, cfg_degree=cfg)
-    report = {"forward": _sharded_forwards(engine_config, cases)}
+    report = {"forward": _sharded_forwards(engine_config, cases), "fixes": _patched_functions()}
     if pipeline_steps:
         report["pipeline"] = _sharded_pipelines(engine_config, pipeline_steps)
     return report
+
+
+def _patched_functions() -> dict:
+    """How many fix wrappers sit on each patched xfuser function after a second apply."""
+    from xfuser.model_executor.layers import usp
+    from xfuser.model_executor.models.transformers import transformer_flux, transformer_wan
+
+    from spectrum_xdit.parallel.xdit_fixes import apply_xdit_fixes
+
+    def layers(function) -> int:
+        count = 0
+        while getattr(function, "_spectrum_xdit_fix", False):
+            count, function = count + 1, function.__wrapped__
+        return count
+
+    flux_cls = transformer_flux.xFuserFlux1Transformer2DWrapper
+    return {
+        "applied_again": apply_xdit_fixes(),
+        "layers": {
+            "usp._get_attention_function": layers(usp._get_attention_function),
+            "transformer_flux.USP": layers(transformer_flux.USP),
+            "xFuserWanTransformer3DWrapper.forward": layers(transformer_wan.xFuserWanTransformer3DWrapper.forward),
+            "xFuserFlux1Transformer2DWrapper.forward": layers(flux_cls.forward),
+        },
+        "flux_alias": flux_cls._pad_to_sp_divisible is flux_cls.pad_to_sp_divisible,
+    }
 
 
 def _sharded_forwards(engine_config, cases: dict) -> dict:
     """Run each case's forward through xDiT's wrapper and plain diffusers; report per case.
 
     Per case: the relative error, the output shape, and the ``hidden_states`` shape each rank's
-    first block received; or the exception xDiT raised.
+    first block received; or the exception xDiT raised. A case whose name ends in ``_odd`` also
+    reports the relative error of xDiT's own ``forward`` without the padding-key mask of
+    ``xdit_fixes`` (the fix wraps it; ``__wrapped__`` is the original).
     """
     import torch.distributed as dist
 
@@ -132,6 +167,10 @@ def _sharded_forwards(engine_config, cases: dict) -> dict:
             "reference_shape": tuple(reference.shape),
             "block_input_shapes": per_rank,
         }
+        if name.endswith("_odd"):
+            with torch.no_grad():
+                unmasked = type(wrapper).forward.__wrapped__(wrapper, **inputs)[0]
+            report[name]["unmasked_relative_error"] = _relative_error(unmasked, reference)
     return report
 
 
@@ -173,15 +212,16 @@ LAYOUTS = {
     "usp2x2": (2, 2, 1),
     "cfg2": (1, 1, 2),
 }
+SEQUENCE_CASES = {
+    "wan": ("wan", WAN_EVEN),
+    "flux": ("flux", FLUX_EVEN),
+    "wan_odd": ("wan", WAN_ODD),
+    "flux_odd": ("flux", FLUX_ODD),
+}
 LAYOUT_CASES = {
-    "ulysses2": {
-        "wan": ("wan", WAN_EVEN),
-        "flux": ("flux", FLUX_EVEN),
-        "wan_odd": ("wan", WAN_ODD),
-        "flux_odd": ("flux", FLUX_ODD),
-    },
-    "ring2": {"wan": ("wan", WAN_EVEN), "flux": ("flux", FLUX_EVEN)},
-    "usp2x2": {"wan": ("wan", WAN_EVEN), "flux": ("flux", FLUX_EVEN)},
+    "ulysses2": SEQUENCE_CASES,
+    "ring2": SEQUENCE_CASES,
+    "usp2x2": SEQUENCE_CASES,
     "cfg2": {"flux_batch2": ("flux", dict(FLUX_EVEN, batch=2, shared_pooled=True))},
 }
 
@@ -231,24 +271,51 @@ def test_blocks_see_this_ranks_sequence_shard(layout):
     assert report["flux"]["block_input_shapes"] == [(1, flux_tokens // degree, 32)] * degree
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "xfuser 0.7.0 xFuserWanTransformer3DWrapper zero-pads the sequence to a multiple of the "
-    "degree but does not mask the padded keys (it sets no valid_kv_len), so attention changes"
-))
-def test_wan_uneven_sequence_matches_diffusers():
-    result = _layout_report("ulysses2")["forward"]["wan_odd"]
+@pytest.mark.parametrize("kind", ["wan", "flux"])
+@pytest.mark.parametrize("layout", ["ulysses2", "ring2", "usp2x2"])
+def test_uneven_sequence_matches_diffusers(layout, kind):
+    """15 tokens: the wrapper pads to 16, every rank gets 16 / degree, the output is exact.
+
+    Needs both fixes of ``xdit_fixes``: the FLUX.1 wrapper's misnamed ``_pad_to_sp_divisible``
+    and the mask of the padding keys (Ulysses, and per ring step under Ring).
+    """
+    degree = LAYOUTS[layout][0] * LAYOUTS[layout][1]
+    result = _layout_report(layout)["forward"][f"{kind}_odd"]
+    print(f"{kind} {layout} uneven: relative error {result.get('relative_error')}")
+    assert "error" not in result, result["error"]
     assert result["shape"] == result["reference_shape"]
     assert result["relative_error"] <= TOLERANCE
+    assert result["block_input_shapes"] == [(1, (ODD_TOKENS + 1) // degree, 32)] * degree
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "xfuser 0.7.0 xFuserFlux1Transformer2DWrapper.forward calls self._pad_to_sp_divisible, "
-    "but the method is named pad_to_sp_divisible: AttributeError on any uneven sequence"
-))
-def test_flux_uneven_sequence_matches_diffusers():
-    result = _layout_report("ulysses2")["forward"]["flux_odd"]
-    assert "error" not in result, result["error"]
-    assert result["relative_error"] <= TOLERANCE
+@pytest.mark.parametrize("kind", ["wan", "flux"])
+@pytest.mark.parametrize("layout", ["ulysses2", "ring2", "usp2x2"])
+def test_uneven_sequence_is_wrong_without_the_padding_mask(layout, kind):
+    """xfuser 0.7.0's own forward lets the padding token into every real token's attention.
+
+    (FLUX.1's runs with the rename fix; without it, it raises ``AttributeError``.)
+    """
+    result = _layout_report(layout)["forward"][f"{kind}_odd"]
+    print(f"{kind} {layout} uneven, unmasked: relative error {result['unmasked_relative_error']:.2e}")
+    assert result["unmasked_relative_error"] > 1e-3
+
+
+def test_fixes_are_installed_once():
+    """``setup_xdit_parallel`` installed the fixes; applying them again wraps nothing twice."""
+    fixes = _layout_report("ulysses2")["fixes"]
+    assert fixes["applied_again"] is True
+    assert fixes["layers"] == dict.fromkeys(fixes["layers"], 1)
+    assert fixes["flux_alias"]
+
+
+def test_fixes_patch_nothing_for_another_xfuser_version(monkeypatch):
+    from spectrum_xdit.parallel import xdit_fixes
+
+    monkeypatch.setattr(xdit_fixes, "_installed", False)
+    monkeypatch.setattr(xdit_fixes, "_installed_xfuser_version", lambda: "0.8.0")
+    meta_path = list(sys.meta_path)
+    assert xdit_fixes.apply_xdit_fixes() is False
+    assert sys.meta_path == meta_path
 
 
 def test_flux_cfg_parallel_splits_the_batch():

@@ -5,23 +5,53 @@ diffusers transformer), then rebuilds the transformer as xDiT's wrapper, applies
 and reruns the same generation sharded. Under sequence parallelism each rank's hooks see only
 its shard of the tokens, so the forecaster state is the shard's: the per-rank bytes must be the
 single-process bytes divided by the sequence-parallel degree.
+
+With a token count not divisible by the degree, xDiT's wrappers pad the sequence (with the
+fixes of ``spectrum_xdit.parallel.xdit_fixes``): every rank forecasts a padded shard, so the
+per-rank bytes are those of (tokens + padding) / degree tokens.
 """
 
 import pytest
 import torch
 
-from spectrum_xdit.parallel.testing import run_distributed
+from spectrum_xdit.parallel.testing import DistributedError, DistributedTimeout, run_distributed
 
 pytestmark = pytest.mark.timeout(300)
 
 STEPS = 20
 LAYOUTS = {"ulysses2": (2, 1), "ring2": (1, 2), "usp2x2": (2, 2)}
 
+# Generation sizes: 8 (Wan) and 16 (Flux) tokens split evenly; 15 tokens each take the padding
+# path (1 x 3 x 5 latent patches for Wan, 3 x 5 packed latents for Flux).
+EVEN_SIZES = {"wan": dict(height=32, width=32, num_frames=5), "flux": dict(height=16, width=16)}
+UNEVEN_SIZES = {"wan": dict(height=48, width=80, num_frames=1), "flux": dict(height=12, width=20)}
+UNEVEN_TOKENS = 15
+UNEVEN_STEPS = 10  # 7 real steps, 3 forecasts per branch
+
 
 def _spectrum_sharded_vs_single(kind: str, ulysses: int, ring: int) -> dict:
     from spectrum_xdit.parallel.cpu_support import enable_cpu_support
 
     enable_cpu_support()
+    from spectrum_xdit.parallel.xdit_setup import setup_xdit_parallel
+
+    engine_config = setup_xdit_parallel(ulysses_degree=ulysses, ring_degree=ring, cfg_degree=1)
+    return _compare_with_single_process(engine_config, kind, EVEN_SIZES[kind], STEPS)
+
+
+def _spectrum_uneven_sharded_vs_single(ulysses: int, ring: int) -> dict:
+    """Both models, one launch: a token count not divisible by the degree."""
+    from spectrum_xdit.parallel.cpu_support import enable_cpu_support
+
+    enable_cpu_support()
+    from spectrum_xdit.parallel.xdit_setup import setup_xdit_parallel
+
+    engine_config = setup_xdit_parallel(ulysses_degree=ulysses, ring_degree=ring, cfg_degree=1)
+    return {kind: _compare_with_single_process(engine_config, kind, UNEVEN_SIZES[kind], UNEVEN_STEPS)
+            for kind in ("wan", "flux")}
+
+
+def _compare_with_single_process(engine_config, kind: str, size: dict, steps: int) -> dict:
     import torch.distributed as dist
 
     from spectrum_xdit import SpectrumConfig, apply_spectrum, spectrum_stats
@@ -29,22 +59,20 @@ def _spectrum_sharded_vs_single(kind: str, ulysses: int, ring: int) -> dict:
     from spectrum_xdit.parallel.xdit_setup import (
         init_xdit_runtime,
         set_flux_input_parameters,
-        setup_xdit_parallel,
         xdit_transformer,
     )
 
-    engine_config = setup_xdit_parallel(ulysses_degree=ulysses, ring_degree=ring, cfg_degree=1)
-    config = SpectrumConfig(num_inference_steps=STEPS)
+    config = SpectrumConfig(num_inference_steps=steps)
     if kind == "wan":
         pipe = build_tiny_wan_pipeline(seed=0)
-        call = dict(height=32, width=32, num_frames=5, guidance_scale=4.0, negative_prompt="dull")
+        call = dict(size, guidance_scale=4.0, negative_prompt="dull")
         field = "frames"
     else:
         pipe = build_tiny_flux_pipeline(seed=0)
-        call = dict(height=16, width=16, max_sequence_length=16, true_cfg_scale=4.0, negative_prompt="dull")
+        call = dict(size, max_sequence_length=16, true_cfg_scale=4.0, negative_prompt="dull")
         field = "images"
     pipe.set_progress_bar_config(disable=True)
-    call.update(prompt="a red square", num_inference_steps=STEPS, output_type="latent")
+    call.update(prompt="a red square", num_inference_steps=steps, output_type="latent")
 
     plain = pipe.transformer
     apply_spectrum(plain, config)
@@ -87,6 +115,38 @@ def test_spectrum_sharded_equals_single_process(kind, layout):
             assert rank_bytes[branch] * degree == single[branch]["state_bytes"], (branch, rank_bytes)
 
 
+_uneven_results: dict = {}
+
+
+@pytest.mark.parametrize("kind", ["wan", "flux"])
+@pytest.mark.parametrize("layout", ["ulysses2", "ring2"])
+def test_spectrum_on_the_padding_path_equals_single_process(layout, kind):
+    """15 tokens on 2 ranks: each rank forecasts 8 (one is padding); the output is exact."""
+    ulysses, ring = LAYOUTS[layout]
+    degree = ulysses * ring
+    if layout not in _uneven_results:  # one launch per layout; a failed one is not retried
+        try:
+            _uneven_results[layout] = run_distributed(
+                _spectrum_uneven_sharded_vs_single, world_size=degree, args=(ulysses, ring), timeout=240.0
+            )
+        except (DistributedError, DistributedTimeout) as error:
+            _uneven_results[layout] = error
+    if isinstance(_uneven_results[layout], Exception):
+        raise _uneven_results[layout]
+    result = _uneven_results[layout][kind]
+    print(f"{kind} {layout} uneven: relative error {result['error']:.2e}, per-rank bytes {result['bytes_per_rank']}")
+    assert result["error"] <= 1e-5, f"{kind} {layout}: relative error {result['error']:.2e}"
+    single, sharded = result["single_stats"], result["sharded_stats"]
+    assert set(single) == set(sharded) == {"cond", "uncond"}
+    shard_tokens = -(-UNEVEN_TOKENS // degree)
+    for branch in single:
+        assert sharded[branch]["real_steps"] == single[branch]["real_steps"]
+        assert single[branch]["forecasts"] > 0
+        for rank_bytes in result["bytes_per_rank"]:
+            assert rank_bytes[branch] * UNEVEN_TOKENS == single[branch]["state_bytes"] * shard_tokens, (
+                branch, rank_bytes)
+
+
 def _divergent_schedule(rank_flex_windows) -> None:
     from spectrum_xdit.parallel.cpu_support import enable_cpu_support
 
@@ -112,8 +172,6 @@ def _divergent_schedule(rank_flex_windows) -> None:
 
 
 def test_divergent_schedule_fails_clearly_instead_of_hanging():
-    from spectrum_xdit.parallel.testing import DistributedError
-
     with pytest.raises(DistributedError, match="Spectrum schedules differ across ranks"):
         run_distributed(_divergent_schedule, world_size=2, args=([0.75, 3.0],), timeout=120.0)
 
