@@ -15,6 +15,11 @@ Every method samples the same clips as the reference, full compute (50 UniPC ste
 - ``spectrum``: flex_window 0.75 and 3.0 (warm-up and window set to land on the budget), blend
   weight 0.5 (the reference recipe) and 1.0 (the paper's pure Chebyshev forecast), and 0.0
   (local linear extrapolation alone) on the 0.75 schedule;
+- ``spectrum-auto``: the 0.75 schedule with ``blend_weight="auto"`` (the weight that minimises
+  the online validation error, ``spectrum_xdit.control``);
+- ``spectrum-adaptive``: the error-controlled schedule with the auto blend, its ``error_budget``
+  bisected on held-out seeds to land near the budget (the real steps it chose per clip are in
+  the JSON);
 - ``taylorseer``: diffusers' ``TaylorSeerCacheConfig`` on every block's output (order 1 and 2),
   interval and warm-up chosen to give the budget exactly;
 - ``fbcache`` and ``magcache``: diffusers' ``FirstBlockCacheConfig`` and ``MagCacheConfig``
@@ -29,7 +34,8 @@ Metrics, per method: PSNR and SSIM of the decoded frames against the reference o
 digit, NFE, ``speedup_nfe = 50 / nfe``, ``speedup_wall`` (median denoising wall time of the
 reference over the method's; prompts are encoded beforehand and the methods interleaved per clip,
 so machine noise hits all of them alike), and for the forecasting methods the time of one
-forecast and one update of the state (``forecast_ms``, ``update_ms``).
+forecast and one update of the state (``forecast_ms``, ``update_ms``) and, for the validating
+methods, the extra time per real step of scoring it (``validation_ms``).
 
 Writes the JSON (``--json``), and beside it a Markdown table (``.md``), a plot of PSNR and
 accuracy against wall-clock speedup (``.png``) and a grid of frames per method (``_frames.png``).
@@ -72,6 +78,8 @@ SPECTRUM_SCHEDULES = {
     (14, 0.75): (5, 2), (14, 3.0): (9, 2),
     (10, 0.75): (2, 3), (10, 3.0): (5, 2),
 }
+# The adaptive schedule's fixed settings; its error budget is bisected to land on each budget.
+ADAPTIVE = dict(schedule="adaptive", warmup_steps=3, min_gap=1, max_gap=10)
 # TaylorSeer computes at steps < before and at before + 1 + k * interval: (before, interval).
 TAYLORSEER_SCHEDULES = {14: (2, 4), 10: (2, 6)}
 
@@ -137,7 +145,8 @@ class Method:
     setting: str
     budget: int | None = None
     steps: int = STEPS
-    timings: dict = field(default_factory=lambda: {"forecast": [], "update": []})
+    timings: dict = field(default_factory=lambda: {"forecast": [], "update": [], "validation": []})
+    tuned: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -150,12 +159,13 @@ class Method:
         pass
 
     def info(self, transformer) -> dict:
-        return {}
+        return dict(self.tuned)
 
 
 class SpectrumMethod(Method):
-    def __init__(self, method: str, setting: str, budget: int, config: SpectrumConfig):
-        super().__init__(method, setting, budget)
+    def __init__(self, method: str, setting: str, budget: int | None, config: SpectrumConfig,
+                 tuned: dict | None = None):
+        super().__init__(method, setting, budget, tuned=tuned or {})
         self.config = config
 
     def attach(self, transformer) -> None:
@@ -183,8 +193,13 @@ class SpectrumMethod(Method):
         remove_spectrum(transformer)
 
     def info(self, transformer) -> dict:
-        stats = spectrum_stats(transformer)
-        return {"real_steps": stats["cond"]["real_steps"]} if "cond" in stats else {}
+        cond = spectrum_stats(transformer).get("cond")
+        if cond is None:
+            return dict(self.tuned)
+        if cond.get("validation"):
+            # per real step (both branches): the two validation forecasts, the sums, the all-reduce
+            self.timings["validation"].append(cond["validation_seconds"] / len(cond["validation"]))
+        return {**self.tuned, "real_steps": cond["real_steps"]}
 
 
 class ReuseMethod(SpectrumMethod):
@@ -197,18 +212,14 @@ class ReuseMethod(SpectrumMethod):
 
 class DiffusersCacheMethod(Method):
     def __init__(self, method: str, setting: str, budget: int | None, make_config, tuned: dict | None = None):
-        super().__init__(method, setting, budget)
+        super().__init__(method, setting, budget, tuned=tuned or {})
         self.make_config = make_config
-        self.tuned = tuned or {}
 
     def attach(self, transformer) -> None:
         transformer.enable_cache(self.make_config())
 
     def detach(self, transformer) -> None:
         transformer.disable_cache()
-
-    def info(self, transformer) -> dict:
-        return dict(self.tuned)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -308,6 +319,20 @@ def build_methods(bench: Bench, budgets: list[int], calibration: list[tuple[str,
             for blend in blends:
                 methods.append(SpectrumMethod("spectrum", f"{schedule}, blend {blend}", budget,
                                               SpectrumConfig(**base, blend_weight=blend)))
+            if flex == 0.75:
+                methods.append(SpectrumMethod("spectrum-auto", f"{schedule}, blend auto", budget,
+                                              SpectrumConfig(**base, blend_weight="auto")))
+
+        def adaptive(error_budget):
+            config = SpectrumConfig(num_inference_steps=STEPS, blend_weight="auto", error_budget=error_budget,
+                                    **ADAPTIVE)
+            return SpectrumMethod("spectrum-adaptive", f"budget {error_budget:.4g}, warmup {config.warmup_steps}, "
+                                  f"gaps {config.min_gap}-{config.max_gap}, blend auto", budget, config,
+                                  {"error_budget": error_budget})
+        error_budget, nfe = tune_threshold(bench, adaptive, budget, calibration, 0.005, 2.0, iterations)
+        log(f"spectrum-adaptive: error budget {error_budget:.4g} gives NFE {nfe:.1f} on the held-out seeds "
+            f"(target {budget})")
+        methods.append(adaptive(error_budget))
         before, interval = TAYLORSEER_SCHEDULES[budget]
         for order in (1, 2):
             def taylorseer(before=before, interval=interval, order=order):
@@ -356,17 +381,19 @@ def summarise(method: Method, runs: list[dict], full_seconds: float) -> dict:
         "speedup_wall": round(full_seconds / seconds, 3), "speedup_nfe": round(STEPS / nfe, 3),
         "seconds_median": round(seconds, 4),
     }
-    for kind in ("forecast", "update"):
+    for kind in ("forecast", "update", "validation"):
         if method.timings[kind]:
             row[f"{kind}_ms"] = round(1e3 * statistics.median(method.timings[kind]), 4)
     row.update({k: v for k, v in runs[0]["info"].items() if k != "block_nfe"})
+    if method.method == "spectrum-adaptive":
+        row["real_steps_per_clip"] = [r["info"]["real_steps"] for r in runs]
     return row
 
 
 def markdown_table(rows: list[dict], real_step_ms: float) -> str:
     lines = ["| budget | method | setting | NFE | block NFE | PSNR (dB) | SSIM | accuracy | speedup (wall) "
-             "| speedup (NFE) | forecast ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| speedup (NFE) | forecast ms | validation ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     best = {}
     for row in rows:
         if row["budget"] is not None:
@@ -380,17 +407,19 @@ def markdown_table(rows: list[dict], real_step_ms: float) -> str:
             f"| {row['budget'] or STEPS} | {row['method']} | {row['setting']} | {row['nfe']:g} | {row['block_nfe']:g} "
             f"| {psnr_text} "
             f"| {ssim_text} | {100 * row['accuracy']:.1f}% | {row['speedup_wall']:.2f}x | {row['speedup_nfe']:.2f}x "
-            f"| {row.get('forecast_ms', ''):} |")
+            f"| {row.get('forecast_ms', '')} | {row.get('validation_ms', '')} |")
     lines.append("")
     lines.append(f"NFE: evaluations of the whole block stack per guidance branch; block NFE also counts "
                  f"the blocks run on skipped steps, in units of the stack. Bold: best PSNR at the budget. "
                  f"A full-compute transformer call (one branch, one step) takes {real_step_ms:.2f} ms here "
-                 f"(denoising time / {2 * STEPS} calls); forecast ms is the median time of one forecast.")
+                 f"(denoising time / {2 * STEPS} calls); forecast ms is the median time of one forecast, "
+                 f"validation ms the median extra time per real step (both branches) of scoring it.")
     return "\n".join(lines) + "\n"
 
 
 FAMILY_STYLE = {"full": ("black", "*"), "plain": ("tab:gray", "s"), "reuse": ("tab:brown", "v"),
-                "spectrum": ("tab:red", "o"), "taylorseer": ("tab:blue", "^"), "fbcache": ("tab:green", "D"),
+                "spectrum": ("tab:red", "o"), "spectrum-auto": ("tab:orange", "o"),
+                "spectrum-adaptive": ("gold", "h"), "taylorseer": ("tab:blue", "^"), "fbcache": ("tab:green", "D"),
                 "magcache": ("tab:purple", "P")}
 
 

@@ -17,9 +17,11 @@ from ..hooks import SpectrumStack, spectrum_stack
 
 
 def schedule_fingerprint(stack: SpectrumStack) -> int:
-    """A CRC32 of everything the skip decisions depend on: step count and real steps."""
+    """A CRC32 of everything the skip decisions depend on: the config (step count, schedule,
+    error budget, ...) and the fixed real steps. The adaptive schedule's later choices are made
+    from job-wide reduced numbers (control.py), so they agree when these do."""
     config = stack.config
-    text = f"{config.num_inference_steps}:{sorted(stack.real_steps)}"
+    text = f"{sorted(config.to_dict().items())}:{sorted(stack.real_steps)}"
     return zlib.crc32(text.encode())
 
 

@@ -7,6 +7,9 @@ import numbers
 from dataclasses import dataclass, fields
 
 
+SCHEDULES = ("paper", "adaptive")
+
+
 @dataclass(frozen=True)
 class SpectrumConfig:
     """Settings of one Spectrum run; every field is checked when the object is built.
@@ -24,6 +27,17 @@ class SpectrumConfig:
             solution is used.
         blend_weight: weight ``w`` of the Chebyshev forecast in the blend with the local linear
             extrapolation of the last two real features; 1 is the paper's pure forecaster.
+            ``"auto"`` picks, at every forecast, the weight that minimises the recent validation
+            error (see ``spectrum_xdit.control``).
+        schedule: ``"paper"`` (the default: the fixed rule above) or ``"adaptive"``: after each
+            real step the next one is the largest gap in ``[min_gap, max_gap]`` whose predicted
+            forecast error stays within ``error_budget``. The first ``warmup_steps`` steps are
+            real either way; ``window_size`` and ``flex_window`` only apply to ``"paper"``.
+        error_budget: the largest relative L2 error of a forecast that the adaptive schedule
+            accepts (0 runs every step).
+        min_gap, max_gap: bounds on the distance between two real steps of the adaptive schedule.
+        error_smoothing: weight of the newest validation in the exponentially weighted averages
+            the controller keeps (1 uses the latest validation alone).
     """
 
     num_inference_steps: int = 50
@@ -32,7 +46,12 @@ class SpectrumConfig:
     flex_window: float = 0.75
     degree: int = 4
     ridge_lambda: float = 0.1
-    blend_weight: float = 0.5
+    blend_weight: float | str = 0.5
+    schedule: str = "paper"
+    error_budget: float = 0.05
+    min_gap: int = 1
+    max_gap: int = 8
+    error_smoothing: float = 0.5
 
     def __post_init__(self) -> None:
         _require_int("num_inference_steps", self.num_inference_steps, minimum=1)
@@ -42,7 +61,23 @@ class SpectrumConfig:
         _require_real("flex_window", self.flex_window, minimum=0.0)
         _require_int("degree", self.degree, minimum=0)
         _require_real("ridge_lambda", self.ridge_lambda, minimum=0.0)
-        _require_real("blend_weight", self.blend_weight, minimum=0.0, maximum=1.0)
+        if self.blend_weight != "auto":
+            _require_real("blend_weight", self.blend_weight, minimum=0.0, maximum=1.0, extra=' or "auto"')
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"SpectrumConfig.schedule must be one of {', '.join(map(repr, SCHEDULES))}, "
+                             f"got {self.schedule!r}")
+        _require_real("error_budget", self.error_budget, minimum=0.0)
+        _require_int("min_gap", self.min_gap, minimum=1)
+        _require_int("max_gap", self.max_gap, minimum=self.min_gap if isinstance(self.min_gap, int) else 1,
+                     why="it cannot be below min_gap")
+        _require_real("error_smoothing", self.error_smoothing, minimum=0.0, maximum=1.0)
+        if self.error_smoothing == 0:
+            raise ValueError("SpectrumConfig.error_smoothing must be in (0, 1], got 0 (the averages would never move)")
+
+    @property
+    def validates(self) -> bool:
+        """Whether every real step is scored against the forecasts (auto blend or adaptive schedule)."""
+        return self.blend_weight == "auto" or self.schedule == "adaptive"
 
     @property
     def num_basis(self) -> int:
@@ -61,8 +96,8 @@ def _require_int(name: str, value, minimum: int, why: str = "") -> None:
         raise ValueError(f"SpectrumConfig.{name} must be an integer >= {minimum}{reason}, got {value!r}")
 
 
-def _require_real(name: str, value, minimum: float, maximum: float | None = None) -> None:
-    allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+def _require_real(name: str, value, minimum: float, maximum: float | None = None, extra: str = "") -> None:
+    allowed = (f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]") + extra
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"SpectrumConfig.{name} must be a finite number {allowed}, got {value!r}")
     if value < minimum or (maximum is not None and value > maximum):

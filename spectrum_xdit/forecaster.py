@@ -23,12 +23,16 @@ class SpectrumForecaster:
 
     A forecast solves a ``P x P`` system on the host and then makes one weighted sum over the
     state with float32 accumulation. No copy of a history is ever made.
+
+    With ``blend_weight="auto"`` or the adaptive schedule both parts of the state are kept, and
+    ``score`` measures, at a real step, how well each predictor would have forecast it.
     """
 
     def __init__(self, config: SpectrumConfig):
         self.config = config
-        self._uses_chebyshev = config.blend_weight > 0
-        self._uses_extrapolation = config.blend_weight < 1
+        w = config.blend_weight
+        self._uses_chebyshev = config.validates or w > 0
+        self._uses_extrapolation = config.validates or w < 1
         self.reset()
 
     def reset(self) -> None:
@@ -90,19 +94,25 @@ class SpectrumForecaster:
                 self._last.copy_(flat)
         self.real_steps.append(step)
 
-    def forecast(self, step: int) -> torch.Tensor:
-        """The forecast feature at ``step``: same shape, dtype and device as the features."""
+    def forecast(self, step: int, blend_weight: float | None = None) -> torch.Tensor:
+        """The forecast feature at ``step``: same shape, dtype and device as the features.
+
+        ``blend_weight`` overrides the config's weight (required when it is ``"auto"``)."""
         step = self._check_step(step)
         if not self.real_steps:
             raise RuntimeError(f"forecast(step={step}) before any real step: call update() first")
-        w = self.config.blend_weight
+        w = self.config.blend_weight if blend_weight is None else blend_weight
+        if w == "auto":
+            raise ValueError("blend_weight is 'auto': pass the weight to use, forecast(step, blend_weight=w)")
+        if not 0.0 <= w <= 1.0:
+            raise ValueError(f"blend_weight must be in [0, 1], got {w!r}")
+        if (w > 0 and not self._uses_chebyshev) or (w < 1 and not self._uses_extrapolation):
+            raise ValueError(f"blend_weight {w} needs state this forecaster does not keep "
+                             f"(configured blend_weight {self.config.blend_weight})")
         out = None
-        if self._uses_chebyshev:
-            target = basis_row(step, self.config.num_inference_steps, self.config.degree)
-            weights = w * ridge_forecast_weights(self._gram, target, self.config.ridge_lambda)
-            weights_t = torch.as_tensor(weights, dtype=torch.float32).to(self._moments.device)
-            out = weights_t @ self._moments
-        if self._uses_extrapolation:
+        if w > 0:
+            out = self._chebyshev(step, scale=w)
+        if w < 1:
             on_last, on_previous = linear_extrapolation_weights(step, self.real_steps)
             if out is None:
                 out = self._last.to(torch.float32, copy=True).mul_((1 - w) * on_last)
@@ -112,6 +122,38 @@ class SpectrumForecaster:
                 out.add_(self._previous, alpha=(1 - w) * on_previous)
         return out.view(self._shape).to(self._dtype)
 
+    def score(self, step: int, features: torch.Tensor) -> torch.Tensor | None:
+        """How well the state forecasts the feature just computed at real step ``step``.
+
+        Call before ``update(step, features)``. Returns float64 sums over this series' elements
+        ``[|T - h|^2, |C - h|^2, <T - h, C - h>, |h|^2]`` (``T``: local linear extrapolation,
+        ``C``: Chebyshev forecast, ``h``: the feature), on the features' device, or ``None``
+        while fewer than two real steps are held. The squared error of any blend
+        ``(1 - w) T + w C`` is ``(1-w)^2 a + w^2 b + 2 w (1-w) c``, so every weight is scored from
+        these four numbers, and sums over shards are the scores of the whole feature.
+        """
+        step = self._check_step(step)
+        if not (self._uses_chebyshev and self._uses_extrapolation):
+            raise RuntimeError("score() needs both predictors' state: use blend_weight='auto' or the adaptive schedule")
+        if len(self.real_steps) < 2:
+            return None
+        if step <= self.real_steps[-1]:
+            raise ValueError(f"score(step={step}) after step {self.real_steps[-1]}: score a new step, before update()")
+        h = features.detach().reshape(-1)
+        if h.numel() != self._shape.numel():
+            raise ValueError(f"score(step={step}) got {h.numel()} elements, this series holds {self._shape.numel()}")
+        linear = self.forecast(step, blend_weight=0.0).reshape(-1).to(torch.float32).sub_(h)
+        chebyshev = self._chebyshev(step).sub_(h)
+        return torch.stack([_dot64(linear, linear), _dot64(chebyshev, chebyshev), _dot64(linear, chebyshev),
+                            _dot64(h, h)])
+
+    def _chebyshev(self, step: int, scale: float = 1.0) -> torch.Tensor:
+        """``scale`` times the Chebyshev forecast at ``step``, flat float32 (a new tensor)."""
+        target = basis_row(step, self.config.num_inference_steps, self.config.degree)
+        weights = scale * ridge_forecast_weights(self._gram, target, self.config.ridge_lambda)
+        weights_t = torch.as_tensor(weights, dtype=torch.float32).to(self._moments.device)
+        return weights_t @ self._moments
+
     def _check_step(self, step) -> int:
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
             raise ValueError(f"step must be an integer, got {step!r}")
@@ -119,3 +161,11 @@ class SpectrumForecaster:
         if not 0 <= step < self.config.num_inference_steps:
             raise ValueError(f"step must be in [0, {self.config.num_inference_steps}), got {step}")
         return step
+
+
+def _dot64(x: torch.Tensor, y: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    """``<x, y>`` of two flat tensors accumulated in float64, a chunk at a time (no full copy)."""
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for start in range(0, x.numel(), chunk):
+        total += torch.dot(x[start:start + chunk].to(torch.float64), y[start:start + chunk].to(torch.float64))
+    return total

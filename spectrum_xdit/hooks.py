@@ -13,13 +13,15 @@ The module tree is left intact (only ``forward`` attributes are wrapped by diffu
 
 from __future__ import annotations
 
+import time
+
 import torch
 from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
 
 from .config import SpectrumConfig
+from .control import SpectrumController
 from .forecaster import SpectrumForecaster
-from .schedule import paper_schedule
 
 SPECTRUM_BLOCK_HOOK = "spectrum_block"
 _STACK_ATTRIBUTE = "_spectrum_stack"
@@ -71,12 +73,16 @@ class SpectrumStack:
 
     def __init__(self, config: SpectrumConfig):
         self.config = config
-        self.real_steps = frozenset(paper_schedule(
-            config.num_inference_steps, config.warmup_steps, config.window_size, config.flex_window))
+        # Decides run-or-forecast and the blend weight for every branch (control.py).
+        self.controller = SpectrumController(config)
+        # The steps that are real whatever happens: the whole paper schedule, or the warm-up of
+        # the adaptive one.
+        self.real_steps = self.controller.fixed_steps
         self.states = BranchStates(BranchState, (config,))
         self.stats: dict[str, dict] = {}
         self._stats_stale = False
         self.active: BranchState | None = None
+        self._finished: tuple | None = None
         # Called with this stack whenever a branch starts a generation (before its first block
         # runs); the parallel layer uses it to check that every rank follows the same schedule.
         self.generation_start_callbacks: list = []
@@ -104,35 +110,52 @@ class SpectrumStack:
             raise ValueError(f"step index {step} is outside the {steps} steps Spectrum was configured for")
         if self._stats_stale:
             self.stats.clear()
+            self._finished = None
             self._stats_stale = False
         if step == 0 or key != state.input_key:
             state.reset()
-            self.stats[self.states.branch] = {"real_steps": [], "forecast_steps": [], "state_bytes": 0}
+            self.stats[self.states.branch] = {"real_steps": [], "forecast_steps": [], "state_bytes": 0,
+                                              "blend_weights": []}
             for callback in self.generation_start_callbacks:
                 callback(self)
         state.input_key = key
         state.step = step
         state.next_step = step + 1
+        self.controller.begin_step(step)
         # A forecast needs history: a branch that starts mid-schedule runs until it has some.
-        state.run_blocks = step in self.real_steps or not state.forecaster.real_steps
+        state.run_blocks = self.controller.is_real(step) or not state.forecaster.real_steps
+        if state.run_blocks:
+            self.controller.mark_real(step)
         record = self.stats[self.states.branch]
         record["real_steps" if state.run_blocks else "forecast_steps"].append(step)
         self.active = state
 
     def record(self, features: torch.Tensor) -> None:
         state = self.active
-        state.forecaster.update(state.step, features)
+        forecaster = state.forecaster
+        # (the last step's score would inform no decision: skip it)
+        if self.config.validates and state.step < self.config.num_inference_steps - 1:
+            t0 = time.perf_counter()
+            sums = forecaster.score(state.step, features)
+            if sums is not None:
+                self.controller.observe(state.step, state.step - forecaster.real_steps[-1], sums,
+                                        seconds=time.perf_counter() - t0)
+        forecaster.update(state.step, features)
         record = self.stats[self.states.branch]
-        record["state_bytes"] = max(record["state_bytes"], state.forecaster.nbytes)
+        record["state_bytes"] = max(record["state_bytes"], forecaster.nbytes)
 
     def forecast(self) -> torch.Tensor:
-        return self.active.forecaster.forecast(self.active.step)
+        weight = self.controller.weight
+        self.stats[self.states.branch]["blend_weights"].append(weight)
+        return self.active.forecaster.forecast(self.active.step, blend_weight=weight)
 
     def reset(self) -> None:
         """End of a generation: drop every branch's state; the stats stay readable until the
         next call starts."""
         self.states.reset()
         self.active = None
+        self._finished = (list(self.controller.log), list(self.controller.plan), self.controller.validation_seconds)
+        self.controller.start()
         self._stats_stale = True
 
 
@@ -230,15 +253,27 @@ def spectrum_stack(transformer: torch.nn.Module) -> SpectrumStack:
 
 def spectrum_stats(transformer: torch.nn.Module) -> dict[str, dict]:
     """Per guidance branch, for the current or last generation: the steps that ran the block
-    stack (``real_steps``, ``nfe`` of them), the forecast steps (``forecasts``) and the peak
-    bytes of forecaster state (``state_bytes``)."""
-    return {
-        branch: {
+    stack (``real_steps``, ``nfe`` of them), the forecast steps (``forecasts``), the blend
+    weight of each forecast (``blend_weights``) and the peak bytes of forecaster state
+    (``state_bytes``). With validation on (``blend_weight="auto"`` or the adaptive schedule)
+    also the job-wide validation scores (``validation``: step, gap, relative errors of the
+    linear, Chebyshev and blended forecasts, blend weight), the adaptive schedule's choices
+    (``plan``) and the seconds spent validating on this rank (``validation_seconds``); these
+    are shared by the branches."""
+    stack = spectrum_stack(transformer)
+    controller = stack.controller
+    log, plan, seconds = stack._finished or (controller.log, controller.plan, controller.validation_seconds)
+    result = {}
+    for branch, record in stack.stats.items():
+        result[branch] = {
             "real_steps": list(record["real_steps"]),
             "forecast_steps": list(record["forecast_steps"]),
             "nfe": len(record["real_steps"]),
             "forecasts": len(record["forecast_steps"]),
+            "blend_weights": list(record["blend_weights"]),
             "state_bytes": record["state_bytes"],
         }
-        for branch, record in spectrum_stack(transformer).stats.items()
-    }
+        if stack.config.validates:
+            result[branch].update(validation=[dict(entry) for entry in log], plan=[dict(entry) for entry in plan],
+                                  validation_seconds=seconds)
+    return result

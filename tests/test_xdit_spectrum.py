@@ -51,10 +51,11 @@ def _spectrum_uneven_sharded_vs_single(ulysses: int, ring: int) -> dict:
             for kind in ("wan", "flux")}
 
 
-def _compare_with_single_process(engine_config, kind: str, size: dict, steps: int) -> dict:
+def _compare_with_single_process(engine_config, kind: str, size: dict, steps: int, config_kwargs=None) -> dict:
     import torch.distributed as dist
 
     from spectrum_xdit import SpectrumConfig, apply_spectrum, spectrum_stats
+    from spectrum_xdit.hooks import spectrum_stack
     from spectrum_xdit.models import build_tiny_flux_pipeline, build_tiny_wan_pipeline
     from spectrum_xdit.parallel.xdit_setup import (
         init_xdit_runtime,
@@ -62,7 +63,7 @@ def _compare_with_single_process(engine_config, kind: str, size: dict, steps: in
         xdit_transformer,
     )
 
-    config = SpectrumConfig(num_inference_steps=steps)
+    config = SpectrumConfig(num_inference_steps=steps, **(config_kwargs or {}))
     if kind == "wan":
         pipe = build_tiny_wan_pipeline(seed=0)
         call = dict(size, guidance_scale=4.0, negative_prompt="dull")
@@ -76,11 +77,21 @@ def _compare_with_single_process(engine_config, kind: str, size: dict, steps: in
 
     plain = pipe.transformer
     apply_spectrum(plain, config)
+    spectrum_stack(plain).controller.reducer = lambda sums: sums  # one process: nothing to reduce
     single = getattr(pipe(generator=torch.Generator().manual_seed(0), **call), field)
     single_stats = spectrum_stats(plain)
 
     pipe.transformer = xdit_transformer(plain)
     apply_spectrum(pipe.transformer, config)
+    controller = spectrum_stack(pipe.transformer).controller
+    local_sums = []  # this rank's validation sums before the job-wide reduction
+    observe = controller.observe
+
+    def recording_observe(step, gap, sums, seconds=0.0):
+        local_sums.append((step, sums.tolist()))
+        observe(step, gap, sums, seconds)
+
+    controller.observe = recording_observe
     init_xdit_runtime(pipe, engine_config)
     if kind == "flux":
         set_flux_input_parameters(call["max_sequence_length"])
@@ -89,11 +100,14 @@ def _compare_with_single_process(engine_config, kind: str, size: dict, steps: in
 
     bytes_per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(bytes_per_rank, {b: s["state_bytes"] for b, s in sharded_stats.items()})
+    stats_per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(stats_per_rank, (sharded_stats, local_sums))
     return {
         "error": ((sharded - single).norm() / single.norm()).item(),
         "single_stats": single_stats,
         "sharded_stats": sharded_stats,
         "bytes_per_rank": bytes_per_rank,
+        "stats_per_rank": stats_per_rank,
     }
 
 
@@ -178,3 +192,43 @@ def test_divergent_schedule_fails_clearly_instead_of_hanging():
 
 def test_identical_schedules_pass_the_check():
     assert run_distributed(_divergent_schedule, world_size=2, args=([0.75, 0.75],), timeout=120.0) == "finished"
+
+
+ADAPTIVE = dict(warmup_steps=3, schedule="adaptive", blend_weight="auto", error_budget=0.3, max_gap=4)
+
+
+def _adaptive_sharded_vs_single(ulysses: int, ring: int) -> dict:
+    from spectrum_xdit.parallel.cpu_support import enable_cpu_support
+
+    enable_cpu_support()
+    from spectrum_xdit.parallel.xdit_setup import setup_xdit_parallel
+
+    engine_config = setup_xdit_parallel(ulysses_degree=ulysses, ring_degree=ring, cfg_degree=1)
+    return _compare_with_single_process(engine_config, "wan", EVEN_SIZES["wan"], STEPS, ADAPTIVE)
+
+
+@pytest.mark.parametrize("layout", ["ulysses2", "ring2"])
+def test_adaptive_spectrum_decides_alike_on_every_rank(layout):
+    """Error-controlled Spectrum (adaptive schedule, auto blend) sharded: the ranks' local
+    validation sums differ, the job-wide decisions don't, and the output equals one process."""
+    ulysses, ring = LAYOUTS[layout]
+    result = run_distributed(_adaptive_sharded_vs_single, world_size=ulysses * ring, args=(ulysses, ring),
+                             timeout=240.0)
+    single = result["single_stats"]
+    print(f"adaptive {layout}: relative error {result['error']:.2e}, real steps {single['cond']['real_steps']}")
+    assert result["error"] <= 1e-5, f"adaptive {layout}: relative error {result['error']:.2e}"
+    (stats0, local0), (stats1, local1) = result["stats_per_rank"]
+    # each rank scored its own shard: the local sums differ, at the same steps
+    assert [step for step, _ in local0] == [step for step, _ in local1] and local0
+    assert all(a != b for (_, a), (_, b) in zip(local0, local1))
+    for branch in ("cond", "uncond"):
+        # the controller did skip steps, and away from the paper rule
+        assert 0 < single[branch]["forecasts"] and single[branch]["real_steps"][:3] == [0, 1, 2]
+        for stats in (stats0, stats1):
+            assert stats[branch]["real_steps"] == single[branch]["real_steps"]
+            assert stats[branch]["blend_weights"] == pytest.approx(single[branch]["blend_weights"], abs=1e-6)
+            assert [e["step"] for e in stats[branch]["validation"]] == [e["step"] for e in single[branch]["validation"]]
+        # the job-wide scores are the single process's, up to float summation order
+        for sharded_entry, single_entry in zip(stats0[branch]["validation"], single[branch]["validation"]):
+            assert sharded_entry["blend"] == pytest.approx(single_entry["blend"], rel=1e-4)
+    assert stats0["cond"]["plan"] == stats1["cond"]["plan"]

@@ -1,0 +1,170 @@
+"""Which steps run the block stack, and which blend a forecast uses: one decision for the whole job.
+
+With the paper's schedule and a fixed blend weight this is the fixed rule of ``schedule.py``.
+With ``blend_weight="auto"`` or ``schedule="adaptive"`` every real step is first used as a test
+of the forecasters (``SpectrumForecaster.score``): before the new feature ``h`` joins the fit,
+the local linear extrapolation ``T`` and the Chebyshev forecast ``C`` of that step are compared
+with it through four sums, ``a = |T-h|^2``, ``b = |C-h|^2``, ``c = <T-h, C-h>``, ``n = |h|^2``.
+
+Reduction. The sums of every guidance branch on this rank are added up, then summed over every
+rank of the job (one all-reduce of four float64 numbers, at the first call of the next step), so
+they are the sums over the whole latent of both branches, and every rank holds the same numbers
+and takes the same decisions from them. Shards of one feature add up exactly because the sums are
+over elements.
+
+Blend. The controller keeps exponentially weighted averages (weight ``error_smoothing`` on the
+newest) of ``a/n``, ``b/n`` and ``c/n``. The squared relative error of the blend
+``(1-w) T + w C`` is ``(1-w)^2 A + w^2 B + 2 w (1-w) X`` in those averages; with ``"auto"`` a
+forecast uses its minimiser ``w* = (A - X) / (A + B - 2X)``, clipped to [0, 1] (0.5 while no
+validation has been seen or when the two predictors agree exactly).
+
+Schedule. For ``"adaptive"`` the controller models the relative error of the blend in use as
+growing with the square of the gap ``g`` between the last real step and the forecast step (the
+error of a first-order extrapolation of a smooth trajectory is ``O(g^2)``): it keeps an
+exponentially weighted average ``k`` of ``error / gap^2`` over the validations seen, each scored
+at the gap it actually had. After real step ``s`` the next real step is ``s + g`` for the
+largest ``g`` in ``[min_gap, max_gap]`` with ``k g^2 <= error_budget`` (``min_gap`` before the
+first validation). Because a real step's own validation is at the gap ``g`` that was chosen, the
+forecasts in between (gaps ``1 .. g-1``) are predicted to be within the budget too. The first
+``warmup_steps`` steps are always real.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+
+from .config import SpectrumConfig
+from .schedule import paper_schedule
+
+DEFAULT_AUTO_WEIGHT = 0.5
+
+
+def all_reduce_over_job(sums: torch.Tensor) -> torch.Tensor:
+    """Sum ``sums`` over every rank of the default process group (a no-op in one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    return sums
+
+
+class SpectrumController:
+    """Run-or-forecast decisions and blend weights of one transformer, shared by its branches."""
+
+    def __init__(self, config: SpectrumConfig, reducer: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.config = config
+        self.reducer = reducer if reducer is not None else all_reduce_over_job
+        self.adaptive = config.schedule == "adaptive"
+        self.auto_blend = config.blend_weight == "auto"
+        if self.adaptive:
+            self.fixed_steps = frozenset(range(min(config.warmup_steps, config.num_inference_steps)))
+        else:
+            self.fixed_steps = frozenset(paper_schedule(config.num_inference_steps, config.warmup_steps,
+                                                        config.window_size, config.flex_window))
+        self.start()
+
+    def start(self) -> None:
+        """A new generation: forget the steps and every average."""
+        self.step: int | None = None
+        self.last_real: int | None = None
+        self._planned_from: int | None = None
+        self.next_real = 0
+        self._pending: tuple[int, int, torch.Tensor] | None = None
+        self._averages: tuple[float, float, float] | None = None   # A, B, X
+        self._scale: float | None = None                            # k: error / gap^2
+        self.weight = DEFAULT_AUTO_WEIGHT if self.auto_blend else self.config.blend_weight
+        self.log: list[dict] = []
+        self.plan: list[dict] = []
+        self.validation_seconds = 0.0
+
+    # -- called by the hooks ------------------------------------------------------------------
+
+    def begin_step(self, step: int) -> None:
+        """Every transformer call, before deciding: settle the previous step's validation."""
+        if self.step is not None and step < self.step:
+            self.start()
+        if step == self.step:
+            return
+        self.step = step
+        self._settle()
+        if self.adaptive and self.last_real is not None and self._planned_from != self.last_real:
+            self._plan()
+
+    def is_real(self, step: int) -> bool:
+        if step in self.fixed_steps:
+            return True
+        if not self.adaptive:
+            return False
+        return self.last_real is None or step >= self.next_real
+
+    def mark_real(self, step: int) -> None:
+        if self.last_real is None or step > self.last_real:
+            self.last_real = step
+
+    def observe(self, step: int, gap: int, sums: torch.Tensor, seconds: float = 0.0) -> None:
+        """Add one branch's validation sums of real step ``step`` (scored at ``gap``)."""
+        self.validation_seconds += seconds
+        if self._pending is not None and self._pending[0] == step:
+            _, pending_gap, total = self._pending
+            if pending_gap != gap:
+                raise RuntimeError(f"branches validated step {step} at different gaps ({pending_gap}, {gap})")
+            self._pending = (step, gap, total + sums)
+        else:
+            self._pending = (step, gap, sums.clone())
+
+    # -- decisions ------------------------------------------------------------------------------
+
+    def _settle(self) -> None:
+        if self._pending is None:
+            return
+        step, gap, sums = self._pending
+        self._pending = None
+        t0 = time.perf_counter()
+        a, b, c, n = (float(v) for v in self.reducer(sums).cpu())
+        self.validation_seconds += time.perf_counter() - t0
+        if not n > 0:
+            return   # an all-zero feature says nothing about relative error
+        new = (a / n, b / n, c / n)
+        alpha = self.config.error_smoothing
+        self._averages = new if self._averages is None else tuple(
+            alpha * x + (1 - alpha) * y for x, y in zip(new, self._averages))
+        if self.auto_blend:
+            self.weight = best_blend_weight(*self._averages)
+        error = blend_error(self.weight, *new)
+        self._scale = error / gap ** 2 if self._scale is None else (
+            alpha * error / gap ** 2 + (1 - alpha) * self._scale)
+        self.log.append({"step": step, "gap": gap, "linear": math.sqrt(max(new[0], 0.0)),
+                         "chebyshev": math.sqrt(max(new[1], 0.0)), "blend": error, "blend_weight": self.weight})
+
+    def _plan(self) -> None:
+        s = self.last_real
+        cfg = self.config
+        if s + 1 < cfg.warmup_steps:
+            gap = 1
+        elif self._scale is None:
+            gap = cfg.min_gap
+        elif self._scale == 0:
+            gap = cfg.max_gap
+        else:
+            gap = min(cfg.max_gap, max(cfg.min_gap, math.floor(math.sqrt(cfg.error_budget / self._scale))))
+        self.next_real = s + gap
+        self._planned_from = s
+        self.plan.append({"after": s, "gap": gap,
+                          "predicted_error": None if self._scale is None else self._scale * gap ** 2})
+
+
+def blend_error(w: float, a: float, b: float, c: float) -> float:
+    """Relative L2 error of ``(1-w) T + w C`` from the normalised sums ``|T-h|^2/n, |C-h|^2/n, <T-h, C-h>/n``."""
+    return math.sqrt(max((1 - w) ** 2 * a + w ** 2 * b + 2 * w * (1 - w) * c, 0.0))
+
+
+def best_blend_weight(a: float, b: float, c: float) -> float:
+    """The ``w`` in [0, 1] minimising ``(1-w)^2 a + w^2 b + 2 w (1-w) c``."""
+    curvature = a + b - 2 * c          # |T - C|^2 / n >= 0
+    if not curvature > 0:
+        return DEFAULT_AUTO_WEIGHT
+    return min(1.0, max(0.0, (a - c) / curvature))

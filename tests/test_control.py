@@ -1,0 +1,198 @@
+"""Error-controlled Spectrum: validation scores, the blend they pick and the adaptive schedule."""
+
+import numpy as np
+import pytest
+import torch
+from numpy.polynomial.chebyshev import chebvander
+
+from spectrum_xdit import SpectrumConfig, SpectrumForecaster, apply_spectrum, spectrum_stats
+from spectrum_xdit.control import SpectrumController, best_blend_weight, blend_error
+from spectrum_xdit.hooks import spectrum_stack
+from spectrum_xdit.models import build_tiny_flux_pipeline, build_tiny_wan_pipeline
+
+STEPS = 30
+HISTORY = [0, 1, 2, 4, 7]
+TARGET = 10
+
+
+def _trajectory(shape=(3, 50), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base, slope, curve = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
+    return lambda s: base + slope * (s / STEPS) + curve * torch.sin(torch.tensor(3.0 * s / STEPS))
+
+
+def _float64_forecasts(config, trajectory):
+    """T and C at TARGET from the history, recomputed from scratch in float64."""
+    feats = torch.stack([trajectory(s).to(torch.float32).double().reshape(-1) for s in HISTORY])
+    x = chebvander(2.0 * np.array(HISTORY) / STEPS - 1, config.degree)
+    gram = x.T @ x + config.ridge_lambda * np.eye(config.num_basis)
+    coefficients = np.linalg.solve(gram, x.T @ feats.numpy())
+    target = chebvander(np.array([2.0 * TARGET / STEPS - 1]), config.degree)[0]
+    chebyshev = torch.from_numpy(target @ coefficients)
+    k = (TARGET - HISTORY[-1]) / (HISTORY[-1] - HISTORY[-2])
+    linear = feats[-1] + k * (feats[-1] - feats[-2])
+    return linear, chebyshev
+
+
+@pytest.mark.parametrize("blend", [0.5, "auto"])
+def test_scores_equal_a_float64_recomputation(blend):
+    config = SpectrumConfig(num_inference_steps=STEPS, blend_weight=blend, schedule="adaptive")
+    trajectory = _trajectory()
+    forecaster = SpectrumForecaster(config)
+    for s in HISTORY:
+        forecaster.update(s, trajectory(s).to(torch.float32))
+    h = trajectory(TARGET).to(torch.float32)
+    a, b, c, n = forecaster.score(TARGET, h).tolist()
+    linear, chebyshev = _float64_forecasts(config, trajectory)
+    h64 = h.double().reshape(-1)
+    expected = [((linear - h64) ** 2).sum(), ((chebyshev - h64) ** 2).sum(),
+                ((linear - h64) * (chebyshev - h64)).sum(), (h64 ** 2).sum()]
+    assert [a, b, c, n] == pytest.approx([float(e) for e in expected], rel=1e-5)
+
+
+def test_blend_error_from_three_inner_products_equals_the_direct_error():
+    config = SpectrumConfig(num_inference_steps=STEPS, blend_weight="auto")
+    trajectory = _trajectory(seed=3)
+    forecaster = SpectrumForecaster(config)
+    for s in HISTORY:
+        forecaster.update(s, trajectory(s).to(torch.float32))
+    h = trajectory(TARGET).to(torch.float32)
+    a, b, c, n = forecaster.score(TARGET, h).tolist()
+    for w in (0.0, 0.2, 0.5, 0.77, 1.0):
+        direct = forecaster.forecast(TARGET, blend_weight=w).double()
+        error = ((direct - h.double()).norm() / h.double().norm()).item()
+        assert blend_error(w, a / n, b / n, c / n) == pytest.approx(error, rel=1e-5), w
+
+
+def test_best_blend_weight_minimises_the_blend_error():
+    rng = np.random.default_rng(0)
+    grid = np.linspace(0, 1, 2001)
+    for _ in range(50):
+        t, c_ = rng.normal(size=(2, 20))
+        a, b, x = t @ t, c_ @ c_, t @ c_
+        w = best_blend_weight(a, b, x)
+        assert 0.0 <= w <= 1.0
+        best_on_grid = min(blend_error(g, a, b, x) for g in grid)
+        assert blend_error(w, a, b, x) <= best_on_grid + 1e-9
+    # identical predictors: every weight is as good; the default is kept
+    assert best_blend_weight(1.0, 1.0, 1.0) == 0.5
+
+
+def test_score_needs_history_and_both_predictors():
+    trajectory = _trajectory()
+    fixed = SpectrumForecaster(SpectrumConfig(num_inference_steps=STEPS, blend_weight=1.0))
+    fixed.update(0, trajectory(0).float())
+    with pytest.raises(RuntimeError, match="both predictors"):
+        fixed.score(1, trajectory(1).float())
+    auto = SpectrumForecaster(SpectrumConfig(num_inference_steps=STEPS, blend_weight="auto"))
+    auto.update(0, trajectory(0).float())
+    assert auto.score(1, trajectory(1).float()) is None     # one real step: nothing to extrapolate
+    auto.update(1, trajectory(1).float())
+    with pytest.raises(ValueError, match="before update"):
+        auto.score(1, trajectory(1).float())
+    with pytest.raises(ValueError, match="pass the weight"):
+        auto.forecast(2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(blend_weight="best"), "blend_weight"),
+    (dict(schedule="fast"), "schedule"),
+    (dict(min_gap=0), "min_gap"),
+    (dict(min_gap=4, max_gap=3), "max_gap"),
+    (dict(error_budget=-0.1), "error_budget"),
+    (dict(error_budget=float("nan")), "error_budget"),
+    (dict(error_smoothing=0.0), "error_smoothing"),
+    (dict(error_smoothing=1.5), "error_smoothing"),
+])
+def test_bad_control_settings_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SpectrumConfig(**kwargs)
+
+
+def _controller_run(config, errors_by_gap):
+    """Drive a controller through one generation with synthetic validation sums: the relative
+    error of both predictors at gap g is errors_by_gap(g). Returns the real steps."""
+    controller = SpectrumController(config, reducer=lambda sums: sums)
+    real, last = [], None
+    for step in range(config.num_inference_steps):
+        controller.begin_step(step)
+        if controller.is_real(step):
+            controller.mark_real(step)
+            if last is not None and len(real) >= 2:
+                e2 = errors_by_gap(step - last) ** 2
+                controller.observe(step, step - last, torch.tensor([e2, e2, e2, 1.0], dtype=torch.float64))
+            real.append(step)
+            last = step
+    return real, controller
+
+
+def test_adaptive_gap_follows_the_quadratic_error_model():
+    config = SpectrumConfig(num_inference_steps=40, warmup_steps=4, schedule="adaptive", error_budget=0.09,
+                            max_gap=10, error_smoothing=1.0)
+    # error 0.01 g^2: the budget 0.09 allows g = 3 exactly
+    real, controller = _controller_run(config, lambda g: 0.01 * g * g)
+    assert real[:4] == [0, 1, 2, 3]
+    assert all(b - a == 3 for a, b in zip(real[3:], real[4:])), real
+    assert all(entry["predicted_error"] == pytest.approx(0.09) for entry in controller.plan[3:])
+    # twice the error per gap^2: gap 2
+    real, _ = _controller_run(config, lambda g: 0.02 * g * g)
+    assert all(b - a == 2 for a, b in zip(real[3:], real[4:])), real
+
+
+def _wan_run(config, steps=STEPS):
+    pipe = build_tiny_wan_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    apply_spectrum(pipe.transformer, config)
+    call = dict(prompt="a red fox", negative_prompt="blurry", num_inference_steps=steps, height=32, width=32,
+                num_frames=5, guidance_scale=5.0, output_type="latent")
+    out = pipe(**call, generator=torch.Generator().manual_seed(7)).frames
+    return pipe, call, out, spectrum_stats(pipe.transformer)
+
+
+def test_error_budget_zero_runs_every_step_and_a_huge_one_only_warmup_and_max_gap():
+    base = dict(num_inference_steps=STEPS, schedule="adaptive", warmup_steps=3, max_gap=5, blend_weight="auto")
+    _, _, _, stats = _wan_run(SpectrumConfig(**base, error_budget=0.0))
+    assert stats["cond"]["real_steps"] == stats["uncond"]["real_steps"] == list(range(STEPS))
+    # every step from the third is scored, except the last, which would inform no decision
+    assert [e["step"] for e in stats["cond"]["validation"]] == list(range(2, STEPS - 1))
+    _, _, _, stats = _wan_run(SpectrumConfig(**base, error_budget=1e9))
+    expected = [0, 1, 2] + list(range(2 + 5, STEPS, 5))
+    assert stats["cond"]["real_steps"] == stats["uncond"]["real_steps"] == expected
+    assert stats["cond"]["forecasts"] == STEPS - len(expected)
+
+
+def test_adaptive_run_is_reset_for_every_generation_and_reports_its_choices():
+    config = SpectrumConfig(num_inference_steps=STEPS, schedule="adaptive", warmup_steps=3, error_budget=0.3,
+                            max_gap=6, blend_weight="auto")
+    pipe, call, first, stats = _wan_run(config)
+    second = pipe(**call, generator=torch.Generator().manual_seed(7)).frames
+    assert torch.equal(first, second)
+    def decisions(all_stats):   # everything but the timing
+        return {b: {k: v for k, v in s.items() if k != "validation_seconds"} for b, s in all_stats.items()}
+
+    assert decisions(spectrum_stats(pipe.transformer)) == decisions(stats)
+    cond = stats["cond"]
+    assert 3 < cond["nfe"] < STEPS and cond["forecasts"] == len(cond["blend_weights"])
+    assert [p["after"] for p in cond["plan"]][-len(cond["real_steps"]) + 3:] == cond["real_steps"][3:]
+    assert all(0.0 <= w <= 1.0 for w in cond["blend_weights"])
+    for entry in cond["validation"]:
+        assert set(entry) == {"step", "gap", "linear", "chebyshev", "blend", "blend_weight"}
+        assert entry["blend"] <= max(entry["linear"], entry["chebyshev"]) + 1e-12
+    assert cond["validation_seconds"] > 0
+    # a fixed-blend paper run keeps no validation at all
+    _, _, _, paper = _wan_run(SpectrumConfig(num_inference_steps=STEPS))
+    assert "validation" not in paper["cond"] and set(paper["cond"]["blend_weights"]) == {0.5}
+
+
+def test_flux_adaptive_without_step_indices():
+    """FLUX.1 gives no step index: the controller follows the per-branch call count."""
+    pipe = build_tiny_flux_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    config = SpectrumConfig(num_inference_steps=16, schedule="adaptive", warmup_steps=3, error_budget=1e9,
+                            max_gap=4, blend_weight="auto")
+    apply_spectrum(pipe.transformer, config)
+    pipe(prompt="a red fox", negative_prompt="blurry", true_cfg_scale=4.0, num_inference_steps=16, height=32,
+         width=32, max_sequence_length=16, output_type="latent", generator=torch.Generator().manual_seed(7))
+    stats = spectrum_stats(pipe.transformer)
+    assert stats["cond"]["real_steps"] == stats["uncond"]["real_steps"] == [0, 1, 2, 6, 10, 14]
+    assert spectrum_stack(pipe.transformer).controller.step is None    # reset at the end of the call
