@@ -1,5 +1,6 @@
 """`spectrum-xdit generate`: one generation, in one process or under torchrun with xDiT's
-sequence parallelism, with or without Spectrum.
+sequence parallelism, with or without Spectrum. `spectrum-xdit serve`: the same behind an HTTP
+API, on Ray Serve (launch/serve.py).
 
     spectrum-xdit generate --prompt "digit 7 moving left" --output out.gif --report out.json
     torchrun --nproc_per_node=2 --no-python spectrum-xdit generate --ulysses_degree 2 \\
@@ -19,13 +20,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 from ..config import SpectrumConfig
-from ..hooks import apply_spectrum, spectrum_stats
 from ..media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, write_media
 from ..models import DEFAULT_MODEL, resolve_model
+from .runner import GenerationRequest, finish_rank, init_rank, run_request
+from .serve_api import add_serve_arguments
 
 SPECTRUM_FLAGS = ("window_size", "flex_window", "warmup_steps", "degree", "ridge_lambda", "blend_weight")
 
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", help="media file: .gif/.mp4 for video, .png for images")
     gen.add_argument("--save_latents", help="final latents before VAE decode, .npy (written by rank 0)")
     gen.add_argument("--report", help="run report, .json (written by rank 0)")
+    serve = commands.add_parser("serve", help="serve generation over HTTP with Ray Serve (see the README)")
+    add_serve_arguments(serve)
     return parser
 
 
@@ -96,107 +98,35 @@ def spectrum_config(args) -> SpectrumConfig:
                           **{name: getattr(args, f"spectrum_{name}") for name in SPECTRUM_FLAGS})
 
 
-def _decode(pipe, family: str, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
-    """The pipeline's own VAE decode and post-processing of its final latents."""
-    vae = pipe.vae
-    if family == "wan":
-        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
-        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
-        video = vae.decode((latents * std + mean).to(vae.dtype), return_dict=False)[0]
-        return pipe.video_processor.postprocess_video(video, output_type="np")[0]
-    unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-    unpacked = unpacked / vae.config.scaling_factor + vae.config.shift_factor
-    image = vae.decode(unpacked.to(vae.dtype), return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="np")[0]
+def generation_request(args, spec) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=args.prompt, num_inference_steps=args.num_inference_steps,
+        height=args.height or spec.height, width=args.width or spec.width,
+        num_frames=(args.num_frames or spec.num_frames) if spec.is_video else 1, seed=args.seed,
+        guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+        spectrum=spectrum_config(args) if args.cache_method == "spectrum" else None)
 
 
 def generate(args, parser) -> dict:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     spec = check_arguments(args, parser, world_size)
     start = time.perf_counter()
-    rank = 0
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if world_size > 1:
-        from ..parallel.cpu_support import enable_cpu_support
-
-        enable_cpu_support()
-        if device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-        rank = dist.get_rank()
-        from ..parallel.xdit_setup import init_xdit_runtime, setup_xdit_parallel, xdit_transformer
-
-        engine_config = setup_xdit_parallel(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    pipe = spec.build(torch_dtype=dtype)
-    if world_size > 1:
-        from ..parallel.consistency import enable_schedule_check
-
-        pipe.transformer = xdit_transformer(pipe.transformer)
-        init_xdit_runtime(pipe, engine_config)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=rank != 0)
-    config = spectrum_config(args) if args.cache_method == "spectrum" else None
-    if config is not None:
-        apply_spectrum(pipe.transformer, config)
-        if world_size > 1:
-            enable_schedule_check(pipe.transformer)
-
-    height, width = args.height or spec.height, args.width or spec.width
-    call = dict(prompt=args.prompt, num_inference_steps=args.num_inference_steps, height=height, width=width,
-                output_type="latent", generator=torch.Generator().manual_seed(args.seed))
-    if args.negative_prompt is not None:
-        call["negative_prompt"] = args.negative_prompt
-    if spec.family == "wan":
-        call.update(num_frames=args.num_frames or spec.num_frames, guidance_scale=args.guidance_scale)
-    else:
-        call.update(true_cfg_scale=args.guidance_scale, max_sequence_length=64)
-        if args.negative_prompt is None:
-            call["negative_prompt"] = ""
-        if world_size > 1:
-            from ..parallel.xdit_setup import set_flux_input_parameters
-
-            set_flux_input_parameters(call["max_sequence_length"])
-    denoise_start = time.perf_counter()
-    with torch.no_grad():
-        output = pipe(**call)
-        latents = output.frames if spec.family == "wan" else output.images
-        denoise_seconds = time.perf_counter() - denoise_start
-        media = _decode(pipe, spec.family, latents, height, width) if args.output and rank == 0 else None
-
-    stats = spectrum_stats(pipe.transformer) if args.cache_method == "spectrum" else {}
-    report = {
-        "model": spec.name,
-        "num_inference_steps": args.num_inference_steps,
-        "world_size": world_size,
-        "parallel": {"ulysses_degree": args.ulysses_degree, "ring_degree": args.ring_degree,
-                     "cfg_degree": 2 if args.use_cfg_parallel else 1},
-        "cache_method": args.cache_method,
-        "spectrum": config.to_dict() if config is not None else None,
-        "real_steps": {b: s["real_steps"] for b, s in stats.items()},
-        "nfe": {b: s["nfe"] for b, s in stats.items()},
-        "denoise_seconds": denoise_seconds,
-        "total_seconds": time.perf_counter() - start,
-        "state_bytes_per_rank": sum(s["state_bytes"] for s in stats.values()),
-    }
-    if args.cache_method == "none":
-        branches = ["cond", "uncond"] if args.guidance_scale > 1 else ["cond"]
-        report["real_steps"] = {b: list(range(args.num_inference_steps)) for b in branches}
-        report["nfe"] = {b: args.num_inference_steps for b in branches}
-    if rank == 0:
+    rank_pipeline = init_rank(spec, args.ulysses_degree, args.ring_degree, world_size)
+    rank_pipeline.cfg_degree = 2 if args.use_cfg_parallel else 1
+    result = run_request(rank_pipeline, generation_request(args, spec), decode=bool(args.output), started=start)
+    report = result.report
+    if rank_pipeline.rank == 0:
         if args.output:
-            write_media(args.output, media)
+            write_media(args.output, result.media)
         if args.save_latents:
             Path(args.save_latents).parent.mkdir(parents=True, exist_ok=True)
-            np.save(args.save_latents, latents.float().cpu().numpy())
+            np.save(args.save_latents, result.latents.float().cpu().numpy())
         if args.report:
             Path(args.report).parent.mkdir(parents=True, exist_ok=True)
             Path(args.report).write_text(json.dumps(report, indent=2))
         print(json.dumps({k: report[k] for k in ("model", "cache_method", "nfe", "denoise_seconds",
                                                   "total_seconds", "state_bytes_per_rank")}))
-    if world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    finish_rank(rank_pipeline)
     return report
 
 
@@ -205,6 +135,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.command == "generate":
         generate(args, parser)
+    elif args.command == "serve":
+        from .serve import serve_main
+
+        serve_main(args, parser)
 
 
 if __name__ == "__main__":

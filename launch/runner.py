@@ -1,0 +1,212 @@
+"""One rank of a generation, shared by `spectrum-xdit generate` (torchrun) and the Serve workers.
+
+:func:`init_rank` joins the torch.distributed world described by the usual environment variables
+(``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), sets up xDiT's
+parallel state and builds the pipeline with xDiT's transformer wrapper. :func:`run_request` then
+runs one generation on that rank; every rank of the world calls it with the same request, in
+lock-step. Spectrum is applied for the request and removed afterwards, so no forecaster state
+outlives a request.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import SpectrumConfig
+from ..hooks import apply_spectrum, remove_spectrum, spectrum_stats
+from ..models import ModelSpec
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What one generation needs; identical on every rank."""
+
+    prompt: str
+    num_inference_steps: int
+    height: int
+    width: int
+    num_frames: int
+    seed: int = 0
+    guidance_scale: float = 5.0
+    negative_prompt: Optional[str] = None
+    spectrum: Optional[SpectrumConfig] = None  # None: no cache
+
+    @property
+    def cache_method(self) -> str:
+        return "spectrum" if self.spectrum is not None else "none"
+
+
+@dataclass
+class RankPipeline:
+    """This rank's pipeline and its place in the parallel layout."""
+
+    spec: ModelSpec
+    pipe: Any
+    rank: int
+    world_size: int
+    device: str
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+    cfg_degree: int = 1
+
+    def geometry(self) -> dict:
+        """What request sizes the model accepts: ``height``/``width`` must be multiples of
+        ``spatial_multiple``; for video, ``num_frames - 1`` a multiple of ``temporal_multiple``.
+        ``tokens_divisor`` is the sequence-parallel degree; ``padding`` says whether a token count
+        not divisible by it is padded correctly (xDiT's padding path with this project's fixes),
+        which holds while the padding is shorter than each rank's shard."""
+        pipe = self.pipe
+        if self.spec.family == "wan":
+            patch = pipe.transformer.config.patch_size
+            spatial, temporal, patch_t = pipe.vae_scale_factor_spatial * patch[1], pipe.vae_scale_factor_temporal, patch[0]
+        else:
+            spatial, temporal, patch_t = pipe.vae_scale_factor * 2, 1, 1
+        return {"family": self.spec.family, "spatial_multiple": int(spatial), "temporal_multiple": int(temporal),
+                "temporal_patch": int(patch_t), "tokens_divisor": self.ulysses_degree * self.ring_degree,
+                "padding": self.world_size > 1 and _padding_fixed()}
+
+
+def _padding_fixed() -> bool:
+    try:
+        from ..parallel.xdit_fixes import apply_xdit_fixes
+    except ImportError:
+        return False
+    return apply_xdit_fixes()
+
+
+def sequence_length(geometry: dict, height: int, width: int, num_frames: int) -> int:
+    """Image or video tokens the transformer sees for a request of this size."""
+    spatial = geometry["spatial_multiple"]
+    tokens = (height // spatial) * (width // spatial)
+    if geometry["family"] == "wan":
+        latent_frames = (num_frames - 1) // geometry["temporal_multiple"] + 1
+        tokens *= -(-latent_frames // geometry["temporal_patch"])
+    return tokens
+
+
+def init_rank(spec: ModelSpec, ulysses_degree: int = 1, ring_degree: int = 1,
+              world_size: Optional[int] = None) -> RankPipeline:
+    """Join the world (when it has more than one rank), set up xDiT and build the pipeline."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    rank = 0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world_size > 1:
+        from ..parallel.cpu_support import enable_cpu_support
+
+        enable_cpu_support()
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        rank = dist.get_rank()
+        from ..parallel.xdit_setup import init_xdit_runtime, setup_xdit_parallel, xdit_transformer
+
+        engine_config = setup_xdit_parallel(ulysses_degree=ulysses_degree, ring_degree=ring_degree)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    pipe = spec.build(torch_dtype=dtype)
+    if world_size > 1:
+        pipe.transformer = xdit_transformer(pipe.transformer)
+        init_xdit_runtime(pipe, engine_config)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=rank != 0)
+    return RankPipeline(spec, pipe, rank, world_size, device, ulysses_degree, ring_degree)
+
+
+def decode_latents(pipe, family: str, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """The pipeline's own VAE decode and post-processing of its final latents."""
+    vae = pipe.vae
+    if family == "wan":
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+        video = vae.decode((latents * std + mean).to(vae.dtype), return_dict=False)[0]
+        return pipe.video_processor.postprocess_video(video, output_type="np")[0]
+    unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    unpacked = unpacked / vae.config.scaling_factor + vae.config.shift_factor
+    image = vae.decode(unpacked.to(vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="np")[0]
+
+
+@dataclass
+class GenerationResult:
+    latents: torch.Tensor
+    media: Optional[np.ndarray]  # decoded frames, on rank 0 when asked for
+    report: dict
+
+
+def run_request(rp: RankPipeline, request: GenerationRequest, decode: bool = False,
+                started: Optional[float] = None) -> GenerationResult:
+    """One generation on this rank. Every rank of the world must call it with the same request.
+
+    ``decode``: rank 0 also decodes the latents into frames. ``started``: the
+    ``time.perf_counter()`` the report's ``total_seconds`` counts from (default: now).
+    """
+    started = time.perf_counter() if started is None else started
+    spec, pipe = rp.spec, rp.pipe
+    config = request.spectrum
+    if config is not None:
+        apply_spectrum(pipe.transformer, config)
+        if rp.world_size > 1:
+            from ..parallel.consistency import enable_schedule_check
+
+            enable_schedule_check(pipe.transformer)
+    call = dict(prompt=request.prompt, num_inference_steps=request.num_inference_steps, height=request.height,
+                width=request.width, output_type="latent", generator=torch.Generator().manual_seed(request.seed))
+    if request.negative_prompt is not None:
+        call["negative_prompt"] = request.negative_prompt
+    if spec.family == "wan":
+        call.update(num_frames=request.num_frames, guidance_scale=request.guidance_scale)
+    else:
+        call.update(true_cfg_scale=request.guidance_scale, max_sequence_length=64)
+        if request.negative_prompt is None:
+            call["negative_prompt"] = ""
+        if rp.world_size > 1:
+            from ..parallel.xdit_setup import set_flux_input_parameters
+
+            set_flux_input_parameters(call["max_sequence_length"])
+    stats: dict = {}
+    denoise_start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            output = pipe(**call)
+            latents = output.frames if spec.family == "wan" else output.images
+            denoise_seconds = time.perf_counter() - denoise_start
+            media = (decode_latents(pipe, spec.family, latents, request.height, request.width)
+                     if decode and rp.rank == 0 else None)
+    finally:
+        if config is not None:
+            stats = spectrum_stats(pipe.transformer)
+            remove_spectrum(pipe.transformer)
+
+    steps = request.num_inference_steps
+    report = {
+        "model": spec.name,
+        "num_inference_steps": steps,
+        "world_size": rp.world_size,
+        "parallel": {"ulysses_degree": rp.ulysses_degree, "ring_degree": rp.ring_degree,
+                     "cfg_degree": rp.cfg_degree},
+        "cache_method": request.cache_method,
+        "spectrum": config.to_dict() if config is not None else None,
+        "real_steps": {b: s["real_steps"] for b, s in stats.items()},
+        "nfe": {b: s["nfe"] for b, s in stats.items()},
+        "denoise_seconds": denoise_seconds,
+        "total_seconds": time.perf_counter() - started,
+        "state_bytes_per_rank": sum(s["state_bytes"] for s in stats.values()),
+    }
+    if config is None:
+        branches = ["cond", "uncond"] if request.guidance_scale > 1 else ["cond"]
+        report["real_steps"] = {b: list(range(steps)) for b in branches}
+        report["nfe"] = {b: steps for b in branches}
+    return GenerationResult(latents, media, report)
+
+
+def finish_rank(rp: RankPipeline) -> None:
+    """Leave the world: a barrier, then the process group is destroyed."""
+    if rp.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
