@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import SpectrumConfig
+from ..config import SETTINGS, SpectrumConfig
 from ..media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, write_media
 from ..models import DEFAULT_MODEL, resolve_model
+from .flags import add_spectrum_flags
 from .runner import GenerationRequest, finish_rank, init_rank, run_request
 from .serve_api import add_serve_arguments
 
-SPECTRUM_FLAGS = ("window_size", "flex_window", "warmup_steps", "degree", "ridge_lambda", "blend_weight")
+SPECTRUM_FLAGS = SETTINGS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,10 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ring_degree", type=int, default=1)
     gen.add_argument("--use_cfg_parallel", action="store_true")
     gen.add_argument("--cache_method", choices=["spectrum", "none"], default="spectrum")
-    defaults = SpectrumConfig()
-    for name in SPECTRUM_FLAGS:
-        gen.add_argument(f"--spectrum_{name}", type=type(getattr(defaults, name)),
-                         default=getattr(defaults, name))
+    add_spectrum_flags(gen)
     gen.add_argument("--output", help="media file: .gif/.mp4 for video, .png for images")
     gen.add_argument("--save_latents", help="final latents before VAE decode, .npy (written by rank 0)")
     gen.add_argument("--report", help="run report, .json (written by rank 0)")

@@ -198,6 +198,11 @@ def run_request(rp: RankPipeline, request: GenerationRequest, decode: bool = Fal
         "total_seconds": time.perf_counter() - started,
         "state_bytes_per_rank": sum(s["state_bytes"] for s in stats.values()),
     }
+    if config is not None and config.validates and stats:
+        # job-wide numbers, identical on every rank (spectrum_xdit.control)
+        first = next(iter(stats.values()))
+        report.update(validation=first["validation"], plan=first["plan"],
+                      validation_seconds=first["validation_seconds"])
     if config is None:
         branches = ["cond", "uncond"] if request.guidance_scale > 1 else ["cond"]
         report["real_steps"] = {b: list(range(steps)) for b in branches}

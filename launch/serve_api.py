@@ -9,15 +9,16 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
-from ..config import SpectrumConfig
+from ..config import SETTINGS, SpectrumConfig
 from ..models import DEFAULT_MODEL, ModelSpec, resolve_model
+from .flags import add_spectrum_flags
 from .runner import GenerationRequest, sequence_length
 
 # Spectrum settings with a server-wide default flag (--spectrum_<name>); a request's "cache" object
 # takes every SpectrumConfig field but num_inference_steps (which is the request's own).
-SPECTRUM_FLAGS = ("window_size", "flex_window", "warmup_steps", "degree", "ridge_lambda", "blend_weight")
+SPECTRUM_FLAGS = SETTINGS
 REQUEST_FIELDS = ("prompt", "negative_prompt", "seed", "num_inference_steps", "height", "width", "num_frames",
                   "guidance_scale", "cache", "output_format")
 CACHE_FIELDS = ("method", *(f.name for f in fields(SpectrumConfig) if f.name != "num_inference_steps"))
@@ -53,7 +54,12 @@ class ServeSettings:
     spectrum_warmup_steps: int = SpectrumConfig.warmup_steps
     spectrum_degree: int = SpectrumConfig.degree
     spectrum_ridge_lambda: float = SpectrumConfig.ridge_lambda
-    spectrum_blend_weight: float = SpectrumConfig.blend_weight
+    spectrum_blend_weight: Union[float, str] = SpectrumConfig.blend_weight
+    spectrum_schedule: str = SpectrumConfig.schedule
+    spectrum_error_budget: float = SpectrumConfig.error_budget
+    spectrum_min_gap: int = SpectrumConfig.min_gap
+    spectrum_max_gap: int = SpectrumConfig.max_gap
+    spectrum_error_smoothing: float = SpectrumConfig.error_smoothing
     output_format: Optional[str] = None  # None: mp4 for video (gif without PyAV), png for images
     fps: int = 8
     # Limits of a request.
@@ -308,9 +314,7 @@ def add_serve_arguments(parser) -> None:
     request.add_argument("--num_frames", type=int, default=None, help="default: the model's")
     request.add_argument("--guidance_scale", type=float, default=defaults.guidance_scale)
     request.add_argument("--cache_method", choices=["spectrum", "none"], default=defaults.cache_method)
-    for name in SPECTRUM_FLAGS:
-        request.add_argument(f"--spectrum_{name}", type=int if name in ("warmup_steps", "degree") else float,
-                             default=getattr(defaults, f"spectrum_{name}"))
+    add_spectrum_flags(request, {name: getattr(defaults, f"spectrum_{name}") for name in SPECTRUM_FLAGS})
     request.add_argument("--output_format", choices=sorted(CONTENT_TYPES), default=None,
                          help="default: mp4 for video (gif without PyAV), png for images")
     request.add_argument("--fps", type=int, default=defaults.fps, help="frame rate of mp4 and gif answers")

@@ -102,3 +102,22 @@ def _require_real(name: str, value, minimum: float, maximum: float | None = None
         raise ValueError(f"SpectrumConfig.{name} must be a finite number {allowed}, got {value!r}")
     if value < minimum or (maximum is not None and value > maximum):
         raise ValueError(f"SpectrumConfig.{name} must be {allowed}, got {value!r}")
+
+
+# The fields a user sets (num_inference_steps comes from the sampler), in flag order.
+SETTINGS = tuple(f.name for f in fields(SpectrumConfig) if f.name != "num_inference_steps")
+_INT_SETTINGS = ("warmup_steps", "degree", "min_gap", "max_gap")
+
+
+def parse_setting(name: str, text: str):
+    """A command-line value of setting ``name`` in its type (``blend_weight`` also takes "auto");
+    raises ``ValueError`` naming the setting. Ranges are checked when the config is built."""
+    if name not in SETTINGS:
+        raise ValueError(f"unknown Spectrum setting {name!r}; known: {', '.join(SETTINGS)}")
+    if name == "schedule" or (name == "blend_weight" and text == "auto"):
+        return text
+    try:
+        return int(text) if name in _INT_SETTINGS else float(text)
+    except ValueError:
+        kind = "an integer" if name in _INT_SETTINGS else "a number" + (' or "auto"' if name == "blend_weight" else "")
+        raise ValueError(f"{name} must be {kind}, got {text!r}") from None

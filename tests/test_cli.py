@@ -24,6 +24,8 @@ REPORT_KEYS = {"model", "num_inference_steps", "world_size", "parallel", "cache_
     (["--output", "x.png"], 1, "must end in .gif or .mp4"),
     (["--spectrum_blend_weight", "2"], 1, r"blend_weight must be in \[0.0, 1.0\]"),
     (["--ring_degree", "0"], 1, "--ring_degree must be >= 1"),
+    (["--spectrum_schedule", "fast"], 1, "schedule must be one of 'paper', 'adaptive'"),
+    (["--spectrum_min_gap", "5", "--spectrum_max_gap", "3"], 1, "max_gap must be an integer >= 5"),
 ])
 def test_bad_arguments_fail_before_building_a_model(argv, world_size, message, capsys):
     parser = build_parser()
@@ -32,6 +34,18 @@ def test_bad_arguments_fail_before_building_a_model(argv, world_size, message, c
         check_arguments(args, parser, world_size)
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--spectrum_blend_weight", "best", 'blend_weight must be a number or "auto"'),
+    ("--spectrum_max_gap", "2.5", "max_gap must be an integer"),
+    ("--spectrum_error_budget", "small", "error_budget must be a number"),
+])
+def test_spectrum_flags_are_typed(flag, value, message, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", flag, value])
+    assert message in capsys.readouterr().err
+    assert build_parser().parse_args(["generate", "--spectrum_blend_weight", "auto"]).spectrum_blend_weight == "auto"
 
 
 def _generate(tmp_path, name, nproc, extra):
@@ -61,6 +75,25 @@ def test_torchrun_ulysses2_equals_single_process(tmp_path, model):
     assert sharded_report["real_steps"] == single_report["real_steps"]
     assert sharded_report["nfe"] == {"cond": 9, "uncond": 9}
     assert sharded_report["state_bytes_per_rank"] * 2 == single_report["state_bytes_per_rank"]
+
+
+@pytest.mark.timeout(600)
+def test_torchrun_adaptive_spectrum_equals_single_process(tmp_path):
+    """Error-controlled Spectrum through the CLI: the 2-rank run validates on shards, reduces
+    the scores over the job and takes the single process's decisions."""
+    flags = ["--model", "tiny-wan", "--prompt", "a red square", "--cache_method", "spectrum",
+             "--spectrum_schedule", "adaptive", "--spectrum_blend_weight", "auto", "--spectrum_warmup_steps", "3",
+             "--spectrum_error_budget", "0.3", "--spectrum_max_gap", "4"]
+    single, single_report = _generate(tmp_path, "single", 1, flags)
+    sharded, sharded_report = _generate(tmp_path, "sharded", 2, [*flags, "--ulysses_degree", "2"])
+    error = np.linalg.norm(sharded - single) / np.linalg.norm(single)
+    assert error <= 1e-5, error
+    assert sharded_report["real_steps"] == single_report["real_steps"]
+    assert 3 < sharded_report["nfe"]["cond"] < 20
+    assert sharded_report["spectrum"]["schedule"] == "adaptive"
+    assert [p["gap"] for p in sharded_report["plan"]] == [p["gap"] for p in single_report["plan"]]
+    assert len(sharded_report["validation"]) == len(single_report["validation"]) > 0
+    assert sharded_report["validation_seconds"] > 0
 
 
 def _xdit_cache_method_latents(generate_kwargs: dict, cache_config: str):
