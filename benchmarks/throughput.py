@@ -31,14 +31,22 @@ from tqdm import tqdm
 from spectrum_xdit.parallel.testing import free_port
 
 DEFAULT_JSON = Path("benchmarks/results/throughput_cpu.json")
-METHODS = ("none", "spectrum")
+# name: the CLI flags of that method. spectrum-adaptive's budget is the one benchmarks.quality
+# tuned to NFE 14 on digits-wan; it also measures the cost of the online validation.
+METHODS = {
+    "none": ["--cache_method", "none"],
+    "spectrum": ["--cache_method", "spectrum"],
+    "spectrum-adaptive": ["--cache_method", "spectrum", "--spectrum_schedule", "adaptive",
+                          "--spectrum_blend_weight", "auto", "--spectrum_warmup_steps", "3",
+                          "--spectrum_max_gap", "10", "--spectrum_error_budget", "0.0688"],
+}
 
 
 def launch(world: int, method: str, report: Path, model: str, steps: int, seed: int, threads: int,
            timeout: float) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
                "--master_port", str(free_port()), "-m", "spectrum_xdit.launch.cli", "generate",
-               "--model", model, "--ulysses_degree", str(world), "--cache_method", method,
+               "--model", model, "--ulysses_degree", str(world), *METHODS[method],
                "--num_inference_steps", str(steps), "--seed", str(seed), "--report", str(report)]
     env = dict(os.environ)
     if world == 1:
@@ -65,21 +73,38 @@ def summarise(runs: dict[tuple[int, str], list[dict]]) -> list[dict]:
             "speedup_vs_one_process_none": None if base is None else round(base / denoise, 3),
             "state_bytes_per_rank": first["state_bytes_per_rank"],
         })
+        if first.get("validation"):
+            # extra time per real step (both branches, this rank): validation forecasts, sums, all-reduce
+            rows[-1]["validation_ms_per_real_step"] = round(1e3 * statistics.median(
+                r["validation_seconds"] / len(r["validation"]) for r in reports), 3)
+            rows[-1]["real_step_ms"] = None if none is None else round(1e3 * none / args_steps(reports), 3)
     return rows
+
+
+def args_steps(reports: list[dict]) -> int:
+    return reports[0]["num_inference_steps"]
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| ranks | layout | cache | NFE per branch | denoise s (median) | total s | speedup vs none "
-             "| speedup vs 1 process, none | forecaster state per rank |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| speedup vs 1 process, none | forecaster state per rank | validation ms per real step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         layout = ", ".join(f"{k} {v}" for k, v in row["parallel"].items() if v != 1) or "single"
-        nfe = "/".join(str(v) for v in row["nfe"].values()) if row["nfe"] else "50"
+        nfe = "/".join(str(v) for v in row["nfe"].values())
         def x(v):
             return "" if v is None else f"{v:.2f}x"
+
+        def validation(row):
+            if "validation_ms_per_real_step" not in row:
+                return ""
+            step = row.get("real_step_ms")
+            share = f" ({100 * row['validation_ms_per_real_step'] / step:.1f}% of a full step)" if step else ""
+            return f"{row['validation_ms_per_real_step']:.2f}{share}"
         lines.append(f"| {row['world_size']} | {layout} | {row['cache_method']} | {nfe} | {row['denoise_seconds']:.2f} "
                      f"| {row['total_seconds']:.2f} | {x(row['speedup_vs_none'])} "
-                     f"| {x(row['speedup_vs_one_process_none'])} | {row['state_bytes_per_rank'] / 1024:.0f} KiB |")
+                     f"| {x(row['speedup_vs_one_process_none'])} | {row['state_bytes_per_rank'] / 1024:.0f} KiB "
+                     f"| {validation(row)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -87,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2], help="ranks per run (Ulysses degree)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--model", default="digits-wan")
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -98,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--repeats and --worlds must be >= 1")
 
     runs: dict[tuple[int, str], list[dict]] = {}
-    plan = [(w, m) for _ in range(args.repeats) for w in args.worlds for m in METHODS]
+    plan = [(w, m) for _ in range(args.repeats) for w in args.worlds for m in args.methods]
     with tempfile.TemporaryDirectory() as tmp:
         for i, (world, method) in enumerate(tqdm(plan, desc="throughput", unit="launch")):
             report = launch(world, method, Path(tmp) / f"{i}.json", args.model, args.num_inference_steps,

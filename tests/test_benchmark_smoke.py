@@ -93,8 +93,10 @@ def test_throughput_benchmark_launches_and_reports(tmp_path):
     result = throughput.main(["--worlds", "1", "--repeats", "1", "--model", "tiny-wan",
                               "--num_inference_steps", "12", "--json", str(out), "--timeout", "300"])
     rows = {r["cache_method"]: r for r in result["rows"]}
-    assert set(rows) == {"none", "spectrum"}
+    assert set(rows) == {"none", "spectrum", "spectrum-adaptive"}
+    assert rows["spectrum-adaptive"]["validation_ms_per_real_step"] > 0 and rows["spectrum-adaptive"]["real_step_ms"] > 0
+    assert "validation_ms_per_real_step" not in rows["spectrum"]
     assert rows["none"]["nfe"] == {"cond": 12, "uncond": 12} and rows["none"]["state_bytes_per_rank"] == 0
     assert rows["spectrum"]["nfe"]["cond"] < 12 and rows["spectrum"]["state_bytes_per_rank"] > 0
     assert rows["none"]["speedup_vs_none"] == 1.0 and rows["spectrum"]["speedup_vs_none"] > 0
-    assert out.with_suffix(".md").read_text().count("| 1 | single |") == 2
+    assert out.with_suffix(".md").read_text().count("| 1 | single |") == 3
