@@ -470,7 +470,7 @@ def frame_grid(samples: dict[str, np.ndarray], path: Path, title: str) -> None:
             ax.set_yticks([])
         axes[i][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
