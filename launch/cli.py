@@ -75,10 +75,10 @@ def check_arguments(args, parser, world_size: int):
     if spec.num_attention_heads is not None and spec.num_attention_heads % args.ulysses_degree:
         parser.error(f"{spec.name} has {spec.num_attention_heads} attention heads, not divisible by "
                      f"--ulysses_degree {args.ulysses_degree}")
-    if args.use_cfg_parallel and spec.family == "wan":
-        parser.error("xfuser 0.7.0 has no CFG parallelism for Wan2.1 text-to-video; drop --use_cfg_parallel")
-    if args.use_cfg_parallel:
-        parser.error("--use_cfg_parallel is not supported by spectrum-xdit yet (see the README)")
+    if args.use_cfg_parallel and spec.family != "wan":
+        parser.error(f"--use_cfg_parallel is supported for Wan2.1 only, not {spec.name} (see the README)")
+    if args.use_cfg_parallel and args.guidance_scale <= 1:
+        parser.error("--use_cfg_parallel needs guidance: --guidance_scale > 1")
     if args.output:
         allowed = VIDEO_SUFFIXES if spec.is_video else IMAGE_SUFFIXES
         if Path(args.output).suffix.lower() not in allowed:
@@ -109,8 +109,8 @@ def generate(args, parser) -> dict:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     spec = check_arguments(args, parser, world_size)
     start = time.perf_counter()
-    rank_pipeline = init_rank(spec, args.ulysses_degree, args.ring_degree, world_size)
-    rank_pipeline.cfg_degree = 2 if args.use_cfg_parallel else 1
+    rank_pipeline = init_rank(spec, args.ulysses_degree, args.ring_degree, world_size,
+                              cfg_degree=2 if args.use_cfg_parallel else 1)
     result = run_request(rank_pipeline, generation_request(args, spec), decode=bool(args.output), started=start)
     report = result.report
     if rank_pipeline.rank == 0:

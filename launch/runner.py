@@ -10,6 +10,7 @@ outlives a request.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from dataclasses import dataclass
@@ -92,8 +93,13 @@ def sequence_length(geometry: dict, height: int, width: int, num_frames: int) ->
 
 
 def init_rank(spec: ModelSpec, ulysses_degree: int = 1, ring_degree: int = 1,
-              world_size: Optional[int] = None) -> RankPipeline:
-    """Join the world (when it has more than one rank), set up xDiT and build the pipeline."""
+              world_size: Optional[int] = None, cfg_degree: int = 1) -> RankPipeline:
+    """Join the world (when it has more than one rank), set up xDiT and build the pipeline.
+
+    ``cfg_degree=2`` (Wan2.1 only) runs the two guidance branches on the two halves of the job
+    (``spectrum_xdit.parallel.cfg_parallel``)."""
+    if cfg_degree == 2 and spec.family != "wan":
+        raise ValueError(f"CFG parallelism is supported for Wan2.1 only, not {spec.name}")
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     rank = 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,15 +113,20 @@ def init_rank(spec: ModelSpec, ulysses_degree: int = 1, ring_degree: int = 1,
         rank = dist.get_rank()
         from ..parallel.xdit_setup import init_xdit_runtime, setup_xdit_parallel, xdit_transformer
 
-        engine_config = setup_xdit_parallel(ulysses_degree=ulysses_degree, ring_degree=ring_degree)
+        engine_config = setup_xdit_parallel(ulysses_degree=ulysses_degree, ring_degree=ring_degree,
+                                            cfg_degree=cfg_degree)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     pipe = spec.build(torch_dtype=dtype)
     if world_size > 1:
         pipe.transformer = xdit_transformer(pipe.transformer)
         init_xdit_runtime(pipe, engine_config)
+        if cfg_degree == 2:
+            from ..parallel.cfg_parallel import enable_guidance_split
+
+            enable_guidance_split(pipe.transformer)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=rank != 0)
-    return RankPipeline(spec, pipe, rank, world_size, device, ulysses_degree, ring_degree)
+    return RankPipeline(spec, pipe, rank, world_size, device, ulysses_degree, ring_degree, cfg_degree)
 
 
 def decode_latents(pipe, family: str, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
@@ -169,6 +180,8 @@ def run_request(rp: RankPipeline, request: GenerationRequest, decode: bool = Fal
             from ..parallel.xdit_setup import set_flux_input_parameters
 
             set_flux_input_parameters(call["max_sequence_length"])
+    if rp.cfg_degree == 2:
+        _split_guidance(rp, request, call)
     stats: dict = {}
     denoise_start = time.perf_counter()
     try:
@@ -183,6 +196,13 @@ def run_request(rp: RankPipeline, request: GenerationRequest, decode: bool = Fal
             stats = spectrum_stats(pipe.transformer)
             remove_spectrum(pipe.transformer)
 
+    own_state_bytes = sum(s["state_bytes"] for s in stats.values())
+    if rp.cfg_degree == 2:
+        # each half of the job holds one branch: collect both for the report
+        gathered: list = [None] * rp.world_size
+        dist.all_gather_object(gathered, stats)
+        stats = {branch: s for part in gathered for branch, s in part.items()}
+        stats = {branch: stats[branch] for branch in ("cond", "uncond") if branch in stats}
     steps = request.num_inference_steps
     report = {
         "model": spec.name,
@@ -196,7 +216,7 @@ def run_request(rp: RankPipeline, request: GenerationRequest, decode: bool = Fal
         "nfe": {b: s["nfe"] for b, s in stats.items()},
         "denoise_seconds": denoise_seconds,
         "total_seconds": time.perf_counter() - started,
-        "state_bytes_per_rank": sum(s["state_bytes"] for s in stats.values()),
+        "state_bytes_per_rank": own_state_bytes,
     }
     if config is not None and config.validates and stats:
         # job-wide numbers, identical on every rank (spectrum_xdit.control)
@@ -208,6 +228,24 @@ def run_request(rp: RankPipeline, request: GenerationRequest, decode: bool = Fal
         report["real_steps"] = {b: list(range(steps)) for b in branches}
         report["nfe"] = {b: steps for b in branches}
     return GenerationResult(latents, media, report)
+
+
+def _split_guidance(rp: RankPipeline, request: GenerationRequest, call: dict) -> None:
+    """CFG parallelism: encode both prompts here and hand the negative one to the split."""
+    from ..parallel.cfg_parallel import guidance_split
+
+    if request.guidance_scale <= 1:
+        raise ValueError("CFG parallelism needs guidance (guidance_scale > 1)")
+    # the text length the pipeline itself would encode to (its __call__ default, not encode_prompt's)
+    length = call.get("max_sequence_length",
+                      inspect.signature(rp.pipe.__call__).parameters["max_sequence_length"].default)
+    positive, negative = rp.pipe.encode_prompt(prompt=request.prompt, negative_prompt=request.negative_prompt,
+                                               do_classifier_free_guidance=True, device=rp.device,
+                                               max_sequence_length=length)
+    call.pop("prompt")
+    call.pop("negative_prompt", None)
+    call.update(prompt_embeds=positive, negative_prompt_embeds=negative)
+    guidance_split(rp.pipe.transformer).set_negative_embeddings(negative)
 
 
 def finish_rank(rp: RankPipeline) -> None:

@@ -20,7 +20,9 @@ REPORT_KEYS = {"model", "num_inference_steps", "world_size", "parallel", "cache_
     (["--ulysses_degree", "2"], 1, "world size is 1"),
     (["--model", "tiny-wan", "--ulysses_degree", "4"], 4, "2 attention heads, not divisible by --ulysses_degree 4"),
     (["--model", "sd-xl"], 1, "unknown model 'sd-xl'"),
-    (["--model", "tiny-wan", "--use_cfg_parallel"], 2, "no CFG parallelism for Wan2.1"),
+    (["--model", "tiny-flux", "--use_cfg_parallel"], 2, "supported for Wan2.1 only, not tiny-flux"),
+    (["--model", "tiny-wan", "--use_cfg_parallel", "--guidance_scale", "1"], 2, "needs guidance"),
+    (["--model", "tiny-wan", "--use_cfg_parallel"], 1, "x cfg 2 = 2, but the world size is 1"),
     (["--output", "x.png"], 1, "must end in .gif or .mp4"),
     (["--spectrum_blend_weight", "2"], 1, r"blend_weight must be in \[0.0, 1.0\]"),
     (["--ring_degree", "0"], 1, "--ring_degree must be >= 1"),
@@ -94,6 +96,25 @@ def test_torchrun_adaptive_spectrum_equals_single_process(tmp_path):
     assert [p["gap"] for p in sharded_report["plan"]] == [p["gap"] for p in single_report["plan"]]
     assert len(sharded_report["validation"]) == len(single_report["validation"]) > 0
     assert sharded_report["validation_seconds"] > 0
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("layout", [["--use_cfg_parallel"], ["--use_cfg_parallel", "--ulysses_degree", "2"]],
+                         ids=["cfg2", "cfg2xulysses2"])
+def test_cfg_parallel_wan_equals_single_process(tmp_path, layout):
+    """Wan2.1 CFG parallelism (this project's; xfuser 0.7.0 has none): each half of the job runs
+    one guidance branch and keeps only that branch's forecaster."""
+    flags = ["--model", "tiny-wan", "--prompt", "a red square", "--cache_method", "spectrum"]
+    single, single_report = _generate(tmp_path, "single", 1, flags)
+    world = 2 * (2 if "--ulysses_degree" in layout else 1)
+    sharded, report = _generate(tmp_path, "cfg", world, [*flags, *layout])
+    error = np.linalg.norm(sharded - single) / np.linalg.norm(single)
+    assert error <= 1e-5, error
+    assert report["parallel"]["cfg_degree"] == 2 and report["world_size"] == world
+    assert report["real_steps"] == single_report["real_steps"] and set(report["nfe"]) == {"cond", "uncond"}
+    # rank 0 holds the conditional branch only, of its sequence shard
+    sp = world // 2
+    assert report["state_bytes_per_rank"] * 2 * sp == single_report["state_bytes_per_rank"]
 
 
 def _xdit_cache_method_latents(generate_kwargs: dict, cache_config: str):
