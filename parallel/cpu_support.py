@@ -46,6 +46,32 @@ The patches, by xfuser module:
       into CPU mode too, where xDiT would pick a GPU-only kernel); an explicitly configured
       ``attention_backend`` is left alone.
 
+``xfuser.core.distributed.group_coordinator`` (PipeFusion's stage-to-stage exchange)
+    * The module binds ``synchronize = torch.cuda.synchronize`` and
+      ``PipelineGroupCoordinator._communicate_shapes`` calls it after each exchange, which
+      raises ``AssertionError: Torch not compiled with CUDA enabled``. Rebound to
+      ``torch.cpu.synchronize`` (CPU ops are synchronous).
+    * ``_communicate_shapes`` waits for its *sends* (the number of dimensions, then the shape,
+      sent to the next stage the first time a (name, patch) pair is sent). gloo's send does not
+      complete before the receiver posts the matching receive, so in the asynchronous
+      (patch-pipelined) loop the last stage blocks sending its first patch's shape to stage 0
+      while stage 0 blocks sending its next patch's shape to the last stage, and neither
+      receives: a deadlock (``pipeline_flux.py``, ``xFuserFluxPipeline._async_pipeline``,
+      both ranks inside ``pipeline_isend``/``get_pipeline_recv_data``); on GPUs the same loop
+      runs, NCCL evidently completing these few-byte sends before the receiver asks. On CPU
+      the two shape messages are now sent with ``isend`` and not waited for; receives still
+      block. The messages, their order, groups and tags are xDiT's, so both sides still match
+      them one to one.
+    * xDiT drops the ``Work`` of every patch it sends with ``pipeline_isend`` (and
+      ``pipeline_isend_skip``), and the shape messages above are not waited for either; a
+      gloo send needs its ``Work`` (which holds the tensor) until the receiver has taken it.
+      The coordinator keeps these ``Work`` objects (not those xDiT waits for itself: a second
+      ``wait`` on a gloo send blocks for good) and waits for them at the start of the next
+      generation (``DiTRuntimeState.set_input_parameters``, which every xDiT pipeline call
+      makes first): by then this rank has made every send and receive of the previous
+      generation, so its receivers can take them without its help.
+      :func:`wait_for_pipeline_sends` does the same on demand.
+
 On a machine with CUDA nothing is patched (unless asked for with ``SPECTRUM_XDIT_CPU=1``) and
 xDiT runs untouched with NCCL.
 """
@@ -168,12 +194,80 @@ def _patch_runtime_state(runtime_state: ModuleType) -> None:
 
     runtime_cls._select_attention_backend = _select_attention_backend
 
+    dit_runtime_cls = runtime_state.DiTRuntimeState
+    set_input_parameters = dit_runtime_cls.set_input_parameters
+
+    def set_input_parameters_after_pending_sends(self, *args, **kwargs):
+        wait_for_pipeline_sends()
+        return set_input_parameters(self, *args, **kwargs)
+
+    dit_runtime_cls.set_input_parameters = set_input_parameters_after_pending_sends
+
+
+_PENDING_SENDS = "_spectrum_xdit_pending_sends"
+
+
+def _patch_group_coordinator(group_coordinator: ModuleType) -> None:
+    import torch.distributed as dist
+
+    group_coordinator.synchronize = torch.cpu.synchronize
+    coordinator_cls = group_coordinator.PipelineGroupCoordinator
+
+    def keep_until_received(coordinator, work) -> None:
+        pending = coordinator.__dict__.setdefault(_PENDING_SENDS, [])
+        pending.append(work)
+
+    def _communicate_shapes(self, tensor_send_to_next=None, recv_prev=False):
+        """xDiT's shape exchange (dimensions, then shape, to the next stage), sends unwaited."""
+        if tensor_send_to_next is not None:
+            dims = torch.tensor(tensor_send_to_next.dim(), device=self.device, dtype=torch.int64)
+            shape = torch.tensor(tensor_send_to_next.size(), device=self.device, dtype=torch.int64)
+            for message in (dims, shape):
+                keep_until_received(self, dist.isend(message, self.next_rank, group=self.device_group))
+        if not recv_prev:
+            return torch.Size([0, 0, 0])
+        dims = torch.empty(1, device=self.device, dtype=torch.int64)
+        dist.recv(dims, self.prev_rank, group=self.device_group)
+        shape = torch.empty(int(dims.item()), device=self.device, dtype=torch.int64)
+        dist.recv(shape, self.prev_rank, group=self.device_group)
+        return torch.Size(shape.tolist())
+
+    def pipeline_isend(self, tensor, name="latent", segment_idx=-1):
+        """xDiT's ``pipeline_isend``, keeping the ``Work`` it drops."""
+        tensor = tensor.contiguous()
+        self._check_shape_and_buffer(tensor_send_to_next=tensor, name=name, segment_idx=segment_idx)
+        keep_until_received(self, self._pipeline_isend(tensor))
+
+    def pipeline_isend_skip(self, tensor):
+        """xDiT's ``pipeline_isend_skip``, keeping the ``Work`` it drops."""
+        keep_until_received(self, self._pipeline_isend_skip(tensor.contiguous()))
+
+    coordinator_cls._communicate_shapes = _communicate_shapes
+    coordinator_cls.pipeline_isend = pipeline_isend
+    coordinator_cls.pipeline_isend_skip = pipeline_isend_skip
+
+
+def wait_for_pipeline_sends() -> None:
+    """Wait for every stage-to-stage send this rank started (CPU support only).
+
+    Call it only where every receive that matches them is sure to be posted without this rank
+    doing anything more, e.g. after this rank finished a pipeline call. A no-op before xDiT's
+    pipeline group exists.
+    """
+    from xfuser.core.distributed import parallel_state
+
+    group = getattr(parallel_state, "_PP", None)
+    pending = group.__dict__.pop(_PENDING_SENDS, []) if group is not None else []
+    for work in pending:
+        work.wait()
+
 
 _PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "xfuser.envs": _patch_envs,
     "xfuser.model_executor.layers.usp": _patch_usp,
     "xfuser.core.distributed.attention_backend": _patch_attention_backend,
     "xfuser.core.distributed.runtime_state": _patch_runtime_state,
+    "xfuser.core.distributed.group_coordinator": _patch_group_coordinator,
 }
 
 
