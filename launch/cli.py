@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance_scale", type=float, default=5.0)
     gen.add_argument("--ulysses_degree", type=int, default=1)
     gen.add_argument("--ring_degree", type=int, default=1)
-    gen.add_argument("--use_cfg_parallel", action="store_true")
+    gen.add_argument("--use_cfg_parallel", action="store_true", help="Wan2.1: one guidance branch per half of the job")
+    gen.add_argument("--pipefusion_parallel_degree", type=int, default=1, help="FLUX.1: xDiT's PipeFusion stages")
+    gen.add_argument("--num_pipeline_patch", type=int, default=None, help="PipeFusion patches (default: xDiT's)")
+    gen.add_argument("--warmup_steps", type=int, default=1, help="PipeFusion's synchronous warm-up steps")
     gen.add_argument("--cache_method", choices=["spectrum", "none"], default="spectrum")
     add_spectrum_flags(gen)
     gen.add_argument("--output", help="media file: .gif/.mp4 for video, .png for images")
@@ -65,13 +68,17 @@ def check_arguments(args, parser, world_size: int):
         spec = resolve_model(args.model)
     except ValueError as error:
         parser.error(str(error))
-    for name in ("ulysses_degree", "ring_degree", "num_inference_steps"):
+    for name in ("ulysses_degree", "ring_degree", "num_inference_steps", "pipefusion_parallel_degree", "warmup_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.num_pipeline_patch is not None and args.num_pipeline_patch < 1:
+        parser.error(f"--num_pipeline_patch must be >= 1, got {args.num_pipeline_patch}")
     cfg = 2 if args.use_cfg_parallel else 1
-    if args.ulysses_degree * args.ring_degree * cfg != world_size:
-        parser.error(f"--ulysses_degree {args.ulysses_degree} x --ring_degree {args.ring_degree} x cfg {cfg} "
-                     f"= {args.ulysses_degree * args.ring_degree * cfg}, but the world size is {world_size}")
+    pipefusion = args.pipefusion_parallel_degree
+    layout = args.ulysses_degree * args.ring_degree * cfg * pipefusion
+    if layout != world_size:
+        parser.error(f"--ulysses_degree {args.ulysses_degree} x --ring_degree {args.ring_degree} x cfg {cfg} x "
+                     f"--pipefusion_parallel_degree {pipefusion} = {layout}, but the world size is {world_size}")
     if spec.num_attention_heads is not None and spec.num_attention_heads % args.ulysses_degree:
         parser.error(f"{spec.name} has {spec.num_attention_heads} attention heads, not divisible by "
                      f"--ulysses_degree {args.ulysses_degree}")
@@ -79,6 +86,16 @@ def check_arguments(args, parser, world_size: int):
         parser.error(f"--use_cfg_parallel is supported for Wan2.1 only, not {spec.name} (see the README)")
     if args.use_cfg_parallel and args.guidance_scale <= 1:
         parser.error("--use_cfg_parallel needs guidance: --guidance_scale > 1")
+    if pipefusion > 1:
+        if spec.family != "flux":
+            parser.error(f"--pipefusion_parallel_degree is supported for FLUX.1 only (xDiT has no PipeFusion "
+                         f"for Wan2.1), not {spec.name}")
+        if args.guidance_scale > 1:
+            parser.error("PipeFusion runs xDiT's FLUX.1 pipeline, which has no classifier-free guidance: "
+                         "pass --guidance_scale 1")
+        if args.cache_method == "spectrum" and (args.spectrum_schedule != "paper" or args.spectrum_blend_weight == "auto"):
+            parser.error("under PipeFusion Spectrum supports the paper schedule with a fixed blend weight "
+                         "(the adaptive controller would decide from the last stage alone)")
     if args.output:
         allowed = VIDEO_SUFFIXES if spec.is_video else IMAGE_SUFFIXES
         if Path(args.output).suffix.lower() not in allowed:
@@ -110,7 +127,9 @@ def generate(args, parser) -> dict:
     spec = check_arguments(args, parser, world_size)
     start = time.perf_counter()
     rank_pipeline = init_rank(spec, args.ulysses_degree, args.ring_degree, world_size,
-                              cfg_degree=2 if args.use_cfg_parallel else 1)
+                              cfg_degree=2 if args.use_cfg_parallel else 1,
+                              pipefusion_degree=args.pipefusion_parallel_degree,
+                              num_pipeline_patch=args.num_pipeline_patch, pipefusion_warmup_steps=args.warmup_steps)
     result = run_request(rank_pipeline, generation_request(args, spec), decode=bool(args.output), started=start)
     report = result.report
     if rank_pipeline.rank == 0:

@@ -24,6 +24,8 @@ from ..config import SpectrumConfig
 from ..hooks import apply_spectrum, remove_spectrum, spectrum_stats
 from ..models import ModelSpec
 
+FLUX_TEXT_TOKENS = 64   # max_sequence_length of FLUX.1 requests
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -56,6 +58,8 @@ class RankPipeline:
     ulysses_degree: int = 1
     ring_degree: int = 1
     cfg_degree: int = 1
+    pipefusion_degree: int = 1
+    pipefusion: Any = None     # xDiT's PipeFusion FLUX.1 pipeline when pipefusion_degree > 1
 
     def geometry(self) -> dict:
         """What request sizes the model accepts: ``height``/``width`` must be multiples of
@@ -93,13 +97,18 @@ def sequence_length(geometry: dict, height: int, width: int, num_frames: int) ->
 
 
 def init_rank(spec: ModelSpec, ulysses_degree: int = 1, ring_degree: int = 1,
-              world_size: Optional[int] = None, cfg_degree: int = 1) -> RankPipeline:
+              world_size: Optional[int] = None, cfg_degree: int = 1, pipefusion_degree: int = 1,
+              num_pipeline_patch: Optional[int] = None, pipefusion_warmup_steps: int = 1) -> RankPipeline:
     """Join the world (when it has more than one rank), set up xDiT and build the pipeline.
 
     ``cfg_degree=2`` (Wan2.1 only) runs the two guidance branches on the two halves of the job
-    (``spectrum_xdit.parallel.cfg_parallel``)."""
+    (``spectrum_xdit.parallel.cfg_parallel``). ``pipefusion_degree > 1`` (FLUX.1 only) runs xDiT's
+    PipeFusion pipeline with ``num_pipeline_patch`` patches after ``pipefusion_warmup_steps``
+    synchronous steps (``spectrum_xdit.parallel.pipefusion``)."""
     if cfg_degree == 2 and spec.family != "wan":
         raise ValueError(f"CFG parallelism is supported for Wan2.1 only, not {spec.name}")
+    if pipefusion_degree > 1 and spec.family != "flux":
+        raise ValueError(f"PipeFusion is supported for FLUX.1 only (xDiT has none for Wan2.1), not {spec.name}")
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     rank = 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,11 +120,24 @@ def init_rank(spec: ModelSpec, ulysses_degree: int = 1, ring_degree: int = 1,
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
         rank = dist.get_rank()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if world_size > 1 and pipefusion_degree > 1:
+        from ..parallel.pipefusion import pipefusion_flux_pipeline, setup_pipefusion_parallel
+
+        engine_config = setup_pipefusion_parallel(
+            pipefusion_degree=pipefusion_degree, num_pipeline_patch=num_pipeline_patch,
+            warmup_steps=pipefusion_warmup_steps, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
+            dtype=dtype)
+        pipe = spec.build(torch_dtype=dtype).to(device)
+        pipe.set_progress_bar_config(disable=rank != 0)
+        pipefusion = pipefusion_flux_pipeline(pipe, engine_config)
+        return RankPipeline(spec, pipe, rank, world_size, device, ulysses_degree, ring_degree,
+                            pipefusion_degree=pipefusion_degree, pipefusion=pipefusion)
+    if world_size > 1:
         from ..parallel.xdit_setup import init_xdit_runtime, setup_xdit_parallel, xdit_transformer
 
         engine_config = setup_xdit_parallel(ulysses_degree=ulysses_degree, ring_degree=ring_degree,
                                             cfg_degree=cfg_degree)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     pipe = spec.build(torch_dtype=dtype)
     if world_size > 1:
         pipe.transformer = xdit_transformer(pipe.transformer)
@@ -158,6 +180,8 @@ def run_request(rp: RankPipeline, request: GenerationRequest, decode: bool = Fal
     ``time.perf_counter()`` the report's ``total_seconds`` counts from (default: now).
     """
     started = time.perf_counter() if started is None else started
+    if rp.pipefusion is not None:
+        return _run_pipefusion(rp, request, decode, started)
     spec, pipe = rp.spec, rp.pipe
     config = request.spectrum
     if config is not None:
@@ -173,7 +197,7 @@ def run_request(rp: RankPipeline, request: GenerationRequest, decode: bool = Fal
     if spec.family == "wan":
         call.update(num_frames=request.num_frames, guidance_scale=request.guidance_scale)
     else:
-        call.update(true_cfg_scale=request.guidance_scale, max_sequence_length=64)
+        call.update(true_cfg_scale=request.guidance_scale, max_sequence_length=FLUX_TEXT_TOKENS)
         if request.negative_prompt is None:
             call["negative_prompt"] = ""
         if rp.world_size > 1:
@@ -203,13 +227,47 @@ def run_request(rp: RankPipeline, request: GenerationRequest, decode: bool = Fal
         dist.all_gather_object(gathered, stats)
         stats = {branch: s for part in gathered for branch, s in part.items()}
         stats = {branch: stats[branch] for branch in ("cond", "uncond") if branch in stats}
+    report = _report(rp, request, stats, own_state_bytes, denoise_seconds, started)
+    return GenerationResult(latents, media, report)
+
+
+def _run_pipefusion(rp: RankPipeline, request: GenerationRequest, decode: bool, started: float) -> GenerationResult:
+    """xDiT's PipeFusion FLUX.1 pipeline (no true CFG); the last stage's latents reach rank 0."""
+    if request.guidance_scale > 1:
+        raise ValueError("PipeFusion runs xDiT's FLUX.1 pipeline, which has no classifier-free guidance: "
+                         "use guidance_scale 1")
+    config = request.spectrum
+    rp.pipefusion.set_spectrum(config)
+    denoise_start = time.perf_counter()
+    with torch.no_grad():
+        output = rp.pipefusion(prompt=request.prompt, height=request.height, width=request.width,
+                               num_inference_steps=request.num_inference_steps, output_type="latent",
+                               max_sequence_length=FLUX_TEXT_TOKENS,
+                               generator=torch.Generator().manual_seed(request.seed))
+        holder = [None if output is None else output.images.cpu()]
+        dist.broadcast_object_list(holder, src=rp.world_size - 1)   # the last stage holds the output
+        latents = holder[0].to(rp.device)
+        denoise_seconds = time.perf_counter() - denoise_start
+        media = (decode_latents(rp.pipe, "flux", latents, request.height, request.width)
+                 if decode and rp.rank == 0 else None)
+    stats = {"cond": rp.pipefusion.spectrum_stats()} if config is not None else {}
+    report = _report(rp, request, stats, stats["cond"]["state_bytes"] if stats else 0, denoise_seconds, started)
+    by_rank: list = [None] * rp.world_size
+    dist.all_gather_object(by_rank, report["state_bytes_per_rank"])
+    report["state_bytes_by_rank"] = by_rank    # only the last stage holds forecaster state
+    return GenerationResult(latents, media, report)
+
+
+def _report(rp: RankPipeline, request: GenerationRequest, stats: dict, own_state_bytes: int,
+            denoise_seconds: float, started: float) -> dict:
+    config = request.spectrum
     steps = request.num_inference_steps
     report = {
-        "model": spec.name,
+        "model": rp.spec.name,
         "num_inference_steps": steps,
         "world_size": rp.world_size,
         "parallel": {"ulysses_degree": rp.ulysses_degree, "ring_degree": rp.ring_degree,
-                     "cfg_degree": rp.cfg_degree},
+                     "cfg_degree": rp.cfg_degree, "pipefusion_parallel_degree": rp.pipefusion_degree},
         "cache_method": request.cache_method,
         "spectrum": config.to_dict() if config is not None else None,
         "real_steps": {b: s["real_steps"] for b, s in stats.items()},
@@ -227,7 +285,7 @@ def run_request(rp: RankPipeline, request: GenerationRequest, decode: bool = Fal
         branches = ["cond", "uncond"] if request.guidance_scale > 1 else ["cond"]
         report["real_steps"] = {b: list(range(steps)) for b in branches}
         report["nfe"] = {b: steps for b in branches}
-    return GenerationResult(latents, media, report)
+    return report
 
 
 def _split_guidance(rp: RankPipeline, request: GenerationRequest, call: dict) -> None:

@@ -22,10 +22,15 @@ REPORT_KEYS = {"model", "num_inference_steps", "world_size", "parallel", "cache_
     (["--model", "sd-xl"], 1, "unknown model 'sd-xl'"),
     (["--model", "tiny-flux", "--use_cfg_parallel"], 2, "supported for Wan2.1 only, not tiny-flux"),
     (["--model", "tiny-wan", "--use_cfg_parallel", "--guidance_scale", "1"], 2, "needs guidance"),
-    (["--model", "tiny-wan", "--use_cfg_parallel"], 1, "x cfg 2 = 2, but the world size is 1"),
+    (["--model", "tiny-wan", "--use_cfg_parallel"], 1, "x cfg 2 x --pipefusion_parallel_degree 1 = 2, but the world size is 1"),
     (["--output", "x.png"], 1, "must end in .gif or .mp4"),
     (["--spectrum_blend_weight", "2"], 1, r"blend_weight must be in \[0.0, 1.0\]"),
     (["--ring_degree", "0"], 1, "--ring_degree must be >= 1"),
+    (["--model", "tiny-wan", "--pipefusion_parallel_degree", "2"], 2, "FLUX.1 only"),
+    (["--model", "tiny-flux", "--pipefusion_parallel_degree", "2"], 2, "pass --guidance_scale 1"),
+    (["--model", "tiny-flux", "--pipefusion_parallel_degree", "2", "--guidance_scale", "1",
+      "--spectrum_schedule", "adaptive"], 2, "paper schedule with a fixed blend weight"),
+    (["--model", "tiny-flux", "--pipefusion_parallel_degree", "2"], 4, "= 2, but the world size is 4"),
     (["--spectrum_schedule", "fast"], 1, "schedule must be one of 'paper', 'adaptive'"),
     (["--spectrum_min_gap", "5", "--spectrum_max_gap", "3"], 1, "max_gap must be an integer >= 5"),
 ])
@@ -115,6 +120,22 @@ def test_cfg_parallel_wan_equals_single_process(tmp_path, layout):
     # rank 0 holds the conditional branch only, of its sequence shard
     sp = world // 2
     assert report["state_bytes_per_rank"] * 2 * sp == single_report["state_bytes_per_rank"]
+
+
+@pytest.mark.timeout(600)
+def test_torchrun_pipefusion_spectrum(tmp_path):
+    """`--pipefusion_parallel_degree 2`: xDiT's PipeFusion FLUX.1 pipeline with Spectrum. With the
+    synchronous warm-up covering every step PipeFusion is exact, so it equals one process; the
+    forecaster state lives on the last stage only."""
+    flags = ["--model", "tiny-flux", "--prompt", "a red square", "--cache_method", "spectrum", "--guidance_scale", "1"]
+    single, single_report = _generate(tmp_path, "single", 1, flags)
+    piped, report = _generate(tmp_path, "pipefusion", 2, [*flags, "--pipefusion_parallel_degree", "2",
+                                                          "--num_pipeline_patch", "2", "--warmup_steps", "20"])
+    error = np.linalg.norm(piped - single) / np.linalg.norm(single)
+    assert error <= 1e-5, error
+    assert report["parallel"]["pipefusion_parallel_degree"] == 2
+    assert report["real_steps"] == single_report["real_steps"]
+    assert report["state_bytes_by_rank"] == [0, single_report["state_bytes_per_rank"]]
 
 
 def _xdit_cache_method_latents(generate_kwargs: dict, cache_config: str):
