@@ -100,3 +100,17 @@ def test_throughput_benchmark_launches_and_reports(tmp_path):
     assert rows["spectrum"]["nfe"]["cond"] < 12 and rows["spectrum"]["state_bytes_per_rank"] > 0
     assert rows["none"]["speedup_vs_none"] == 1.0 and rows["spectrum"]["speedup_vs_none"] > 0
     assert out.with_suffix(".md").read_text().count("| 1 | single |") == 3
+
+
+def test_gpu_check_rehearses_every_section_on_cpu(tmp_path):
+    """The GPU validation script (issue 7) runs end to end at CPU sizes, so a session with a
+    device can run it in one go; the accuracy figures are real even here."""
+    from benchmarks import gpu_check
+
+    result = gpu_check.main(["--small", "--json", str(tmp_path / "gpu.json")])
+    errors = result["accuracy_max_relative_error"]
+    assert errors["float32"] < 1e-4 and errors["bf16"] < 1e-2
+    assert [r["sp_degree"] for r in result["speed"]] == [1, 2, 4, 8]
+    assert all(r["forecast_ms"] > 0 and r["state_bytes"] > 0 for r in result["speed"])
+    assert result["real_step"]["seconds"] > 0 and result["copy_GBps"] > 0
+    assert json.loads((tmp_path / "gpu.json").read_text())["small"] is True
