@@ -68,14 +68,13 @@ import types
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from ..config import SpectrumConfig
 from ..forecaster import SpectrumForecaster
 from ..hooks import SPECTRUM_BLOCK_HOOK, SpectrumBlockHook
 from ..schedule import paper_schedule
 from .consistency import verify_schedule
-from .xdit_fixes import apply_xdit_fixes
+from .xdit_setup import init_xdit_engine
 
 
 def setup_pipefusion_parallel(
@@ -95,45 +94,15 @@ def setup_pipefusion_parallel(
     data parallelism. ``dtype`` is the model's: xDiT sizes its receive buffers with the
     runtime dtype, which its config leaves at float16. Returns xDiT's ``EngineConfig``.
     """
-    apply_xdit_fixes()
-    from xfuser.config import xFuserArgs
-    from xfuser.core.distributed import init_distributed_environment, initialize_model_parallel
-
-    if not dist.is_initialized():
-        raise RuntimeError("setup_pipefusion_parallel needs an initialised torch.distributed world")
     if pipefusion_degree < 2:
         raise ValueError(f"pipefusion_degree must be at least 2, got {pipefusion_degree}")
     if num_pipeline_patch is not None and num_pipeline_patch < 1:
         raise ValueError(f"num_pipeline_patch must be positive, got {num_pipeline_patch}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    world_size = dist.get_world_size()
-    model_parallel = pipefusion_degree * ulysses_degree * ring_degree
-    if world_size % model_parallel:
-        raise ValueError(
-            f"world size {world_size} is not a multiple of pipefusion {pipefusion_degree} x "
-            f"ulysses {ulysses_degree} x ring {ring_degree}"
-        )
-    backend = dist.get_backend()
-    init_distributed_environment(world_size=world_size, rank=dist.get_rank(), backend=backend)
-    initialize_model_parallel(
-        data_parallel_degree=world_size // model_parallel,
-        ulysses_degree=ulysses_degree,
-        ring_degree=ring_degree,
-        pipeline_parallel_degree=pipefusion_degree,
-        backend=backend,
-    )
-    args = xFuserArgs(
-        model="spectrum-xdit",
-        data_parallel_degree=world_size // model_parallel,
-        ulysses_degree=ulysses_degree,
-        ring_degree=ring_degree,
-        pipefusion_parallel_degree=pipefusion_degree,
-        num_pipeline_patch=num_pipeline_patch,
-        warmup_steps=warmup_steps,
-        attention_backend=attention_backend,
-    )
-    engine_config, _ = args.create_config()
+    engine_config = init_xdit_engine(ulysses_degree=ulysses_degree, ring_degree=ring_degree,
+                                     pipefusion_degree=pipefusion_degree, attention_backend=attention_backend,
+                                     num_pipeline_patch=num_pipeline_patch, warmup_steps=warmup_steps)
     engine_config.runtime_config.dtype = dtype
     return engine_config
 

@@ -49,20 +49,29 @@ def setup_xdit_parallel(
 
     Returns xDiT's ``EngineConfig`` for these degrees, as its runner builds it from its flags.
     """
+    if cfg_degree not in (1, 2):
+        raise ValueError(f"cfg_degree must be 1 or 2, got {cfg_degree}")
+    return init_xdit_engine(ulysses_degree=ulysses_degree, ring_degree=ring_degree, cfg_degree=cfg_degree,
+                            attention_backend=attention_backend)
+
+
+def init_xdit_engine(ulysses_degree: int = 1, ring_degree: int = 1, cfg_degree: int = 1,
+                     pipefusion_degree: int = 1, attention_backend: Optional[str] = None, **runner_args):
+    """xDiT's process groups and ``EngineConfig`` for these degrees (the rest of the world is data
+    parallel), with the padding-path fixes installed; ``runner_args`` are further ``xFuserArgs``
+    (e.g. PipeFusion's ``num_pipeline_patch``, ``warmup_steps``)."""
     apply_xdit_fixes()
     from xfuser.config import xFuserArgs
     from xfuser.core.distributed import init_distributed_environment, initialize_model_parallel
 
     if not dist.is_initialized():
-        raise RuntimeError("setup_xdit_parallel needs an initialised torch.distributed world")
-    if cfg_degree not in (1, 2):
-        raise ValueError(f"cfg_degree must be 1 or 2, got {cfg_degree}")
+        raise RuntimeError("xDiT's parallel setup needs an initialised torch.distributed world")
     world_size = dist.get_world_size()
-    model_parallel = ulysses_degree * ring_degree * cfg_degree
+    model_parallel = ulysses_degree * ring_degree * cfg_degree * pipefusion_degree
     if world_size % model_parallel:
         raise ValueError(
             f"world size {world_size} is not a multiple of ulysses {ulysses_degree} x "
-            f"ring {ring_degree} x cfg {cfg_degree}"
+            f"ring {ring_degree} x cfg {cfg_degree} x pipefusion {pipefusion_degree}"
         )
     backend = dist.get_backend()
     init_distributed_environment(world_size=world_size, rank=dist.get_rank(), backend=backend)
@@ -71,6 +80,7 @@ def setup_xdit_parallel(
         classifier_free_guidance_degree=cfg_degree,
         ulysses_degree=ulysses_degree,
         ring_degree=ring_degree,
+        pipeline_parallel_degree=pipefusion_degree,
         backend=backend,
     )
     args = xFuserArgs(
@@ -79,7 +89,9 @@ def setup_xdit_parallel(
         use_cfg_parallel=cfg_degree == 2,
         ulysses_degree=ulysses_degree,
         ring_degree=ring_degree,
+        pipefusion_parallel_degree=pipefusion_degree,
         attention_backend=attention_backend,
+        **runner_args,
     )
     engine_config, _ = args.create_config()
     return engine_config
