@@ -138,6 +138,23 @@ def test_torchrun_pipefusion_spectrum(tmp_path):
     assert report["state_bytes_by_rank"] == [0, single_report["state_bytes_per_rank"]]
 
 
+@pytest.mark.timeout(600)
+def test_cfg_parallel_adaptive_spectrum_equals_single_process(tmp_path):
+    """The adaptive controller under CFG parallelism: each half scores one branch, the job-wide
+    sums cover both, so the decisions are the single process's."""
+    flags = ["--model", "tiny-wan", "--prompt", "a red square", "--cache_method", "spectrum",
+             "--spectrum_schedule", "adaptive", "--spectrum_blend_weight", "auto", "--spectrum_warmup_steps", "3",
+             "--spectrum_error_budget", "0.3", "--spectrum_max_gap", "4"]
+    single, single_report = _generate(tmp_path, "single", 1, flags)
+    split, report = _generate(tmp_path, "cfg", 2, [*flags, "--use_cfg_parallel"])
+    error = np.linalg.norm(split - single) / np.linalg.norm(single)
+    assert error <= 1e-5, error
+    assert report["real_steps"] == single_report["real_steps"] and 3 < report["nfe"]["cond"] < 20
+    assert [p["gap"] for p in report["plan"]] == [p["gap"] for p in single_report["plan"]]
+    for mine, theirs in zip(report["validation"], single_report["validation"]):
+        assert mine["blend"] == pytest.approx(theirs["blend"], rel=1e-4)
+
+
 def _xdit_cache_method_latents(generate_kwargs: dict, cache_config: str):
     """`--cache_method spectrum` parsed by xDiT's own flags and applied by xDiT's `apply_cache`."""
     from spectrum_xdit.parallel.cpu_support import enable_cpu_support
