@@ -77,12 +77,8 @@ def summarise(runs: dict[tuple[int, str], list[dict]]) -> list[dict]:
             # extra time per real step (both branches, this rank): validation forecasts, sums, all-reduce
             rows[-1]["validation_ms_per_real_step"] = round(1e3 * statistics.median(
                 r["validation_seconds"] / len(r["validation"]) for r in reports), 3)
-            rows[-1]["real_step_ms"] = None if none is None else round(1e3 * none / args_steps(reports), 3)
+            rows[-1]["real_step_ms"] = None if none is None else round(1e3 * none / first["num_inference_steps"], 3)
     return rows
-
-
-def args_steps(reports: list[dict]) -> int:
-    return reports[0]["num_inference_steps"]
 
 
 def markdown(rows: list[dict]) -> str:

@@ -21,15 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import SETTINGS, SpectrumConfig
+from ..config import SpectrumConfig
 from ..media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, write_media
 from ..models import DEFAULT_MODEL, resolve_model
-from .flags import add_spectrum_flags
+from .flags import add_spectrum_flags, spectrum_settings
 from .runner import GenerationRequest, finish_rank, init_rank, run_request
 from .serve_api import add_serve_arguments
-
-SPECTRUM_FLAGS = SETTINGS
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spectrum-xdit", description=__doc__,
@@ -109,8 +106,7 @@ def check_arguments(args, parser, world_size: int):
 
 
 def spectrum_config(args) -> SpectrumConfig:
-    return SpectrumConfig(num_inference_steps=args.num_inference_steps,
-                          **{name: getattr(args, f"spectrum_{name}") for name in SPECTRUM_FLAGS})
+    return SpectrumConfig(num_inference_steps=args.num_inference_steps, **spectrum_settings(args))
 
 
 def generation_request(args, spec) -> GenerationRequest:

@@ -17,6 +17,11 @@ def _typed(name: str):
     return convert
 
 
+def spectrum_settings(source) -> dict:
+    """The Spectrum settings held as ``spectrum_<name>`` attributes (parsed flags, server settings)."""
+    return {name: getattr(source, f"spectrum_{name}") for name in SETTINGS}
+
+
 def add_spectrum_flags(parser, defaults: dict | None = None) -> None:
     """One ``--spectrum_<name>`` flag per :data:`spectrum_xdit.config.SETTINGS`, defaults from
     ``defaults`` (else ``SpectrumConfig()``)."""

@@ -11,14 +11,13 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
-from ..config import SETTINGS, SpectrumConfig
+from ..config import SpectrumConfig
 from ..models import DEFAULT_MODEL, ModelSpec, resolve_model
-from .flags import add_spectrum_flags
+from .flags import add_spectrum_flags, spectrum_settings
 from .runner import GenerationRequest, sequence_length
 
 # Spectrum settings with a server-wide default flag (--spectrum_<name>); a request's "cache" object
 # takes every SpectrumConfig field but num_inference_steps (which is the request's own).
-SPECTRUM_FLAGS = SETTINGS
 REQUEST_FIELDS = ("prompt", "negative_prompt", "seed", "num_inference_steps", "height", "width", "num_frames",
                   "guidance_scale", "cache", "output_format")
 CACHE_FIELDS = ("method", *(f.name for f in fields(SpectrumConfig) if f.name != "num_inference_steps"))
@@ -94,7 +93,7 @@ class ServeSettings:
         return self.ulysses_degree * self.ring_degree
 
     def spectrum_defaults(self) -> dict:
-        return {name: getattr(self, f"spectrum_{name}") for name in SPECTRUM_FLAGS}
+        return spectrum_settings(self)
 
     def check(self) -> ModelSpec:
         """Raise ``ValueError`` on settings no request could run with; return the model spec."""
@@ -140,14 +139,9 @@ class ServeSettings:
             "num_inference_steps": self.num_inference_steps, "height": self.height or spec.height,
             "width": self.width or spec.width, "num_frames": (self.num_frames or spec.num_frames) if spec.is_video else 1,
             "guidance_scale": self.guidance_scale,
-            "cache": {"method": self.cache_method, **spectrum_field_defaults(), **self.spectrum_defaults()},
+            "cache": {"method": self.cache_method, **self.spectrum_defaults()},
             "output_format": self.default_output_format(spec),
         }
-
-
-def spectrum_field_defaults() -> dict:
-    defaults = SpectrumConfig()
-    return {name: getattr(defaults, name) for name in CACHE_FIELDS[1:]}
 
 
 class RequestError(ValueError):
@@ -314,7 +308,7 @@ def add_serve_arguments(parser) -> None:
     request.add_argument("--num_frames", type=int, default=None, help="default: the model's")
     request.add_argument("--guidance_scale", type=float, default=defaults.guidance_scale)
     request.add_argument("--cache_method", choices=["spectrum", "none"], default=defaults.cache_method)
-    add_spectrum_flags(request, {name: getattr(defaults, f"spectrum_{name}") for name in SPECTRUM_FLAGS})
+    add_spectrum_flags(request, defaults.spectrum_defaults())
     request.add_argument("--output_format", choices=sorted(CONTENT_TYPES), default=None,
                          help="default: mp4 for video (gif without PyAV), png for images")
     request.add_argument("--fps", type=int, default=defaults.fps, help="frame rate of mp4 and gif answers")

@@ -109,17 +109,9 @@ class SpectrumForecaster:
         if (w > 0 and not self._uses_chebyshev) or (w < 1 and not self._uses_extrapolation):
             raise ValueError(f"blend_weight {w} needs state this forecaster does not keep "
                              f"(configured blend_weight {self.config.blend_weight})")
-        out = None
-        if w > 0:
-            out = self._chebyshev(step, scale=w)
+        out = self._chebyshev(step, scale=w) if w > 0 else None
         if w < 1:
-            on_last, on_previous = linear_extrapolation_weights(step, self.real_steps)
-            if out is None:
-                out = self._last.to(torch.float32, copy=True).mul_((1 - w) * on_last)
-            else:
-                out.add_(self._last, alpha=(1 - w) * on_last)
-            if on_previous != 0.0:
-                out.add_(self._previous, alpha=(1 - w) * on_previous)
+            out = self._add_linear(out, step, scale=1 - w)
         return out.view(self._shape).to(self._dtype)
 
     def score(self, step: int, features: torch.Tensor) -> torch.Tensor | None:
@@ -142,10 +134,22 @@ class SpectrumForecaster:
         h = features.detach().reshape(-1)
         if h.numel() != self._shape.numel():
             raise ValueError(f"score(step={step}) got {h.numel()} elements, this series holds {self._shape.numel()}")
-        linear = self.forecast(step, blend_weight=0.0).reshape(-1).to(torch.float32).sub_(h)
+        linear = self._add_linear(None, step).sub_(h)
         chebyshev = self._chebyshev(step).sub_(h)
         return torch.stack([_dot64(linear, linear), _dot64(chebyshev, chebyshev), _dot64(linear, chebyshev),
                             _dot64(h, h)])
+
+    def _add_linear(self, out: torch.Tensor | None, step: int, scale: float = 1.0) -> torch.Tensor:
+        """``out`` (flat float32, or ``None`` for a new tensor) plus ``scale`` times the local
+        linear extrapolation at ``step``, accumulated in float32."""
+        on_last, on_previous = linear_extrapolation_weights(step, self.real_steps)
+        if out is None:
+            out = self._last.to(torch.float32, copy=True).mul_(scale * on_last)
+        else:
+            out.add_(self._last, alpha=scale * on_last)
+        if on_previous != 0.0:
+            out.add_(self._previous, alpha=scale * on_previous)
+        return out
 
     def _chebyshev(self, step: int, scale: float = 1.0) -> torch.Tensor:
         """``scale`` times the Chebyshev forecast at ``step``, flat float32 (a new tensor)."""
