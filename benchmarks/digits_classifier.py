@@ -7,7 +7,7 @@ The classifier is a small CNN (three 3x3 convolutions, global max pool, linear; 
 trained on the *train* split of ``load_digits`` (the split the generator trains on), with each digit
 pasted at a random offset on the dark 16x16 canvas, so it recognises a digit anywhere a clip can put
 it. Its test accuracy is measured on the held-out test split placed at every one of the 81 offsets.
-Training is seeded and deterministic; the weights ship in ``spectrum_xdit/assets/digits_wan/
+Training is seeded and deterministic; the weights ship in ``spectrum_xdit/models/assets/digits_wan/
 classifier.safetensors`` (~100 KB).
 
 ``eval`` generates one clip per condition (10 digits x 4 directions, seed = condition index) with the
@@ -54,7 +54,7 @@ class DigitCNN(nn.Module):
 
 
 def _assets() -> Path:
-    from spectrum_xdit.digits_wan import ASSETS
+    from spectrum_xdit.models.digits_wan import ASSETS
     return ASSETS
 
 
@@ -141,7 +141,7 @@ def centroid_direction(frames: np.ndarray) -> str:
 def evaluate_generator(pipe=None, steps: int = 50, guidance: float = 5.0, threads: int = 2,
                        classifier: DigitCNN | None = None, verbose: bool = True) -> dict:
     """Frame recognition of full-compute guided samples: one clip per (digit, direction), seed = index."""
-    from spectrum_xdit.digits_wan import GENERATION_KWARGS, build_digits_wan_pipeline
+    from spectrum_xdit.models.digits_wan import GENERATION_KWARGS, build_digits_wan_pipeline
 
     torch.set_num_threads(threads)
     pipe = pipe if pipe is not None else build_digits_wan_pipeline()
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "train":
         train(out, steps=args.steps or 1500, threads=args.threads)
     else:
-        from spectrum_xdit.digits_wan import build_digits_wan_pipeline
+        from spectrum_xdit.models.digits_wan import build_digits_wan_pipeline
         pipe = build_digits_wan_pipeline(assets=out)
         clf = load_classifier(out / WEIGHTS) if (out / WEIGHTS).exists() else load_classifier()
         result = evaluate_generator(pipe, steps=args.steps or 50, guidance=args.guidance, threads=args.threads,

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = table(args.max_gib, config)
     command = "python -m benchmarks.state_memory " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "command": command.strip(),
-            "config": config.to_dict(), "dtype": "bfloat16", "hidden": HIDDEN, "branches": BRANCHES}
+            "config": config.model_dump(), "dtype": "bfloat16", "hidden": HIDDEN, "branches": BRANCHES}
     result = {"meta": meta, "rows": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """Train the miniature Wan2.1-architecture digits model with Wan's flow-matching objective.
 
-    PYTHONPATH=. python -m benchmarks.train_digits_wan --out spectrum_xdit/assets/digits_wan
+    PYTHONPATH=. python -m benchmarks.train_digits_wan --out spectrum_xdit/models/assets/digits_wan
     PYTHONPATH=. python -m benchmarks.train_digits_wan --quick --out /tmp/digits_wan_quick   # smoke run
 
 Objective (as Wan2.1 / rectified flow): for a clean latent ``x0``, noise ``e ~ N(0, I)`` and a
@@ -40,7 +40,8 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from tqdm.auto import tqdm
 
 from benchmarks import digits_data as dd
-from spectrum_xdit import digits_wan as dw
+from benchmarks import digits_wan_builders as builders
+from spectrum_xdit.models import digits_wan as dw
 
 
 def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (20 steps, batch 8)")
-    ap.add_argument("--spatial", type=int, default=dw.VAE_CONFIG["scale_factor_spatial"],
+    ap.add_argument("--spatial", type=int, default=builders.VAE_CONFIG["scale_factor_spatial"],
                     help="pass-through VAE space-to-depth factor (1 or 2)")
     ap.add_argument("--transformer-overrides", type=json.loads, default={},
                     help='JSON dict of WanTransformer3DModel config overrides, e.g. \'{"num_layers": 6}\'')
@@ -122,14 +123,14 @@ def main(argv: list[str] | None = None) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
 
     # components: the frozen text encoder from its seed, the transformer from the training seed
-    tokenizer = dw.build_tokenizer()
-    text_encoder = dw.build_text_encoder()
+    tokenizer = builders.build_tokenizer()
+    text_encoder = builders.build_text_encoder()
     p = args.spatial
-    z_dim = dw.VAE_CONFIG["scale_factor_temporal"] * p * p
-    vae_cfg = {**dw.VAE_CONFIG, "z_dim": z_dim, "latents_mean": [0.0] * z_dim, "latents_std": [1.0] * z_dim,
+    z_dim = builders.VAE_CONFIG["scale_factor_temporal"] * p * p
+    vae_cfg = {**builders.VAE_CONFIG, "z_dim": z_dim, "latents_mean": [0.0] * z_dim, "latents_std": [1.0] * z_dim,
                "scale_factor_spatial": p}
-    tcfg = {**dw.TRANSFORMER_CONFIG, "in_channels": z_dim, "out_channels": z_dim, **args.transformer_overrides}
-    transformer = dw.build_transformer(seed=args.seed, **tcfg).train()
+    tcfg = {**builders.TRANSFORMER_CONFIG, "in_channels": z_dim, "out_channels": z_dim, **args.transformer_overrides}
+    transformer = builders.build_transformer(seed=args.seed, **tcfg).train()
     vae = dw.PassThroughWanVAE(**vae_cfg)
     from diffusers import WanPipeline
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "transformer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "vae_config.json").write_text(json.dumps(vae_cfg, indent=2) + "\n")
     save_model(text_encoder, str(out / "text_encoder.safetensors"), metadata={"format": "pt"})
-    (out / "text_encoder_config.json").write_text(json.dumps(dw.TEXT_ENCODER_CONFIG, indent=2) + "\n")
+    (out / "text_encoder_config.json").write_text(json.dumps(builders.TEXT_ENCODER_CONFIG, indent=2) + "\n")
     tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
     info = {
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 
 from .config import SpectrumConfig
-from .schedule import paper_schedule
+from .schedule import fixed_real_steps
 
 DEFAULT_AUTO_WEIGHT = 0.5
 
@@ -60,11 +60,7 @@ class SpectrumController:
         self.reducer = reducer if reducer is not None else all_reduce_over_job
         self.adaptive = config.schedule == "adaptive"
         self.auto_blend = config.blend_weight == "auto"
-        if self.adaptive:
-            self.fixed_steps = frozenset(range(min(config.warmup_steps, config.num_inference_steps)))
-        else:
-            self.fixed_steps = frozenset(paper_schedule(config.num_inference_steps, config.warmup_steps,
-                                                        config.window_size, config.flex_window))
+        self.fixed_steps = fixed_real_steps(config)
         self.start()
 
     def start(self) -> None:

@@ -1,23 +1,23 @@
 """Spectrum as a diffusers hook on the transformer block stack of Wan2.1 and FLUX.1.
 
-Every block of the stack gets a ``SpectrumBlockHook``. The first block decides, once per
-transformer call, whether this denoising step is real or forecast (from the step index of the
-call's guidance branch and the schedule). On a real step the blocks run untouched and the last
-block's output is recorded; on a forecast step every block passes its input through and the
-last block returns the forecast instead. Everything outside the stack (embedders, rotary
-embeddings, output norm with the current timestep's modulation, projection) always runs.
-
-The module tree is left intact (only ``forward`` attributes are wrapped by diffusers'
-``HookRegistry``), so state_dict keys, LoRA, offloading and per-block compilation still work.
+Every block of the stack gets a :class:`SpectrumBlockHook`, and the hooks of one stack follow
+one :class:`BlockStackPolicy`: the first block asks it, once per transformer call, whether the
+blocks run; on a real step they run untouched and the last block's output goes to the policy,
+on a forecast step every block passes its input through and the last one returns the policy's
+forecast. Everything outside the stack (embedders, rotary embeddings, output norm with the
+current timestep's modulation, projection) always runs. Only ``forward`` attributes are wrapped
+(diffusers' ``HookRegistry``), so state_dict keys, LoRA, offloading and compilation still work.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol
 
 import torch
-from diffusers.hooks._helpers import TransformerBlockRegistry
-from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
 
 from .config import SpectrumConfig
 from .control import SpectrumController
@@ -27,76 +27,107 @@ SPECTRUM_BLOCK_HOOK = "spectrum_block"
 _STACK_ATTRIBUTE = "_spectrum_stack"
 DEFAULT_BRANCH = "default"
 
-# Block lists, in call order, of the supported transformers (xDiT's wrappers subclass these).
+# Block lists, in call order, of the supported transformers (xDiT's wrappers subclass these), and
+# whether their blocks return ``(encoder_hidden_states, hidden_states)`` (FLUX.1) or the hidden
+# states alone (Wan2.1). Every such block takes ``(hidden_states, encoder_hidden_states, ...)``.
 _BLOCK_STACKS = {
-    "WanTransformer3DModel": ("blocks",),
-    "FluxTransformer2DModel": ("transformer_blocks", "single_transformer_blocks"),
+    "WanTransformer3DModel": (("blocks",), False),
+    "FluxTransformer2DModel": (("transformer_blocks", "single_transformer_blocks"), True),
 }
 
 
-class BranchState(BaseState):
-    """State of one guidance branch: its forecaster and where it is in the current generation."""
+class BlockStackPolicy(Protocol):
+    """What the block hooks of one stack ask; the hook's per-transformer state implements it, and
+    so does the last PipeFusion stage (``spectrum_xdit.parallel.pipefusion``)."""
 
-    def __init__(self, config: SpectrumConfig):
-        self.forecaster = SpectrumForecaster(config)
-        self.next_step = 0
-        self.input_key = None
-        self.step = 0
-        self.run_blocks = True
+    @property
+    def run_blocks(self) -> bool:
+        """Whether the current call runs the blocks (decided by ``begin_call``)."""
+
+    def begin_call(self, hidden_states: torch.Tensor) -> None:
+        """A transformer call reaches the first block: decide whether the blocks run."""
+
+    def record(self, features: torch.Tensor) -> None:
+        """The last block's output of a call that ran the blocks."""
+
+    def forecast(self) -> torch.Tensor:
+        """The last block's output for a call that skips the blocks."""
 
     def reset(self) -> None:
+        """The pipeline call ended."""
+
+
+class CacheContextReceiver(StateManager):
+    """Receives each transformer call's ``CacheContext`` (branch name, step index).
+
+    diffusers hands the context of ``cache_context(...)`` to every ``StateManager`` a stateful
+    hook holds, through its public ``set_context``; this one only keeps it. The branch states
+    live in :attr:`SpectrumStack.branches`."""
+
+    def __init__(self):
+        super().__init__(BaseState)
+        self.current = None
+
+    def set_context(self, context) -> None:
+        self.current = context
+
+
+@dataclass
+class BranchState:
+    """One guidance branch: its forecaster and where it is in the current generation."""
+
+    forecaster: SpectrumForecaster
+    next_step: int = 0
+    input_key: Optional[tuple] = None
+    step: int = 0
+    run_blocks: bool = True
+    stats: dict = field(default_factory=dict)
+
+    def start(self) -> None:
         self.forecaster.reset()
-        self.next_step = 0
-        self.input_key = None
-
-
-class BranchStates(StateManager):
-    """diffusers' ``StateManager``, keyed by the ``cache_context`` name, with a fallback branch
-    for callers (such as some xDiT pipelines) that don't open a cache context."""
-
-    @property
-    def branch(self) -> str:
-        return self._context.name if self._context is not None else DEFAULT_BRANCH
-
-    @property
-    def step_context(self):
-        return self._context
-
-    def get_state(self) -> BranchState:
-        if self.branch not in self._state_cache:
-            self._state_cache[self.branch] = self._state_cls(*self._init_args, **self._init_kwargs)
-        return self._state_cache[self.branch]
+        self.stats = {"real_steps": [], "forecast_steps": [], "state_bytes": 0, "blend_weights": []}
 
 
 class SpectrumStack:
-    """What the block hooks of one transformer share: config, schedule, branch states, stats."""
+    """The :class:`BlockStackPolicy` of one transformer: config, controller, branch states, stats."""
 
     def __init__(self, config: SpectrumConfig):
         self.config = config
         # Decides run-or-forecast and the blend weight for every branch (control.py).
         self.controller = SpectrumController(config)
-        # The steps that are real whatever happens: the whole paper schedule, or the warm-up of
-        # the adaptive one.
-        self.real_steps = self.controller.fixed_steps
-        self.states = BranchStates(BranchState, (config,))
-        self.stats: dict[str, dict] = {}
-        self._stats_stale = False
-        self.active: BranchState | None = None
-        self._finished: tuple | None = None
+        self.context = CacheContextReceiver()
+        self.branches: dict[str, BranchState] = {}
+        self.active: Optional[BranchState] = None
+        # What the last generation left for spectrum_stats; None while one runs.
+        self._finished: Optional[dict] = None
         # Called with this stack whenever a branch starts a generation (before its first block
         # runs); the parallel layer uses it to check that every rank follows the same schedule.
-        self.generation_start_callbacks: list = []
+        self.generation_start_callbacks: list[Callable[[SpectrumStack], None]] = []
+
+    @property
+    def branch(self) -> str:
+        context = self.context.current
+        return context.name if context is not None else DEFAULT_BRANCH
+
+    @property
+    def run_blocks(self) -> bool:
+        return self.active.run_blocks
 
     def begin_call(self, hidden_states: torch.Tensor) -> None:
         """Fix the step of this call for its branch and decide whether the blocks run."""
-        context = self.states.step_context
+        context = self.context.current
         steps = self.config.num_inference_steps
         if context is not None and context.num_inference_steps not in (None, steps):
             raise ValueError(
                 f"the pipeline runs {context.num_inference_steps} denoising steps but Spectrum was "
                 f"configured for {steps}; apply it with SpectrumConfig(num_inference_steps="
                 f"{context.num_inference_steps})")
-        state = self.states.get_state()
+        if self._finished is not None:
+            self._finished = None
+            self.branches.clear()
+        state = self.branches.get(self.branch)
+        if state is None:
+            state = self.branches[self.branch] = BranchState(SpectrumForecaster(self.config))
         key = (tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device)
         if context is not None and context.step_index is not None:
             step = int(context.step_index)
@@ -108,14 +139,8 @@ class SpectrumStack:
             step = state.next_step % steps
         if step >= steps:
             raise ValueError(f"step index {step} is outside the {steps} steps Spectrum was configured for")
-        if self._stats_stale:
-            self.stats.clear()
-            self._finished = None
-            self._stats_stale = False
         if step == 0 or key != state.input_key:
-            state.reset()
-            self.stats[self.states.branch] = {"real_steps": [], "forecast_steps": [], "state_bytes": 0,
-                                              "blend_weights": []}
+            state.start()
             for callback in self.generation_start_callbacks:
                 callback(self)
         state.input_key = key
@@ -126,8 +151,7 @@ class SpectrumStack:
         state.run_blocks = self.controller.is_real(step) or not state.forecaster.real_steps
         if state.run_blocks:
             self.controller.mark_real(step)
-        record = self.stats[self.states.branch]
-        record["real_steps" if state.run_blocks else "forecast_steps"].append(step)
+        state.stats["real_steps" if state.run_blocks else "forecast_steps"].append(step)
         self.active = state
 
     def record(self, features: torch.Tensor) -> None:
@@ -141,77 +165,118 @@ class SpectrumStack:
                 self.controller.observe(state.step, state.step - forecaster.real_steps[-1], sums,
                                         seconds=time.perf_counter() - t0)
         forecaster.update(state.step, features)
-        record = self.stats[self.states.branch]
-        record["state_bytes"] = max(record["state_bytes"], forecaster.nbytes)
+        state.stats["state_bytes"] = max(state.stats["state_bytes"], forecaster.nbytes)
 
     def forecast(self) -> torch.Tensor:
         weight = self.controller.weight
-        self.stats[self.states.branch]["blend_weights"].append(weight)
+        self.active.stats["blend_weights"].append(weight)
         return self.active.forecaster.forecast(self.active.step, blend_weight=weight)
 
     def reset(self) -> None:
-        """End of a generation: drop every branch's state; the stats stay readable until the
+        """End of a generation: drop every branch's features; the stats stay readable until the
         next call starts."""
-        self.states.reset()
+        controller = self.controller
+        self._finished = {"log": list(controller.log), "plan": list(controller.plan),
+                          "validation_seconds": controller.validation_seconds}
+        for state in self.branches.values():
+            state.forecaster.reset()
         self.active = None
-        self._finished = (list(self.controller.log), list(self.controller.plan), self.controller.validation_seconds)
-        self.controller.start()
-        self._stats_stale = True
+        self.context.current = None
+        controller.start()
+
+    def stats(self) -> dict[str, dict]:
+        controller = self.controller
+        shared = self._finished or {"log": controller.log, "plan": controller.plan,
+                                    "validation_seconds": controller.validation_seconds}
+        result = {}
+        for branch, state in self.branches.items():
+            record = state.stats
+            result[branch] = {
+                "real_steps": list(record["real_steps"]),
+                "forecast_steps": list(record["forecast_steps"]),
+                "nfe": len(record["real_steps"]),
+                "forecasts": len(record["forecast_steps"]),
+                "blend_weights": list(record["blend_weights"]),
+                "state_bytes": record["state_bytes"],
+            }
+            if self.config.validates:
+                result[branch].update(validation=[dict(entry) for entry in shared["log"]],
+                                      plan=[dict(entry) for entry in shared["plan"]],
+                                      validation_seconds=shared["validation_seconds"])
+        return result
 
 
 class SpectrumBlockHook(ModelHook):
-    """Runs, skips or replaces one block of the stack according to the stack's decision."""
+    """Runs, skips or replaces one block of the stack according to the stack's policy.
 
-    def __init__(self, stack: SpectrumStack, is_head: bool, is_tail: bool):
+    The head hook of a stack that follows the pipeline's ``cache_context`` holds the
+    :class:`CacheContextReceiver`, which makes it diffusers' stateful hook: diffusers gives it
+    the context of each call and calls ``reset_state`` at the end of a pipeline call."""
+
+    def __init__(self, policy: BlockStackPolicy, is_head: bool, is_tail: bool, returns_text: bool,
+                 context: Optional[CacheContextReceiver] = None):
         super().__init__()
-        self.stack = stack
+        self.policy = policy
         self.is_head = is_head
         self.is_tail = is_tail
-        # The head hook is the stateful one: diffusers sets the cache context on the state
-        # manager it holds and resets it at the end of a pipeline call.
-        self._is_stateful = is_head
-        self.states = stack.states if is_head else None
-        self._metadata = None
-
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self._metadata = TransformerBlockRegistry.get(module.__class__)
-        return module
+        self.returns_text = returns_text
+        self.context = context
+        self._is_stateful = context is not None
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        hidden_states = self._metadata._get_parameter_from_args_kwargs("hidden_states", args, kwargs)
+        hidden_states = _block_argument(args, kwargs, "hidden_states", 0)
         if self.is_head:
-            self.stack.begin_call(hidden_states)
-        if self.stack.active.run_blocks:
+            self.policy.begin_call(hidden_states)
+        if self.policy.run_blocks:
             output = self.fn_ref.original_forward(*args, **kwargs)
             if self.is_tail:
-                index = self._metadata.return_hidden_states_index
-                self.stack.record(output[index] if isinstance(output, tuple) else output)
+                self.policy.record(output[1] if self.returns_text else output)
             return output
         if self.is_tail:
-            hidden_states = self.stack.forecast()
-        if self._metadata.return_encoder_hidden_states_index is None:
+            hidden_states = self.policy.forecast()
+        if not self.returns_text:
             return hidden_states
-        output = [None, None]
-        output[self._metadata.return_hidden_states_index] = hidden_states
-        output[self._metadata.return_encoder_hidden_states_index] = (
-            self._metadata._get_parameter_from_args_kwargs("encoder_hidden_states", args, kwargs))
-        return tuple(output)
+        return _block_argument(args, kwargs, "encoder_hidden_states", 1), hidden_states
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.stack.reset()
+        self.policy.reset()
         return module
 
 
-def _block_stack(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+def _block_argument(args: tuple, kwargs: dict, name: str, position: int):
+    """A block's argument by name, or by its position when the caller passed it positionally."""
+    return kwargs[name] if name in kwargs else args[position]
+
+
+def block_stack(transformer: torch.nn.Module) -> tuple[list[torch.nn.Module], bool]:
+    """The blocks of a supported transformer in call order, and whether they return text states."""
     for cls in type(transformer).__mro__:
         if cls.__name__ in _BLOCK_STACKS:
-            return [block for name in _BLOCK_STACKS[cls.__name__] for block in getattr(transformer, name)]
+            names, returns_text = _BLOCK_STACKS[cls.__name__]
+            return [block for name in names for block in getattr(transformer, name)], returns_text
     raise ValueError(
         f"Spectrum supports {', '.join(sorted(_BLOCK_STACKS))} (and subclasses such as xDiT's "
         f"wrappers), not {type(transformer).__name__}")
 
 
-def apply_spectrum(transformer: torch.nn.Module, config: SpectrumConfig | None = None) -> None:
+def hook_blocks(blocks: list[torch.nn.Module], policy: BlockStackPolicy, returns_text: bool,
+                context: Optional[CacheContextReceiver] = None) -> None:
+    """Put a :class:`SpectrumBlockHook` following ``policy`` on each block of a stack."""
+    if not blocks:
+        raise ValueError("there are no transformer blocks to forecast")
+    for index, block in enumerate(blocks):
+        head = index == 0
+        hook = SpectrumBlockHook(policy, is_head=head, is_tail=index == len(blocks) - 1,
+                                 returns_text=returns_text, context=context if head else None)
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, SPECTRUM_BLOCK_HOOK)
+
+
+def unhook_blocks(blocks: list[torch.nn.Module]) -> None:
+    for block in blocks:
+        HookRegistry.check_if_exists_or_initialize(block).remove_hook(SPECTRUM_BLOCK_HOOK, recurse=False)
+
+
+def apply_spectrum(transformer: torch.nn.Module, config: Optional[SpectrumConfig] = None) -> None:
     """Make ``transformer`` forecast its block stack's output at the steps the schedule skips.
 
     State is kept per guidance branch (the pipeline's ``cache_context`` name) and cleared at the
@@ -223,29 +288,27 @@ def apply_spectrum(transformer: torch.nn.Module, config: SpectrumConfig | None =
         raise TypeError(f"config must be a SpectrumConfig, got {type(config).__name__}")
     if hasattr(transformer, _STACK_ATTRIBUTE):
         raise ValueError("Spectrum is already applied to this transformer; call remove_spectrum first")
-    blocks = _block_stack(transformer)
-    if not blocks:
-        raise ValueError(f"{type(transformer).__name__} has no transformer blocks to forecast")
+    blocks, returns_text = block_stack(transformer)
     stack = SpectrumStack(config)
-    for index, block in enumerate(blocks):
-        hook = SpectrumBlockHook(stack, is_head=index == 0, is_tail=index == len(blocks) - 1)
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, SPECTRUM_BLOCK_HOOK)
+    hook_blocks(blocks, stack, returns_text, context=stack.context)
     setattr(transformer, _STACK_ATTRIBUTE, stack)
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
 
 def remove_spectrum(transformer: torch.nn.Module) -> None:
     """Remove the hooks ``apply_spectrum`` added; the transformer behaves exactly as before."""
-    if not hasattr(transformer, _STACK_ATTRIBUTE):
-        raise ValueError("Spectrum is not applied to this transformer")
-    for block in _block_stack(transformer):
-        HookRegistry.check_if_exists_or_initialize(block).remove_hook(SPECTRUM_BLOCK_HOOK, recurse=False)
+    spectrum_stack(transformer)
+    unhook_blocks(block_stack(transformer)[0])
     delattr(transformer, _STACK_ATTRIBUTE)
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
 
+def find_spectrum_stack(transformer: torch.nn.Module) -> Optional[SpectrumStack]:
+    return getattr(transformer, _STACK_ATTRIBUTE, None)
+
+
 def spectrum_stack(transformer: torch.nn.Module) -> SpectrumStack:
-    stack = getattr(transformer, _STACK_ATTRIBUTE, None)
+    stack = find_spectrum_stack(transformer)
     if stack is None:
         raise ValueError("Spectrum is not applied to this transformer")
     return stack
@@ -260,20 +323,4 @@ def spectrum_stats(transformer: torch.nn.Module) -> dict[str, dict]:
     linear, Chebyshev and blended forecasts, blend weight), the adaptive schedule's choices
     (``plan``) and the seconds spent validating on this rank (``validation_seconds``); these
     are shared by the branches."""
-    stack = spectrum_stack(transformer)
-    controller = stack.controller
-    log, plan, seconds = stack._finished or (controller.log, controller.plan, controller.validation_seconds)
-    result = {}
-    for branch, record in stack.stats.items():
-        result[branch] = {
-            "real_steps": list(record["real_steps"]),
-            "forecast_steps": list(record["forecast_steps"]),
-            "nfe": len(record["real_steps"]),
-            "forecasts": len(record["forecast_steps"]),
-            "blend_weights": list(record["blend_weights"]),
-            "state_bytes": record["state_bytes"],
-        }
-        if stack.config.validates:
-            result[branch].update(validation=[dict(entry) for entry in log], plan=[dict(entry) for entry in plan],
-                                  validation_seconds=seconds)
-    return result
+    return spectrum_stack(transformer).stats()

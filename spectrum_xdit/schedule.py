@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import math
 
+from .config import SpectrumConfig
+
+
+def fixed_real_steps(config: SpectrumConfig) -> frozenset[int]:
+    """The steps that run the block stack whatever is measured: the whole paper schedule, or the
+    warm-up of the adaptive one (whose later real steps the controller chooses)."""
+    steps = config.num_inference_steps
+    if config.schedule == "adaptive":
+        return frozenset(range(min(config.warmup_steps, steps)))
+    return frozenset(paper_schedule(steps, config.warmup_steps, config.window_size, config.flex_window))
+
 
 def paper_schedule(num_inference_steps: int, warmup_steps: int, window_size: float,
                    flex_window: float) -> list[int]:

@@ -1,4 +1,4 @@
-"""Writing generated frames to files a person can open, and comparing them."""
+"""Writing generated frames to files a person can open."""
 
 from __future__ import annotations
 
@@ -33,9 +33,3 @@ def write_media(path: str | Path, frames: np.ndarray, fps: int = 8) -> Path:
         raise ValueError(f"unsupported output format {suffix!r}: use one of "
                          f"{', '.join(VIDEO_SUFFIXES + IMAGE_SUFFIXES)}")
     return path
-
-
-def psnr(output: np.ndarray, reference: np.ndarray, data_range: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB of ``output`` against ``reference`` (inf if equal)."""
-    mse = float(np.mean((np.asarray(output, np.float64) - np.asarray(reference, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(data_range ** 2 / mse)

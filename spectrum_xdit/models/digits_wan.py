@@ -1,41 +1,13 @@
-"""A trained miniature Wan2.1-architecture text-to-video model: handwritten digits moving across the frame.
+"""The trained digits model: a miniature Wan2.1-architecture text-to-video ``WanPipeline``
+(handwritten digits moving across a 16x16 frame), rebuilt from the assets shipped beside this
+module with no model-hub access.
 
-Random-weight toy models prove wiring, not quality. This module rebuilds, from the assets shipped in
-``spectrum_xdit/assets/digits_wan/`` and with no model-hub access, a diffusers ``WanPipeline`` whose
-transformer is a small ``WanTransformer3DModel`` (the real Wan2.1 architecture: 3D patch embedding,
-3D RoPE, AdaLN timestep modulation, cross-attention to UMT5 text states) trained with Wan's
-flow-matching objective on 16x16, 9-frame clips of scikit-learn's ``load_digits`` handwriting moving
-one pixel per frame (see ``benchmarks/digits_data.py`` and ``benchmarks/train_digits_wan.py``).
-
-Components
-----------
-- tokenizer: a word-level ``tokenizers`` model wrapped in ``PreTrainedTokenizerFast`` (``<pad>``
-  id 0, ``</s>`` id 1 appended like T5, ``<unk>`` id 2; lower-cased, whitespace split), so
-  ``WanPipeline`` can call it with ``padding="max_length"``.
-- text_encoder: a tiny ``UMT5EncoderModel``, randomly initialised from a fixed seed and frozen
-  (never trained); its weights ship so the embeddings are bit-stable across torch versions.
-- transformer: the trained ``WanTransformer3DModel`` (width 192 = 6 heads x 32, 4 blocks, FFN 768,
-  patch (1, 2, 2), 16 latent channels; ~2.7 M parameters), an EMA of the trained weights.
-- vae: ``PassThroughWanVAE``, a weightless lossless rearrangement: latents *are* the pixels in
-  [-1, 1], laid out like Wan latents. Time goes 4-to-1 into channels the way Wan's VAE turns ``4k+1``
-  frames into ``k+1`` latent frames (``scale_factor_temporal = 4``), and each 2x2 pixel block goes to
-  channels (``scale_factor_spatial = 2``): a 9x16x16 clip is a (16, 3, 8, 8) latent, 3*4*4 = 48
-  tokens after the (1, 2, 2) patch embedding. ``decode`` unpacks, clamps and repeats grey to RGB.
-- scheduler: ``UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-  flow_shift=3.0)``, as Wan2.1.
-
-Usage::
-
-    from spectrum_xdit.digits_wan import build_digits_wan_pipeline, GENERATION_KWARGS
-    pipe = build_digits_wan_pipeline()
-    frames = pipe("digit 7 moving left", guidance_scale=5.0, num_inference_steps=50,
-                  generator=torch.Generator().manual_seed(0), output_type="np",
-                  **GENERATION_KWARGS).frames   # (1, 9, 16, 16, 3) in [0, 1]
-
-``GENERATION_KWARGS`` holds height/width/num_frames (16, 16, 9); WanPipeline's own defaults
-(480x832x81) are far outside what the model was trained on. The model was trained with the
-pipeline's default ``max_sequence_length=226`` and the default empty negative prompt, so leave those
-as they are.
+The transformer is a ``WanTransformer3DModel`` (6 heads x 32, 4 blocks, ~2.7 M parameters) trained
+with Wan's flow-matching objective (``benchmarks/train_digits_wan.py``, which also builds the
+tokenizer and the frozen tiny UMT5 text encoder whose weights ship here). The VAE is
+:class:`PassThroughWanVAE`: the latents are the pixels, laid out as Wan's VAE lays out a video.
+Generate at ``GENERATION_KWARGS`` (16x16, 9 frames); WanPipeline's own defaults are far outside
+what the model was trained on.
 """
 
 from __future__ import annotations
@@ -50,7 +22,6 @@ from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDis
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 from safetensors.torch import load_file, load_model
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "digits_wan"
@@ -61,25 +32,6 @@ NUM_FRAMES = 9
 GENERATION_KWARGS = {"height": HEIGHT, "width": WIDTH, "num_frames": NUM_FRAMES}
 FLOW_SHIFT = 3.0
 MAX_SEQUENCE_LENGTH = 226  # WanPipeline's default; the model was trained with it
-
-WORDS = ("digit", "moving", "left", "right", "up", "down") + tuple(str(d) for d in range(10))
-SPECIAL = ("<pad>", "</s>", "<unk>")
-
-TEXT_ENCODER_CONFIG = dict(
-    vocab_size=32, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-    relative_attention_num_buckets=16, relative_attention_max_distance=32, dropout_rate=0.0,
-    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-)
-TEXT_ENCODER_SEED = 1234
-
-VAE_CONFIG = dict(z_dim=16, latents_mean=[0.0] * 16, latents_std=[1.0] * 16, scale_factor_temporal=4,
-                  scale_factor_spatial=2)
-
-TRANSFORMER_CONFIG = dict(
-    patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=32, in_channels=16, out_channels=16,
-    text_dim=TEXT_ENCODER_CONFIG["d_model"], freq_dim=64, ffn_dim=768, num_layers=4,
-    cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64,
-)
 
 
 class PassThroughWanVAE(ModelMixin, ConfigMixin):
@@ -158,31 +110,6 @@ class PassThroughWanVAE(ModelMixin, ConfigMixin):
 
     def forward(self, sample: torch.Tensor, return_dict: bool = True):
         return self.decode(sample, return_dict=return_dict)
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the prompt vocabulary; appends ``</s>`` like T5/UMT5."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=MAX_SEQUENCE_LENGTH)
-
-
-def build_text_encoder(seed: int = TEXT_ENCODER_SEED) -> UMT5EncoderModel:
-    """The frozen tiny UMT5 encoder from its seed (training builds it once and ships its weights)."""
-    torch.manual_seed(seed)
-    model = UMT5EncoderModel(UMT5Config(**TEXT_ENCODER_CONFIG)).eval()
-    model.requires_grad_(False)
-    return model
-
-
-def build_transformer(seed: int = 0, **overrides) -> WanTransformer3DModel:
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(**{**TRANSFORMER_CONFIG, **overrides})
 
 
 def build_scheduler() -> UniPCMultistepScheduler:
