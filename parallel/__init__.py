@@ -1,6 +1,4 @@
-"""xDiT integration: process groups, rank-consistent decisions, CPU/gloo support.
-
-Installed as ``spectrum_xdit.parallel``. On a machine without CUDA, call
-:func:`spectrum_xdit.parallel.cpu_support.enable_cpu_support` before anything imports
-``xfuser``.
+"""xDiT integration: process groups, rank-consistent decisions, CFG and pipeline parallelism,
+and the patches of xfuser 0.7.0 (``patches``). Installed as ``spectrum_xdit.parallel``; call
+:func:`spectrum_xdit.parallel.patches.install` before anything imports ``xfuser``.
 """

@@ -22,12 +22,14 @@ embeddings to the pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
 import torch.distributed as dist
-from diffusers.hooks.hooks import HookRegistry, StateManager, _set_cache_context
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from ..hooks import find_spectrum_stack
 
 _ATTRIBUTE = "_spectrum_xdit_guidance_split"
 
@@ -61,7 +63,7 @@ class GuidanceSplit:
             if "encoder_hidden_states" not in kwargs:
                 raise RuntimeError("GuidanceSplit expects the pipeline to pass encoder_hidden_states by name")
             kwargs["encoder_hidden_states"] = self.negative.to(kwargs["encoder_hidden_states"])
-            with _renamed_context(self.transformer, "uncond"):
+            with _as_unconditional(self.transformer):
                 output = self._forward(*args, **kwargs)
         else:
             output = self._forward(*args, **kwargs)
@@ -72,31 +74,18 @@ class GuidanceSplit:
         return Transformer2DModelOutput(sample=both[0]) if return_dict else (both[0],)
 
 
-class _renamed_context:
-    """The current cache context under another name (same step fields), for one call."""
-
-    def __init__(self, module: torch.nn.Module, name: str):
-        self.module, self.name = module, name
-        self.previous = _current_context(module)
-
-    def __enter__(self):
-        if self.previous is not None:
-            _set_cache_context(self.module, dataclasses.replace(self.previous, name=self.name))
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            _set_cache_context(self.module, self.previous)
-
-
-def _current_context(module: torch.nn.Module):
-    registry = HookRegistry.check_if_exists_or_initialize(module)
-    for child in (registry, *registry._get_child_registries()):
-        for hook in child.hooks.values():
-            if getattr(hook, "_is_stateful", False):
-                for attr in vars(hook).values():
-                    if isinstance(attr, StateManager) and attr._context is not None:
-                        return attr._context
-    return None
+@contextlib.contextmanager
+def _as_unconditional(transformer: torch.nn.Module):
+    """The call as the ``uncond`` branch (same step fields), for Spectrum's hooks when applied:
+    diffusers' public ``cache_context``, with the fields of the context Spectrum received."""
+    stack = find_spectrum_stack(transformer)
+    current = stack.context.current if stack is not None else None
+    if current is None:
+        yield
+        return
+    steps = {field.name: getattr(current, field.name) for field in dataclasses.fields(current) if field.name != "name"}
+    with transformer.cache_context("uncond", **steps):
+        yield
 
 
 def enable_guidance_split(transformer: torch.nn.Module) -> GuidanceSplit:

@@ -13,23 +13,24 @@ import zlib
 
 import torch.distributed as dist
 
-from ..hooks import SpectrumStack, spectrum_stack
+from ..config import SpectrumConfig
+from ..hooks import spectrum_stack
+from ..schedule import fixed_real_steps
 
 
-def schedule_fingerprint(stack: SpectrumStack) -> int:
+def schedule_fingerprint(config: SpectrumConfig) -> int:
     """A CRC32 of everything the skip decisions depend on: the config (step count, schedule,
     error budget, ...) and the fixed real steps. The adaptive schedule's later choices are made
     from job-wide reduced numbers (control.py), so they agree when these do."""
-    config = stack.config
-    text = f"{sorted(config.to_dict().items())}:{sorted(stack.real_steps)}"
+    text = f"{sorted(config.model_dump().items())}:{sorted(fixed_real_steps(config))}"
     return zlib.crc32(text.encode())
 
 
-def verify_schedule(stack: SpectrumStack, group=None) -> None:
+def verify_schedule(config: SpectrumConfig, group=None) -> None:
     """All-gather this rank's schedule fingerprint and raise on every rank if any differs."""
     if not dist.is_available() or not dist.is_initialized():
         return
-    mine = schedule_fingerprint(stack)
+    mine = schedule_fingerprint(config)
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, mine, group=group)
     if len(set(gathered)) > 1:
@@ -39,10 +40,10 @@ def verify_schedule(stack: SpectrumStack, group=None) -> None:
         groups = "; ".join(f"ranks {members} share fingerprint {fp:#010x}" for fp, members in ranks.items())
         raise RuntimeError(
             "Spectrum schedules differ across ranks, so some ranks would skip collectives that "
-            f"others enter (a hang). {groups}. This rank runs real steps {sorted(stack.real_steps)}"
-            " of " + str(stack.config.num_inference_steps) + ". Give every rank the same SpectrumConfig.")
+            f"others enter (a hang). {groups}. This rank runs real steps {sorted(fixed_real_steps(config))}"
+            f" of {config.num_inference_steps}. Give every rank the same SpectrumConfig.")
 
 
 def enable_schedule_check(transformer, group=None) -> None:
     """Verify the schedule across ``group`` (default: the whole job) at every generation start."""
-    spectrum_stack(transformer).generation_start_callbacks.append(lambda stack: verify_schedule(stack, group))
+    spectrum_stack(transformer).generation_start_callbacks.append(lambda stack: verify_schedule(stack.config, group))

@@ -1,64 +1,15 @@
 """FLUX.1 under xDiT's PipeFusion (pipeline parallelism over patches), with or without Spectrum.
 
-PipeFusion (xfuser 0.7.0, ``xfuser/model_executor/pipelines/pipeline_flux.py``,
-``xFuserFluxPipeline``) splits the block stack into ``pipefusion_degree`` stages, one per rank
-of a pipeline group, and the image tokens into ``num_pipeline_patch`` patches of latent rows.
-The first ``warmup_steps`` denoising steps are synchronous (``_sync_pipeline``): the whole
-token map goes through stage 0, then stage 1, ...; the last stage makes the scheduler step and
-sends the latents back to stage 0. The other steps are asynchronous (``_async_pipeline``):
-each stage runs one patch at a time and passes it on, so the stages work on different patches
-at once. In that mode every attention layer keeps a key/value buffer of the whole image
-(``CacheManager``, ``naive_cache``): a patch writes its own keys and values into it and
-attends to all of it, so at step ``i`` patch ``p`` sees the other patches' keys and values as
-its stage last computed them: at step ``i`` for the patches before it, at step ``i - 1`` for
-the patches after it. In the second stage the text tokens of all patches of a step are those
-stage 0 produced for patch 0. Only the last stage holds the final latents.
-
 :func:`pipefusion_flux_pipeline` returns xDiT's own ``xFuserFluxPipeline`` with
 :class:`SpectrumPipeFusion` mixed in (same loops, same stage-to-stage messages); without a
-Spectrum config it is exactly xDiT's PipeFusion. With a :class:`~spectrum_xdit.SpectrumConfig`
-(given at construction or to ``set_spectrum`` between generations):
+Spectrum config it is exactly xDiT's PipeFusion. With one, every stage runs its blocks and sends
+only at the schedule's real steps (the paper schedule, a fixed blend weight), and the last stage
+keeps one forecaster per pipeline patch (:class:`LastStageSpectrum`) and runs a patch's forecast
+steps right after its real step. A forecast step writes no keys or values, so the later patches'
+are from the previous real step. The design and its measured cost: docs/pipefusion.md.
 
-* **Decision.** Every stage computes the real steps from the config (the paper's schedule,
-  which depends only on the step index) and xDiT's synchronous and asynchronous loops are
-  given the real steps' timesteps only. So on a forecast step no stage runs its blocks and
-  nothing is sent between stages. At the start of each generation one all-gather of a
-  schedule fingerprint (``spectrum_xdit.parallel.consistency``) turns differing configs into
-  the same error on every rank instead of a hang. Decisions that need measurements (the
-  adaptive schedule, ``blend_weight="auto"``) would have to be sent from the last stage to the
-  others; they are refused.
-* **State.** Only the last stage has Spectrum hooks (``spectrum_xdit.hooks.SpectrumBlockHook``
-  on its blocks) and forecaster state: one :class:`~spectrum_xdit.SpectrumForecaster` per
-  pipeline patch, for the final block-stack output of that patch's tokens. The fit is per
-  element with a design matrix that depends only on the real steps, so the per-patch
-  forecasters together are exactly one forecaster of the whole token map, with the same bytes.
-  A synchronous step records the whole map split into patches, an asynchronous one the patch it
-  ran. Under sequence parallelism too each last-stage rank forecasts the tokens it holds.
-* **Forecast steps.** Right after the scheduler step of a real step ``i`` of a patch (or of the
-  whole map), the last stage runs the forecast steps ``i + 1 .. j - 1`` up to the next real
-  step ``j`` for the same tokens: xDiT's transformer forward with every block skipped and the
-  last one returning the forecast (time embedding, output norm with that step's modulation and
-  projection run as usual; the blocks' inputs are placeholders of the right shape that hold
-  no memory), then the scheduler step. Then xDiT's loop sends the latents of
-  step ``j`` on. The forecasts of a patch need only that patch's state, so the patch pipeline
-  keeps its overlap.
-* **Stale key/value buffers.** A forecast step runs no attention, so it leaves every buffer as
-  the last real step wrote it. At the next real step ``j`` a patch therefore attends to the
-  later patches' keys and values from the previous real step ``i``, which are ``j - i`` steps
-  old instead of PipeFusion's one step (the earlier patches' are fresh, as in PipeFusion). This
-  is deliberate: refreshing them would need a synchronous pass of the whole map after every
-  forecast span, which gives up the pipelining at every real step after the warm-up; and
-  forecasting keys and values of every layer would cost far more state than Spectrum's one
-  feature. Measured in ``tests/test_pipefusion.py`` (tiny FLUX.1, 20 steps, gaps up to 4):
-  Spectrum under PipeFusion is 4.8e-4 (relative) from Spectrum in one process, where
-  PipeFusion's own deviation from one process is 1.7e-4.
-
-The scheduler is told the step index of every call (``_step_index``), because xDiT's wrapper
-counts calls and would count only real steps. Forecast steps use the same scheduler step as
-real ones, so any scheduler whose state is its step index (FLUX.1's flow-matching Euler) works.
-
-On CPU call :func:`spectrum_xdit.parallel.cpu_support.enable_cpu_support` first: it makes
-PipeFusion's stage-to-stage exchange work over gloo.
+On CPU call :func:`spectrum_xdit.parallel.patches.install` first: it makes PipeFusion's
+stage-to-stage exchange work over gloo.
 """
 
 from __future__ import annotations
@@ -69,10 +20,10 @@ from typing import Optional
 
 import torch
 
-from ..config import SpectrumConfig
+from ..config import SettingError, SpectrumConfig
 from ..forecaster import SpectrumForecaster
-from ..hooks import SPECTRUM_BLOCK_HOOK, SpectrumBlockHook
-from ..schedule import paper_schedule
+from ..hooks import hook_blocks, unhook_blocks
+from ..schedule import fixed_real_steps
 from .consistency import verify_schedule
 from .xdit_setup import init_xdit_engine
 
@@ -123,25 +74,16 @@ def pipefusion_flux_pipeline_class() -> type:
     """``PipeFusionFluxPipeline``: :class:`SpectrumPipeFusion` on xDiT's ``xFuserFluxPipeline``.
 
     Built on first use, so that importing this module does not import xfuser (on CPU,
-    ``enable_cpu_support`` must run before that)."""
+    ``spectrum_xdit.parallel.patches.install`` must run before that)."""
     from xfuser.model_executor.pipelines.pipeline_flux import xFuserFluxPipeline
 
     return types.new_class("PipeFusionFluxPipeline", (SpectrumPipeFusion, xFuserFluxPipeline))
 
 
 class LastStageSpectrum:
-    """Spectrum state of the last pipeline stage: one forecaster per pipeline patch.
-
-    It stands in for ``spectrum_xdit.hooks.SpectrumStack`` with the ``SpectrumBlockHook`` on the
-    stage's blocks: the pipeline sets :attr:`step` and :attr:`patch` (``None``: the whole token
-    map, in patch order) before each transformer call, and the hooks ask :meth:`begin_call`
-    whether the blocks run, hand the last block's output to :meth:`record` and take
-    :meth:`forecast` in its place on a forecast step.
-    """
-
-    # SpectrumBlockHook's head keeps ``stack.states`` for diffusers' cache contexts; this stack
-    # is told its step and patch directly.
-    states = None
+    """The :class:`~spectrum_xdit.hooks.BlockStackPolicy` of the last pipeline stage: one
+    forecaster per pipeline patch. The pipeline sets :attr:`step` and :attr:`patch` (``None``: the
+    whole token map, in patch order) before each transformer call."""
 
     def __init__(self, config: SpectrumConfig, real_steps: frozenset):
         self.config = config
@@ -152,10 +94,6 @@ class LastStageSpectrum:
         self.forecasters: list[SpectrumForecaster] = []
         self.patch_tokens: list[int] = []
         self.peak_state_bytes = 0
-
-    @property
-    def active(self) -> "LastStageSpectrum":
-        return self
 
     def start(self, patch_tokens: list[int]) -> None:
         """A new generation over patches of ``patch_tokens`` tokens each (this rank's share)."""
@@ -199,7 +137,7 @@ class SpectrumPipeFusion:
         if get_pipeline_parallel_world_size() < 2:
             raise ValueError("PipeFusion needs a pipeline-parallel degree of at least 2 "
                              "(setup_pipefusion_parallel)")
-        _check_spectrum_config(spectrum)
+        require_pipefusion_support(spectrum)
         super().__init__(pipeline, engine_config)
         self.spectrum_config: Optional[SpectrumConfig] = None
         self.real_steps: Optional[frozenset] = None
@@ -218,33 +156,26 @@ class SpectrumPipeFusion:
         """Use ``spectrum`` from the next generation on (``None``: full compute, xDiT as is).
 
         Every rank must make the same call: the stages' decisions come from it."""
-        from diffusers.hooks import HookRegistry
         from xfuser.core.distributed import is_pipeline_last_stage
 
-        _check_spectrum_config(spectrum)
+        require_pipefusion_support(spectrum)
         blocks = [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
         if self.last_stage_spectrum is not None:
-            for block in blocks:
-                HookRegistry.check_if_exists_or_initialize(block).remove_hook(SPECTRUM_BLOCK_HOOK, recurse=False)
+            unhook_blocks(blocks)
         self.spectrum_config, self.real_steps, self.last_stage_spectrum = spectrum, None, None
         if spectrum is None:
             return
-        self.real_steps = frozenset(paper_schedule(spectrum.num_inference_steps, spectrum.warmup_steps,
-                                                   spectrum.window_size, spectrum.flex_window))
+        self.real_steps = fixed_real_steps(spectrum)
         if not is_pipeline_last_stage():
             return
-        if not blocks:
-            raise ValueError("the last PipeFusion stage holds no transformer blocks")
         self.last_stage_spectrum = LastStageSpectrum(spectrum, self.real_steps)
-        for index, block in enumerate(blocks):
-            hook = SpectrumBlockHook(self.last_stage_spectrum, is_head=index == 0, is_tail=index == len(blocks) - 1)
-            HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, SPECTRUM_BLOCK_HOOK)
+        hook_blocks(blocks, self.last_stage_spectrum, returns_text=True)
 
     def __call__(self, *args, **kwargs):
         self.block_calls = []
         self.current = None
         if self.spectrum_config is not None:
-            verify_schedule(types.SimpleNamespace(config=self.spectrum_config, real_steps=self.real_steps))
+            verify_schedule(self.spectrum_config)
         return super().__call__(*args, **kwargs)
 
     # -- xDiT's loops, given the real steps only -------------------------------------------------
@@ -341,14 +272,17 @@ class SpectrumPipeFusion:
         }
 
 
-def _check_spectrum_config(spectrum: Optional[SpectrumConfig]) -> None:
+def require_pipefusion_support(spectrum: Optional[SpectrumConfig]) -> None:
+    """PipeFusion's stages follow the paper schedule with a fixed blend weight only; raises
+    :class:`~spectrum_xdit.config.SettingError` naming the setting otherwise."""
     if spectrum is not None and not isinstance(spectrum, SpectrumConfig):
         raise TypeError(f"spectrum must be a SpectrumConfig or None, got {type(spectrum).__name__}")
     if spectrum is not None and spectrum.validates:
-        raise NotImplementedError(
-            "under PipeFusion Spectrum supports the paper schedule with a fixed blend_weight: the "
-            "adaptive schedule and blend_weight='auto' decide from measurements on the last stage, "
-            "which the other stages would have to receive")
+        raise SettingError(
+            "schedule" if spectrum.schedule == "adaptive" else "blend_weight",
+            "PipeFusion supports the paper schedule with a fixed blend_weight: the adaptive schedule and "
+            "blend_weight 'auto' decide from measurements on the last stage, which the other stages would "
+            "have to receive")
 
 
 def _placeholder(tensor: torch.Tensor) -> torch.Tensor:

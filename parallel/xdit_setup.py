@@ -17,10 +17,8 @@ keeps this rank's chunk, runs the blocks on it, and all-gathers the output, so e
 returns the full output. Pipelines therefore run unchanged and redundantly on every rank
 (same seed, same latents).
 
-:func:`setup_xdit_parallel` also installs :func:`spectrum_xdit.parallel.xdit_fixes.apply_xdit_fixes`
-(xfuser 0.7.0's padding path: token counts not divisible by the sequence-parallel degree).
-
-Call :func:`spectrum_xdit.parallel.cpu_support.enable_cpu_support` first on CPU machines.
+Call :func:`spectrum_xdit.parallel.patches.install` before xfuser is imported (on CPU it must
+come first); :func:`init_xdit_engine` calls it too, for the padding fixes.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .xdit_fixes import apply_xdit_fixes
+from . import patches
 
 
 def setup_xdit_parallel(
@@ -58,9 +56,9 @@ def setup_xdit_parallel(
 def init_xdit_engine(ulysses_degree: int = 1, ring_degree: int = 1, cfg_degree: int = 1,
                      pipefusion_degree: int = 1, attention_backend: Optional[str] = None, **runner_args):
     """xDiT's process groups and ``EngineConfig`` for these degrees (the rest of the world is data
-    parallel), with the padding-path fixes installed; ``runner_args`` are further ``xFuserArgs``
+    parallel), with this project's xfuser patches installed; ``runner_args`` are further ``xFuserArgs``
     (e.g. PipeFusion's ``num_pipeline_patch``, ``warmup_steps``)."""
-    apply_xdit_fixes()
+    patches.install()
     from xfuser.config import xFuserArgs
     from xfuser.core.distributed import init_distributed_environment, initialize_model_parallel
 

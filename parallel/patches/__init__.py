@@ -1,0 +1,84 @@
+"""Every change this project makes to xfuser 0.7.0, and the one entry point that installs them.
+
+One module per concern, each patch naming the xfuser code it fixes (the long notes are in
+docs/xfuser-0.7.0.md):
+
+- ``cpu_gloo``: xDiT's sequence and pipeline parallelism on CPU processes over gloo (only
+  without CUDA, or with ``SPECTRUM_XDIT_CPU=1``; before xfuser is imported);
+- ``padding``: token counts not divisible by the sequence-parallel degree;
+- ``cache_method``: ``spectrum`` in xDiT's ``--cache_method`` and ``apply_cache``.
+
+Call :func:`install` before anything imports xfuser (on CPU it must come first).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+import warnings
+from typing import Optional
+
+from . import cache_method, cpu_gloo, padding
+from .importing import Patch, patch_on_import
+
+XFUSER_VERSION = "0.7.0"
+CONCERNS = {"cpu_gloo": cpu_gloo.PATCHES, "padding": padding.PATCHES, "cache_method": cache_method.PATCHES}
+
+_record: Optional[dict] = None
+
+
+def install() -> dict:
+    """Install the patches this process needs, once; return :func:`record`.
+
+    With an xfuser other than 0.7.0 (or none) nothing is patched, and a ``RuntimeWarning`` says
+    which patches were skipped. Raises ``RuntimeError`` if the CPU patches are needed but xfuser
+    was already imported: modules that copied the unpatched values cannot be fixed afterwards.
+    """
+    global _record
+    if _record is not None:
+        return record()
+    version = installed_xfuser_version()
+    concerns = dict(CONCERNS)
+    skipped = {}
+    if version != XFUSER_VERSION:
+        skipped = dict.fromkeys(concerns, f"xfuser {version or 'is not installed'}; these patches are for "
+                                          f"{XFUSER_VERSION}")
+        if version is not None:
+            warnings.warn(f"spectrum-xdit: xfuser {version} is installed, but its patches are written for "
+                          f"xfuser {XFUSER_VERSION}; skipped: {', '.join(concerns)}", RuntimeWarning, stacklevel=2)
+        concerns = {}
+    elif not cpu_gloo.cpu_support_wanted():
+        skipped["cpu_gloo"] = "CUDA is available"
+        del concerns["cpu_gloo"]
+    else:
+        imported = sorted(name for name in sys.modules if name == "xfuser" or name.startswith("xfuser."))
+        if imported:
+            raise RuntimeError("spectrum_xdit.parallel.patches.install() must run before xfuser is imported "
+                               f"on a machine without CUDA; already imported: {', '.join(imported[:5])}")
+    _record = {"xfuser_version": version, "installed": list(concerns), "skipped": skipped, "applied": []}
+    by_module: dict[str, list[Patch]] = {}
+    for patches in concerns.values():
+        for module, functions in patches.items():
+            by_module.setdefault(module, []).extend(functions)
+    patch_on_import(by_module, _applied)
+    return record()
+
+
+def record() -> dict:
+    """What :func:`install` did: the xfuser version, the concerns installed and skipped (with
+    why), and each patch applied so far as ``module: function`` (patches of modules not yet
+    imported apply when they are)."""
+    if _record is None:
+        return {"xfuser_version": installed_xfuser_version(), "installed": [], "skipped": {}, "applied": []}
+    return {key: (value.copy() if isinstance(value, (dict, list)) else value) for key, value in _record.items()}
+
+
+def installed_xfuser_version() -> Optional[str]:
+    try:
+        return importlib.metadata.version("xfuser")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _applied(module: str, patch: Patch) -> None:
+    _record["applied"].append(f"{module}: {patch.__name__}")
