@@ -1,0 +1,350 @@
+"""One model of a generation request and of a parallel layout, and the rules that relate them to a
+model; every input goes through them: the flags of ``spectrum-xdit generate`` and ``serve``, an
+HTTP body, the Serve YAML. A bad value raises :class:`RequestError` naming the field: its JSON path
+over HTTP (``cache.degree``), its flag on the command line (``--spectrum_degree``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import typing
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticUndefined
+
+from ..config import SETTINGS, SettingError, SpectrumConfig, validation_problems
+from ..models import ModelSpec
+
+MAX_SEED = 2**63 - 1
+CONTENT_TYPES = {"mp4": "video/mp4", "gif": "image/gif", "png": "image/png", "npy": "application/x-npy"}
+OUTPUT_FORMATS = {"wan": ("mp4", "gif", "npy"), "flux": ("png", "npy")}
+_STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class RequestError(ValueError):
+    """A bad input: ``field`` is its request path (``cache.degree``), ``status`` 400 for a body that
+    is not a JSON object, 422 for a bad field."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+        self.status = status
+
+    @classmethod
+    def from_validation(cls, error: ValidationError) -> "RequestError":
+        field, why = validation_problems(error)[0]
+        return cls(field or "body", why)
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag of the field."""
+        return ", ".join(flag_of(part) for part in self.field.split(","))
+
+
+class CacheSettings(SpectrumConfig):
+    """A request's cache: the method and the ``SpectrumConfig`` settings, checked by its rules;
+    ``num_inference_steps`` is the request's own (copied in, never given here)."""
+
+    method: Literal["spectrum", "none"] = Field("spectrum", description="spectrum, or none for full compute")
+
+    def spectrum(self) -> SpectrumConfig:
+        return SpectrumConfig(**self.model_dump(exclude={"method"}))
+
+
+class GenerationRequest(BaseModel):
+    """One generation: identical on every rank."""
+
+    model_config = _STRICT
+
+    prompt: str = Field(description="what to generate")
+    negative_prompt: Optional[str] = Field(None, description="the unconditional branch's prompt (default: the pipeline's)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the initial noise")
+    num_inference_steps: int = Field(50, ge=1, description="denoising steps")
+    height: int = Field(ge=1, description="pixels (default: the model's)")
+    width: int = Field(ge=1, description="pixels (default: the model's)")
+    num_frames: int = Field(ge=1, description="frames of a video (default: the model's)")
+    guidance_scale: float = Field(5.0, ge=0, allow_inf_nan=False, description="classifier-free guidance (1: off)")
+    output_format: Optional[Literal["mp4", "gif", "png", "npy"]] = Field(
+        None, description="mp4, gif or npy for video models, png or npy for image models (npy: the final latents)")
+    cache: CacheSettings = Field(default_factory=CacheSettings, description="the step cache and its settings")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_into_cache(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("cache", {}), dict):
+            cache = dict(data.get("cache", {}))
+            steps = data.get("num_inference_steps", cls.model_fields["num_inference_steps"].default)
+            if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1:
+                cache["num_inference_steps"] = steps
+            data = {**data, "cache": cache}
+        return data
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @property
+    def spectrum(self) -> Optional[SpectrumConfig]:
+        """The Spectrum config of this request, or ``None`` without a cache."""
+        return self.cache.spectrum() if self.cache.method == "spectrum" else None
+
+    @property
+    def cache_method(self) -> str:
+        return self.cache.method
+
+
+class ParallelLayout(BaseModel):
+    """How the ranks of one job split the work, in xDiT's names."""
+
+    model_config = _STRICT
+
+    ulysses_degree: int = Field(1, ge=1, description="xDiT's Ulysses (all-to-all) sequence-parallel degree")
+    ring_degree: int = Field(1, ge=1, description="xDiT's Ring sequence-parallel degree")
+    use_cfg_parallel: bool = Field(False, description="Wan2.1: one guidance branch per half of the job")
+    pipefusion_parallel_degree: int = Field(1, ge=1, description="FLUX.1: xDiT's PipeFusion stages")
+    num_pipeline_patch: Optional[int] = Field(None, ge=1, description="PipeFusion patches (default: xDiT's)")
+    warmup_steps: int = Field(1, ge=1, description="PipeFusion's synchronous warm-up steps")
+
+    @property
+    def cfg_degree(self) -> int:
+        return 2 if self.use_cfg_parallel else 1
+
+    @property
+    def sequence_degree(self) -> int:
+        return self.ulysses_degree * self.ring_degree
+
+    @property
+    def world_size(self) -> int:
+        return self.sequence_degree * self.cfg_degree * self.pipefusion_parallel_degree
+
+
+class Limits(BaseModel):
+    """What a server accepts of one request."""
+
+    model_config = _STRICT
+
+    max_height: int = Field(1280, ge=1, description="largest height of a request")
+    max_width: int = Field(1280, ge=1, description="largest width of a request")
+    max_frames: int = Field(129, ge=1, description="most frames of a request")
+    max_steps: int = Field(100, ge=1, description="most denoising steps of a request")
+    max_prompt_chars: int = Field(4000, ge=1, description="longest prompt and negative prompt")
+
+
+def mp4_available() -> bool:
+    return importlib.util.find_spec("av") is not None
+
+
+def parse_request(body: Any, defaults: dict) -> GenerationRequest:
+    """The request ``body`` asks for, fields it leaves out or sets to null taken from ``defaults``
+    (request-shaped, ``cache`` merged field by field)."""
+    if not isinstance(body, dict):
+        raise RequestError("body", f"must be a JSON object, got {type(body).__name__}", status=400)
+    given = {name: value for name, value in body.items() if value is not None}
+    merged = {**defaults, **given}
+    cache = given.get("cache", {})
+    if isinstance(cache, dict):
+        if "num_inference_steps" in cache:
+            raise RequestError("cache.num_inference_steps", "unknown field: the request's num_inference_steps sets it")
+        merged["cache"] = {**defaults.get("cache", {}), **{k: v for k, v in cache.items() if v is not None}}
+    try:
+        return GenerationRequest.model_validate(merged)
+    except ValidationError as error:
+        problem = RequestError.from_validation(error)
+    if problem.message == "unknown field":
+        model, known = (CacheSettings, ("num_inference_steps",)) if problem.field.startswith("cache.") else \
+            (GenerationRequest, ())
+        allowed = [name for name in model.model_fields if name not in known]
+        problem = RequestError(problem.field, f"unknown field; allowed: {', '.join(allowed)}")
+    raise problem
+
+
+def parse_layout(values: dict) -> ParallelLayout:
+    try:
+        return ParallelLayout.model_validate(values)
+    except ValidationError as error:
+        raise RequestError.from_validation(error) from None
+
+
+def model_defaults(spec: ModelSpec) -> dict:
+    """The sizes a request for ``spec`` takes when it gives none."""
+    return {"height": spec.height, "width": spec.width, "num_frames": spec.num_frames if spec.is_video else 1}
+
+
+def check_layout(layout: ParallelLayout, spec: ModelSpec, world_size: Optional[int] = None) -> None:
+    """The rules between a parallel layout, a model and (for a launch) the world size."""
+    if world_size is not None and layout.world_size != world_size:
+        raise RequestError("ulysses_degree,ring_degree,use_cfg_parallel,pipefusion_parallel_degree",
+                           f"ulysses {layout.ulysses_degree} x ring {layout.ring_degree} x cfg {layout.cfg_degree}"
+                           f" x pipefusion {layout.pipefusion_parallel_degree} = {layout.world_size}, but the "
+                           f"world size is {world_size}")
+    if spec.num_attention_heads is not None and spec.num_attention_heads % layout.ulysses_degree:
+        raise RequestError("ulysses_degree", f"{spec.name} has {spec.num_attention_heads} attention heads, not "
+                           f"divisible by ulysses_degree {layout.ulysses_degree}")
+    if layout.use_cfg_parallel and spec.family != "wan":
+        raise RequestError("use_cfg_parallel", f"is supported for Wan2.1 only, not {spec.name} (see the README)")
+    if layout.pipefusion_parallel_degree > 1 and spec.family != "flux":
+        raise RequestError("pipefusion_parallel_degree", f"is supported for FLUX.1 only (xDiT has no PipeFusion "
+                           f"for Wan2.1), not {spec.name}")
+
+
+def check_request(request: GenerationRequest, spec: ModelSpec, layout: ParallelLayout,
+                  limits: Optional[Limits] = None) -> None:
+    """The rules between a request, the model, the parallel layout and a server's limits."""
+    formats = OUTPUT_FORMATS[spec.family]
+    if request.output_format is not None and request.output_format not in formats:
+        raise RequestError("output_format", f"must be one of {', '.join(formats)} for {spec.name}, "
+                           f"got {request.output_format!r}")
+    if request.output_format == "mp4" and not mp4_available():
+        raise RequestError("output_format", "mp4 needs PyAV, which is not installed; use gif or npy")
+    if not spec.is_video and request.num_frames != 1:
+        raise RequestError("num_frames", f"{spec.name} makes images: num_frames must be 1, got {request.num_frames}")
+    if limits is not None:
+        for name, limit in (("height", "max_height"), ("width", "max_width"), ("num_frames", "max_frames"),
+                            ("num_inference_steps", "max_steps")):
+            if getattr(request, name) > getattr(limits, limit):
+                raise RequestError(name, f"must be <= {getattr(limits, limit)} (the server's {limit}), got "
+                                   f"{getattr(request, name)}")
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(request, name)
+            if text is not None and len(text) > limits.max_prompt_chars:
+                raise RequestError(name, f"must be at most {limits.max_prompt_chars} characters (the server's "
+                                   f"max_prompt_chars), got {len(text)}")
+    if layout.use_cfg_parallel and request.guidance_scale <= 1:
+        raise RequestError("guidance_scale", "CFG parallelism (use_cfg_parallel) needs guidance: guidance_scale > 1")
+    if layout.pipefusion_parallel_degree > 1:
+        if request.guidance_scale > 1:
+            raise RequestError("guidance_scale", "PipeFusion runs xDiT's FLUX.1 pipeline, which has no "
+                               "classifier-free guidance: use guidance_scale 1")
+        from ..parallel.pipefusion import require_pipefusion_support
+
+        try:
+            require_pipefusion_support(request.spectrum)
+        except SettingError as error:
+            raise RequestError(f"cache.{error.field}", error.message) from None
+
+
+def check_geometry(request: GenerationRequest, geometry: dict, model: str) -> None:
+    """Sizes the built pipeline and the sequence-parallel layout accept (``RankPipeline.geometry``)."""
+    spatial = geometry["spatial_multiple"]
+    for name in ("height", "width"):
+        value = getattr(request, name)
+        if value % spatial:
+            raise RequestError(name, f"must be a multiple of {spatial} for {model}, got {value}")
+    if geometry["family"] == "wan" and (request.num_frames - 1) % geometry["temporal_multiple"]:
+        multiple = geometry["temporal_multiple"]
+        raise RequestError("num_frames", f"must be 1 more than a multiple of {multiple} for {model}, "
+                           f"got {request.num_frames}")
+    divisor = geometry["tokens_divisor"]
+    tokens = sequence_length(geometry, request.height, request.width, request.num_frames)
+    padding = -tokens % divisor
+    if not padding:
+        return
+    names = "height,width,num_frames" if geometry["family"] == "wan" else "height,width"
+    if not geometry.get("padding"):
+        raise RequestError(names, f"give {tokens} tokens, not divisible by the sequence-parallel degree "
+                           f"{divisor} (ulysses x ring), and this server cannot pad them")
+    if padding >= (tokens + padding) // divisor:
+        raise RequestError(names, f"give {tokens} tokens, which the sequence-parallel degree {divisor} "
+                           f"(ulysses x ring) would pad by {padding}, not fewer than each rank's "
+                           f"{(tokens + padding) // divisor}; use at least {divisor * (divisor - 1)} tokens")
+
+
+def sequence_length(geometry: dict, height: int, width: int, num_frames: int) -> int:
+    """Image or video tokens the transformer sees for a request of this size."""
+    spatial = geometry["spatial_multiple"]
+    tokens = (height // spatial) * (width // spatial)
+    if geometry["family"] == "wan":
+        latent_frames = (num_frames - 1) // geometry["temporal_multiple"] + 1
+        tokens *= -(-latent_frames // geometry["temporal_patch"])
+    return tokens
+
+
+# ---- flags: one per field, with the same names in the Serve YAML ------------------------------
+
+_REQUEST_FLAGS = ("negative_prompt", "seed", "num_inference_steps", "height", "width", "num_frames",
+                  "guidance_scale")
+REQUEST_SETTINGS = (*_REQUEST_FLAGS, "output_format", "cache_method", *(f"spectrum_{name}" for name in SETTINGS))
+
+
+def flag_of(field: str) -> str:
+    """The flag of a request path: ``cache.degree`` is ``--spectrum_degree``."""
+    if field == "cache.method":
+        return "--cache_method"
+    if field.startswith("cache."):
+        return f"--spectrum_{field.removeprefix('cache.')}"
+    return f"--{field}"
+
+
+def request_from_settings(values: dict) -> dict:
+    """Request-shaped values from flat setting names (``seed``, ``cache_method``,
+    ``spectrum_<name>``: the flags and the Serve YAML's names)."""
+    request, cache = {}, {}
+    for name, value in values.items():
+        if name == "cache_method":
+            cache["method"] = value
+        elif name.startswith("spectrum_"):
+            cache[name.removeprefix("spectrum_")] = value
+        else:
+            request[name] = value
+    if cache:
+        request["cache"] = cache
+    return request
+
+
+def add_flags(parser, fields: dict, defaults: Optional[dict] = None) -> None:
+    """One flag per field (name: pydantic field), its help from the field's description and the
+    default (``defaults`` overriding the field's); a flag not given is absent from the parsed
+    namespace, and the values stay text until :func:`values_from_flags`."""
+    for name, field in fields.items():
+        default = (defaults or {}).get(name, field.default)
+        shown = "" if default is PydanticUndefined else f" (default: {default})"
+        if field.annotation is bool:
+            parser.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help=field.description)
+        else:
+            parser.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar=name.upper(),
+                                help=f"{field.description or ''}{shown}")
+
+
+def values_from_flags(args: argparse.Namespace, fields: dict) -> dict:
+    """The flags given among ``fields`` (name: pydantic field), their text read as JSON where the
+    field does not take text; the models then check the values as they check a JSON body."""
+    values = {}
+    for name, field in fields.items():
+        if not hasattr(args, name):
+            continue
+        text = getattr(args, name)
+        values[name] = text if not isinstance(text, str) or _takes_text(field) else _json_or_text(text)
+    return values
+
+
+def flag_fields(names) -> dict:
+    """The pydantic field behind each request or layout flag name."""
+    return {name: _field_of(name) for name in names}
+
+
+def _field_of(name: str):
+    if name == "cache_method":
+        return CacheSettings.model_fields["method"]
+    if name.startswith("spectrum_"):
+        return CacheSettings.model_fields[name.removeprefix("spectrum_")]
+    if name in ParallelLayout.model_fields:
+        return ParallelLayout.model_fields[name]
+    return GenerationRequest.model_fields[name]
+
+
+def _takes_text(field) -> bool:
+    return field.annotation is str or str in typing.get_args(field.annotation)
+
+
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
