@@ -1,0 +1,3 @@
+"""`spectrum-xdit serve` on Ray Serve, by job: ``settings`` (flags and YAML, no Ray), ``worker``
+(one rank's actor), ``rank_group`` (a replica's ranks), ``app`` (the HTTP API and the
+deployment), ``main`` (the command). Installed as ``spectrum_xdit.launch.serve``."""

@@ -1,0 +1,61 @@
+"""`spectrum-xdit serve`: start Ray (or join a cluster), deploy the app, serve until interrupted."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import ray
+from ray import serve
+
+from .app import APP_NAME, build_app
+from .settings import settings_from_args
+
+
+def wait_until_ready(url: str, timeout: float, interval: float = 1.0) -> dict:
+    """Poll ``url``/healthz until it answers 200; its body. Raises ``TimeoutError``."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=10) as answer:
+                return json.loads(answer.read())
+        except urllib.error.HTTPError as error:
+            last = error.read().decode(errors="replace")[:500]
+        except (urllib.error.URLError, OSError) as error:
+            last = str(error)
+        time.sleep(interval)
+    raise TimeoutError(f"{url}/healthz not ready after {timeout:.0f} s: {last}")
+
+
+def serve_main(args, parser) -> None:
+    try:
+        settings = settings_from_args(args)
+        settings.check()
+    except ValueError as error:
+        parser.error(str(error))
+    if args.address is None:
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    else:
+        ray.init(address=args.address)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
+        url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+        print(f"spectrum-xdit: serving {settings.model} at {url} ({settings.num_replicas} replica(s) x "
+              f"{settings.world_size} rank(s)); waiting for the ranks ...", flush=True)
+        health = wait_until_ready(url, settings.setup_timeout_s)
+        print(f"spectrum-xdit: ready ({health['workers']}); POST {url}/v1/generate, Ctrl-C to stop", flush=True)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        print("spectrum-xdit: shutting down", flush=True)
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,129 @@
+"""What a `spectrum-xdit serve` replica needs: the model, its rank group's layout, resources,
+timeouts, a request's limits and defaults. The flags and the Serve YAML's ``args`` use the same flat
+names; request defaults go through the request model. Nothing here imports Ray."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ...models import DEFAULT_MODEL, ModelSpec, resolve_model
+from ..request import (
+    OUTPUT_FORMATS,
+    REQUEST_SETTINGS,
+    GenerationRequest,
+    Limits,
+    ParallelLayout,
+    RequestError,
+    add_flags,
+    check_layout,
+    check_request,
+    flag_fields,
+    model_defaults,
+    mp4_available,
+    parse_request,
+    request_from_settings,
+    values_from_flags,
+)
+
+SERVED_LAYOUT = ("ulysses_degree", "ring_degree")
+
+
+class ServeSettings(BaseModel):
+    """Settings of every replica; ``defaults`` are request-shaped (``{"seed": 1, "cache": {...}}``)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    model: str = Field(DEFAULT_MODEL, description="tiny-wan, tiny-flux, digits-wan, a local diffusers folder or a hub id")
+    layout: ParallelLayout = Field(default_factory=ParallelLayout)
+    num_replicas: int = Field(1, ge=1, description="replicas, each with its own rank group")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: one GPU per rank when the Ray cluster has GPUs")
+    worker_cpus: float = Field(1.0, gt=0, description="CPUs reserved for each rank (torch threads on CPU)")
+    fps: int = Field(8, ge=1, description="frame rate of mp4 and gif answers")
+    setup_timeout_s: float = Field(900.0, gt=0, description="seconds a rank group may take to start")
+    request_timeout_s: float = Field(3600.0, gt=0, description="seconds a request may take on the ranks")
+    limits: Limits = Field(default_factory=Limits)
+    defaults: dict = Field(default_factory=dict, description="request defaults, request-shaped")
+
+    @field_validator("layout")
+    @classmethod
+    def _sequence_parallel_only(cls, layout: ParallelLayout) -> ParallelLayout:
+        if layout.use_cfg_parallel or layout.pipefusion_parallel_degree > 1:
+            raise ValueError("the server runs sequence-parallel rank groups (ulysses_degree x ring_degree)")
+        return layout
+
+    @classmethod
+    def from_flat(cls, values: dict) -> "ServeSettings":
+        """From the flags' and the Serve YAML's names; ``ValueError`` naming the setting."""
+        values = dict(values)
+        layout = {name: values.pop(name) for name in ParallelLayout.model_fields if name in values}
+        limits = {name: values.pop(name) for name in Limits.model_fields if name in values}
+        defaults = request_from_settings({name: values.pop(name) for name in REQUEST_SETTINGS if name in values})
+        try:
+            return cls(layout=layout, limits=limits, defaults=defaults, **values)
+        except ValidationError as error:
+            problem = RequestError.from_validation(error)
+        name = problem.field.removeprefix("layout.").removeprefix("limits.")
+        if problem.message == "unknown field":
+            raise ValueError(f"unknown serve setting {name!r}; known: {', '.join(sorted(known_settings()))}")
+        raise ValueError(f"{name}: {problem.message}")
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    def request_defaults(self, spec: ModelSpec) -> dict:
+        """What a request takes for each field it leaves out."""
+        family_format = "png" if not spec.is_video else "mp4" if mp4_available() else "gif"
+        base = {**model_defaults(spec), "output_format": family_format}
+        return {**base, **self.defaults, "cache": dict(self.defaults.get("cache", {}))}
+
+    def default_request(self, spec: ModelSpec) -> GenerationRequest:
+        """What a body with a prompt alone asks for (``RequestError`` if the defaults are bad)."""
+        return parse_request({"prompt": "the defaults"}, self.request_defaults(spec))
+
+    def check(self) -> ModelSpec:
+        """Raise ``ValueError`` on settings no request could run with; return the model spec."""
+        spec = resolve_model(self.model)
+        try:
+            check_layout(self.layout, spec)
+            check_request(self.default_request(spec), spec, self.layout, self.limits)
+        except RequestError as error:
+            if error.field in ParallelLayout.model_fields:
+                raise ValueError(str(error)) from None
+            raise ValueError(f"the default {error.field}: {error.message}") from None
+        return spec
+
+    def output_formats(self, spec: ModelSpec) -> tuple[str, ...]:
+        return OUTPUT_FORMATS[spec.family]
+
+
+def setting_fields() -> dict:
+    """Every flat setting name and its field."""
+    own = {name: field for name, field in ServeSettings.model_fields.items() if name not in ("layout", "limits", "defaults")}
+    layout = {name: ParallelLayout.model_fields[name] for name in SERVED_LAYOUT}
+    return {**own, **layout, **Limits.model_fields, **flag_fields(REQUEST_SETTINGS)}
+
+
+def known_settings() -> set[str]:
+    return set(setting_fields())
+
+
+def add_serve_arguments(parser) -> None:
+    """The flags of `spectrum-xdit serve`: where to run, then one per setting."""
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join (e.g. auto); default: start a local Ray instance")
+    parser.add_argument("--num_cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    fields = setting_fields()
+    groups = {"replica": [*(n for n in ServeSettings.model_fields if n in fields), *SERVED_LAYOUT],
+              "request defaults": REQUEST_SETTINGS, "limits of a request": list(Limits.model_fields)}
+    for title, names in groups.items():
+        add_flags(parser.add_argument_group(title), {name: fields[name] for name in names})
+
+
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    return ServeSettings.from_flat(values_from_flags(args, setting_fields()))
