@@ -4,8 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
+LINT   := build/lint
 
-.PHONY: run test install clean
+.PHONY: run test lint install clean
 
 install: $(STAMP)
 
@@ -21,7 +22,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m spectrum_xdit.launch.demo
 
-test: $(STAMP)
+# The layer contract (pyproject.toml, [tool.importlinter]) on the package as it installs:
+# parallel/ and launch/ become spectrum_xdit.parallel and spectrum_xdit.launch.
+lint: $(STAMP)
+	rm -rf $(LINT) && mkdir -p $(LINT)
+	cp -r spectrum_xdit $(LINT)/ && cp -r parallel launch $(LINT)/spectrum_xdit/
+	cd $(LINT) && PYTHONPATH=. $(CURDIR)/$(VENV)/bin/lint-imports $(CURDIR)/pyproject.toml
+
+test: lint
 	$(PY) -m pytest -q
 
 clean:
