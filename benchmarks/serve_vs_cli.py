@@ -81,7 +81,8 @@ def main(argv=None) -> None:
     import ray
     from ray import serve
 
-    from spectrum_xdit.launch.serve import APP_NAME, build_app, wait_until_ready
+    from spectrum_xdit.launch.serve.app import APP_NAME, build_app
+    from spectrum_xdit.launch.serve.main import wait_until_ready
 
     port = free_port()
     start = time.perf_counter()

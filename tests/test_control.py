@@ -8,7 +8,7 @@ from numpy.polynomial.chebyshev import chebvander
 from spectrum_xdit import SpectrumConfig, SpectrumForecaster, apply_spectrum, spectrum_stats
 from spectrum_xdit.control import SpectrumController, best_blend_weight, blend_error
 from spectrum_xdit.hooks import spectrum_stack
-from spectrum_xdit.models import build_tiny_flux_pipeline, build_tiny_wan_pipeline
+from spectrum_xdit.models.tiny import build_tiny_flux_pipeline, build_tiny_wan_pipeline
 
 STEPS = 30
 HISTORY = [0, 1, 2, 4, 7]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spectrum_xdit import SpectrumConfig, apply_spectrum, paper_schedule, remove_spectrum, spectrum_stats
-from spectrum_xdit.models import build_tiny_flux_pipeline, build_tiny_wan_pipeline, tiny_wan_transformer
+from spectrum_xdit.models.tiny import build_tiny_flux_pipeline, build_tiny_wan_pipeline, tiny_wan_transformer
 
 STEPS = 50
 DEFAULT_REAL = paper_schedule(STEPS, 5, 2, 0.75)

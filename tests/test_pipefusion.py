@@ -239,13 +239,13 @@ def _failure(action) -> str:
 
 
 def _pipefusion_checks(ulysses_degree: int, num_patches: int, warmup_steps: int) -> dict:
-    from spectrum_xdit.parallel.cpu_support import enable_cpu_support
+    from spectrum_xdit.parallel import patches
 
-    enable_cpu_support()
+    patches.install()
     import torch.distributed as dist
 
     from spectrum_xdit import SpectrumConfig, apply_spectrum, spectrum_stats
-    from spectrum_xdit.models import build_tiny_flux_pipeline
+    from spectrum_xdit.models.tiny import build_tiny_flux_pipeline
     from spectrum_xdit.parallel.pipefusion import pipefusion_flux_pipeline, setup_pipefusion_parallel
 
     config = SpectrumConfig(num_inference_steps=STEPS)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,9 +24,14 @@ import torch
 pytest.importorskip("ray.serve")
 requests = pytest.importorskip("requests")
 
-from spectrum_xdit.config import SpectrumConfig  # noqa: E402
-from spectrum_xdit.launch.runner import GenerationRequest, init_rank, run_request  # noqa: E402
-from spectrum_xdit.launch.serve_api import RequestError, check_geometry  # noqa: E402
+from spectrum_xdit.launch.request import (  # noqa: E402
+    ParallelLayout,
+    RequestError,
+    check_geometry,
+    model_defaults,
+    parse_request,
+)
+from spectrum_xdit.launch.runner import init_rank  # noqa: E402
 from spectrum_xdit.models import resolve_model  # noqa: E402
 from spectrum_xdit.parallel.testing import free_port  # noqa: E402
 
@@ -41,7 +47,8 @@ def server():
     import ray
     from ray import serve
 
-    from spectrum_xdit.launch.serve import APP_NAME, build_app, wait_until_ready
+    from spectrum_xdit.launch.serve.app import APP_NAME, build_app
+    from spectrum_xdit.launch.serve.main import wait_until_ready
 
     port = free_port()
     ray.init(num_cpus=4, include_dashboard=False)
@@ -81,21 +88,13 @@ def _served_latents(url, payload):
 def _fresh_latents(payload) -> np.ndarray:
     """The same request on a freshly built tiny-wan pipeline, in this process, one rank."""
     spec = resolve_model("tiny-wan")
-    steps = payload.get("num_inference_steps", STEPS)
-    cache = dict(payload.get("cache") or {})
-    method = cache.pop("method", "spectrum")
-    request = GenerationRequest(
-        prompt=payload["prompt"], num_inference_steps=steps, height=payload.get("height", spec.height),
-        width=payload.get("width", spec.width), num_frames=payload.get("num_frames", spec.num_frames),
-        seed=payload.get("seed", 0), guidance_scale=float(payload.get("guidance_scale", 5.0)),
-        negative_prompt=payload.get("negative_prompt"),
-        spectrum=SpectrumConfig(num_inference_steps=steps, **cache) if method == "spectrum" else None)
-    rank_pipeline = init_rank(spec, world_size=1)
+    request = parse_request(dict(payload, output_format="npy"), {**model_defaults(spec), "num_inference_steps": STEPS})
+    rank_pipeline = init_rank(spec, ParallelLayout())
     rank_pipeline.pipe.set_progress_bar_config(disable=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank of the server
     try:
-        return run_request(rank_pipeline, request).latents.float().numpy()
+        return rank_pipeline.generate(request).latents.float().numpy()
     finally:
         torch.set_num_threads(threads)
 
@@ -114,18 +113,34 @@ def _rss_bytes(pid: int) -> int:
 
 @pytest.mark.parametrize("settings,message", [
     ({"model": "tiny-wan", "ulysses_degree": 4}, "2 attention heads, not divisible by ulysses_degree 4"),
-    ({"model": "tiny-wan", "output_format": "png"}, "output_format for tiny-wan must be one of mp4, gif, npy"),
-    ({"model": "tiny-wan", "num_replicas": 0}, "num_replicas must be an integer >= 1"),
+    ({"model": "tiny-wan", "output_format": "png"}, "the default output_format: must be one of mp4, gif, npy"),
+    ({"model": "tiny-wan", "num_replicas": 0}, "num_replicas: input should be greater than or equal to 1"),
     ({"model": "tiny-wan", "num_inference_steps": 200}, "the default num_inference_steps: must be <= 100"),
     ({"model": "tiny-wan", "spectrum_blend_weight": 3.0}, "the default cache.blend_weight"),
+    ({"model": "tiny-wan", "max_steps": "many"}, "max_steps: input should be a valid integer"),
+    ({"model": "tiny-wan", "device": "tpu"}, "device: input should be 'auto', 'cpu' or 'cuda'"),
     ({"model": "sd-xl"}, "unknown model 'sd-xl'"),
-    ({"model": "tiny-wan", "colour": "red"}, "unknown serve settings"),
+    ({"model": "tiny-wan", "colour": "red"}, "unknown serve setting 'colour'"),
 ])
 def test_bad_server_settings_fail_before_anything_starts(settings, message):
-    from spectrum_xdit.launch.serve_api import ServeSettings
+    from spectrum_xdit.launch.serve.settings import ServeSettings
 
     with pytest.raises(ValueError, match=re.escape(message)):
-        ServeSettings.from_dict(settings).check()
+        ServeSettings.from_flat(settings).check()
+
+
+def test_serve_yaml_goes_through_the_same_settings():
+    """The shipped Serve config's args are the flags' names and pass the same checks."""
+    import yaml
+
+    from spectrum_xdit.launch.serve.settings import ServeSettings
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "launch/serve/serve_config.yaml").read_text())
+    (app,) = config["applications"]
+    assert app["import_path"] == "spectrum_xdit.launch.serve.app:build_app"
+    settings = ServeSettings.from_flat(app["args"])
+    assert settings.check().name == app["args"]["model"]
+    assert settings.defaults["cache"]["flex_window"] == app["args"]["spectrum_flex_window"]
 
 
 def test_serve_command_checks_its_flags_before_starting_ray(capsys):
@@ -141,6 +156,8 @@ def test_health_and_config(server):
     health = _health(server)
     assert health["status"] == "ready" and health["world_size"] == 2
     assert [w["rank"] for w in health["workers"]] == [0, 1]
+    assert health["xfuser_patches"]["installed"] == ["cpu_gloo", "padding", "cache_method"]
+    assert "xfuser.model_executor.layers.usp: patch_usp" in health["xfuser_patches"]["applied"]
     config = requests.get(f"{server}/v1/config", timeout=30).json()
     assert config["model"] == "tiny-wan"
     assert config["parallel"] == {"world_size": 2, "ulysses_degree": 2, "ring_degree": 1, "cfg_degree": 1,
@@ -208,7 +225,8 @@ def _varied_requests(count: int, sizes: dict) -> list[dict]:
         height, width = (int(v) for v in rng.choice([16, 32, 48], size=2))
         frames = int(rng.choice([1, 5, 9]))
         try:
-            check_geometry(GenerationRequest("x", 1, height, width, frames), sizes, "tiny-wan")
+            check_geometry(parse_request({"prompt": "x", "height": height, "width": width, "num_frames": frames}, {}),
+                           sizes, "tiny-wan")
         except RequestError:
             continue  # a 422, tested with the bad requests
         payload = {"prompt": f"digit {len(payloads) % 10}", "seed": int(rng.integers(0, 10**6)),
@@ -338,7 +356,7 @@ def test_killed_worker_gives_503_then_the_group_is_rebuilt(server):
     assert response.status_code == 503, response.text
     assert "rank 1" in response.json()["error"] and "died" in response.json()["error"]
 
-    from spectrum_xdit.launch.serve import wait_until_ready
+    from spectrum_xdit.launch.serve.main import wait_until_ready
 
     health = wait_until_ready(server, timeout=240, interval=0.5)
     assert health["counters"]["rebuilds"] == rebuilds + 1

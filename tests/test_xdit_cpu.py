@@ -6,7 +6,7 @@ xDiT's wrapper class, and compares the sharded result with the single-process di
 computed in the same process. Checks that share a process layout share one launch.
 
 Token counts not divisible by the degree take the wrappers' padding path, which needs
-``spectrum_xdit.parallel.xdit_fixes`` (installed by ``setup_xdit_parallel``); each such case
+``spectrum_xdit.parallel.patches.padding`` (installed by ``setup_xdit_parallel``); each such case
 is also run through xDiT's unfixed ``forward`` to show what the fix changes.
 """
 
@@ -35,7 +35,7 @@ TEXT_TOKENS = 8
 # ---- rank side: runs in the spawned processes ----------------------------------------------
 
 def _transformer(kind: str):
-    from spectrum_xdit.models import tiny_flux_transformer, tiny_wan_transformer
+    from spectrum_xdit.models.tiny import tiny_flux_transformer, tiny_wan_transformer
 
     if kind == "wan":
         return tiny_wan_transformer(seed=0, num_layers=2, in_channels=4)
@@ -83,9 +83,9 @@ def _relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
 
 def _xdit_checks(ulysses: int, ring: int, cfg: int, cases: dict, pipeline_steps: int) -> dict:
     """Set up xDiT's groups once, then run the forward cases and (if steps > 0) the pipelines."""
-    from spectrum_xdit.parallel.cpu_support import enable_cpu_support
+    from spectrum_xdit.parallel import patches
 
-    enable_cpu_support()
+    patches.install()
     from spectrum_xdit.parallel.xdit_setup import setup_xdit_parallel
 
     engine_config = setup_xdit_parallel(ulysses_degree=ulysses, ring_degree=ring, cfg_degree=cfg)
@@ -96,22 +96,35 @@ def _xdit_checks(ulysses: int, ring: int, cfg: int, cases: dict, pipeline_steps:
 
 
 def _patched_functions() -> dict:
-    """How many fix wrappers sit on each patched xfuser function after a second apply."""
+    """How many of this project's wrappers sit on each patched xfuser function after installing
+    again and running every padding patch a second time."""
+    from xfuser.config.args import xFuserArgs
+    from xfuser.model_executor.cache import adapters
     from xfuser.model_executor.layers import usp
     from xfuser.model_executor.models.transformers import transformer_flux, transformer_wan
 
-    from spectrum_xdit.parallel.xdit_fixes import apply_xdit_fixes
+    from spectrum_xdit.parallel import patches
+    from spectrum_xdit.parallel.patches import cache_method, padding
+    from spectrum_xdit.parallel.patches.importing import is_marked
 
     def layers(function) -> int:
         count = 0
-        while getattr(function, "_spectrum_xdit_fix", False):
+        while is_marked(function):
             count, function = count + 1, function.__wrapped__
         return count
 
+    first = patches.record()
+    again = patches.install()
+    for patch, module in ((padding.patch_usp, usp), (padding.patch_wan, transformer_wan),
+                          (padding.patch_flux, transformer_flux), (cache_method.patch_adapters, adapters)):
+        patch(module)
     flux_cls = transformer_flux.xFuserFlux1Transformer2DWrapper
     return {
-        "applied_again": apply_xdit_fixes(),
+        "record": first,
+        "installed_again": again == first,
         "layers": {
+            "adapters.apply_cache": layers(adapters.apply_cache),
+            "xFuserArgs.add_cli_args": layers(xFuserArgs.add_cli_args),
             "usp._get_attention_function": layers(usp._get_attention_function),
             "transformer_flux.USP": layers(transformer_flux.USP),
             "xFuserWanTransformer3DWrapper.forward": layers(transformer_wan.xFuserWanTransformer3DWrapper.forward),
@@ -127,7 +140,7 @@ def _sharded_forwards(engine_config, cases: dict) -> dict:
     Per case: the relative error, the output shape, and the ``hidden_states`` shape each rank's
     first block received; or the exception xDiT raised. A case whose name ends in ``_odd`` also
     reports the relative error of xDiT's own ``forward`` without the padding-key mask of
-    ``xdit_fixes`` (the fix wraps it; ``__wrapped__`` is the original).
+    ``patches.padding`` (the fix wraps it; ``__wrapped__`` is the original).
     """
     import torch.distributed as dist
 
@@ -176,7 +189,7 @@ def _sharded_forwards(engine_config, cases: dict) -> dict:
 
 def _sharded_pipelines(engine_config, steps: int) -> dict:
     """Whole diffusers pipeline calls with xDiT's wrapper as the transformer, on every rank."""
-    from spectrum_xdit.models import build_tiny_flux_pipeline, build_tiny_wan_pipeline
+    from spectrum_xdit.models.tiny import build_tiny_flux_pipeline, build_tiny_wan_pipeline
     from spectrum_xdit.parallel.xdit_setup import (
         init_xdit_runtime,
         set_flux_input_parameters,
@@ -276,7 +289,7 @@ def test_blocks_see_this_ranks_sequence_shard(layout):
 def test_uneven_sequence_matches_diffusers(layout, kind):
     """15 tokens: the wrapper pads to 16, every rank gets 16 / degree, the output is exact.
 
-    Needs both fixes of ``xdit_fixes``: the FLUX.1 wrapper's misnamed ``_pad_to_sp_divisible``
+    Needs both fixes of ``patches.padding``: the FLUX.1 wrapper's misnamed ``_pad_to_sp_divisible``
     and the mask of the padding keys (Ulysses, and per ring step under Ring).
     """
     degree = LAYOUTS[layout][0] * LAYOUTS[layout][1]
@@ -300,22 +313,35 @@ def test_uneven_sequence_is_wrong_without_the_padding_mask(layout, kind):
     assert result["unmasked_relative_error"] > 1e-3
 
 
-def test_fixes_are_installed_once():
-    """``setup_xdit_parallel`` installed the fixes; applying them again wraps nothing twice."""
+def test_patches_are_installed_once_and_recorded():
+    """The ranks installed every patch; installing again, or running a patch again, wraps nothing
+    twice, and the record lists each patch applied once."""
     fixes = _layout_report("ulysses2")["fixes"]
-    assert fixes["applied_again"] is True
+    assert fixes["installed_again"] is True
     assert fixes["layers"] == dict.fromkeys(fixes["layers"], 1)
     assert fixes["flux_alias"]
+    record = fixes["record"]
+    assert record["xfuser_version"] == "0.7.0" and record["skipped"] == {}
+    assert record["installed"] == ["cpu_gloo", "padding", "cache_method"]
+    assert len(record["applied"]) == len(set(record["applied"]))
+    for applied in ("xfuser.envs: patch_envs", "xfuser.model_executor.layers.usp: patch_usp_process_group",
+                    "xfuser.model_executor.layers.usp: patch_usp",
+                    "xfuser.model_executor.models.transformers.transformer_wan: patch_wan",
+                    "xfuser.model_executor.cache.adapters: patch_adapters"):
+        assert applied in record["applied"]
 
 
-def test_fixes_patch_nothing_for_another_xfuser_version(monkeypatch):
-    from spectrum_xdit.parallel import xdit_fixes
+def test_another_xfuser_version_is_left_untouched_with_a_warning(monkeypatch):
+    from spectrum_xdit.parallel import patches
 
-    monkeypatch.setattr(xdit_fixes, "_installed", False)
-    monkeypatch.setattr(xdit_fixes, "_installed_xfuser_version", lambda: "0.8.0")
+    monkeypatch.setattr(patches, "_record", None)
+    monkeypatch.setattr(patches, "installed_xfuser_version", lambda: "0.8.0")
     meta_path = list(sys.meta_path)
-    assert xdit_fixes.apply_xdit_fixes() is False
+    with pytest.warns(RuntimeWarning, match="xfuser 0.8.0 is installed.*skipped: cpu_gloo, padding, cache_method"):
+        record = patches.install()
     assert sys.meta_path == meta_path
+    assert record["installed"] == [] and set(record["skipped"]) == {"cpu_gloo", "padding", "cache_method"}
+    assert patches.install() == record   # once per process
 
 
 def test_flux_cfg_parallel_splits_the_batch():

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch.distributed as dist
 
-from spectrum_xdit.parallel import cpu_support
+from spectrum_xdit.parallel.patches import cpu_gloo as cpu_support
 from spectrum_xdit.parallel.testing import DistributedError, DistributedTimeout, run_distributed
 
 pytestmark = pytest.mark.timeout(120)

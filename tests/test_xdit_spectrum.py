@@ -7,7 +7,7 @@ its shard of the tokens, so the forecaster state is the shard's: the per-rank by
 single-process bytes divided by the sequence-parallel degree.
 
 With a token count not divisible by the degree, xDiT's wrappers pad the sequence (with the
-fixes of ``spectrum_xdit.parallel.xdit_fixes``): every rank forecasts a padded shard, so the
+fixes of ``spectrum_xdit.parallel.patches.padding``): every rank forecasts a padded shard, so the
 per-rank bytes are those of (tokens + padding) / degree tokens.
 """
 
@@ -30,9 +30,9 @@ UNEVEN_STEPS = 10  # 7 real steps, 3 forecasts per branch
 
 
 def _spectrum_sharded_vs_single(kind: str, ulysses: int, ring: int) -> dict:
-    from spectrum_xdit.parallel.cpu_support import enable_cpu_support
+    from spectrum_xdit.parallel import patches
 
-    enable_cpu_support()
+    patches.install()
     from spectrum_xdit.parallel.xdit_setup import setup_xdit_parallel
 
     engine_config = setup_xdit_parallel(ulysses_degree=ulysses, ring_degree=ring, cfg_degree=1)
@@ -41,9 +41,9 @@ def _spectrum_sharded_vs_single(kind: str, ulysses: int, ring: int) -> dict:
 
 def _spectrum_uneven_sharded_vs_single(ulysses: int, ring: int) -> dict:
     """Both models, one launch: a token count not divisible by the degree."""
-    from spectrum_xdit.parallel.cpu_support import enable_cpu_support
+    from spectrum_xdit.parallel import patches
 
-    enable_cpu_support()
+    patches.install()
     from spectrum_xdit.parallel.xdit_setup import setup_xdit_parallel
 
     engine_config = setup_xdit_parallel(ulysses_degree=ulysses, ring_degree=ring, cfg_degree=1)
@@ -56,7 +56,7 @@ def _compare_with_single_process(engine_config, kind: str, size: dict, steps: in
 
     from spectrum_xdit import SpectrumConfig, apply_spectrum, spectrum_stats
     from spectrum_xdit.hooks import spectrum_stack
-    from spectrum_xdit.models import build_tiny_flux_pipeline, build_tiny_wan_pipeline
+    from spectrum_xdit.models.tiny import build_tiny_flux_pipeline, build_tiny_wan_pipeline
     from spectrum_xdit.parallel.xdit_setup import (
         init_xdit_runtime,
         set_flux_input_parameters,
@@ -162,13 +162,13 @@ def test_spectrum_on_the_padding_path_equals_single_process(layout, kind):
 
 
 def _divergent_schedule(rank_flex_windows) -> None:
-    from spectrum_xdit.parallel.cpu_support import enable_cpu_support
+    from spectrum_xdit.parallel import patches
 
-    enable_cpu_support()
+    patches.install()
     import torch.distributed as dist
 
     from spectrum_xdit import SpectrumConfig, apply_spectrum
-    from spectrum_xdit.models import build_tiny_wan_pipeline
+    from spectrum_xdit.models.tiny import build_tiny_wan_pipeline
     from spectrum_xdit.parallel.consistency import enable_schedule_check
     from spectrum_xdit.parallel.xdit_setup import init_xdit_runtime, setup_xdit_parallel, xdit_transformer
 
@@ -198,9 +198,9 @@ ADAPTIVE = dict(warmup_steps=3, schedule="adaptive", blend_weight="auto", error_
 
 
 def _adaptive_sharded_vs_single(ulysses: int, ring: int) -> dict:
-    from spectrum_xdit.parallel.cpu_support import enable_cpu_support
+    from spectrum_xdit.parallel import patches
 
-    enable_cpu_support()
+    patches.install()
     from spectrum_xdit.parallel.xdit_setup import setup_xdit_parallel
 
     engine_config = setup_xdit_parallel(ulysses_degree=ulysses, ring_degree=ring, cfg_degree=1)
