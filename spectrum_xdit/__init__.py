@@ -1,16 +1,24 @@
-"""spectrum-xdit: Spectrum feature forecasting for diffusion transformers, on xDiT."""
+"""spectrum-xdit: Spectrum feature forecasting for diffusion transformers, on xDiT.
 
-from .config import SpectrumConfig
-from .forecaster import SpectrumForecaster
-from .hooks import apply_spectrum, remove_spectrum, spectrum_stats
-from .schedule import paper_schedule
+The names below load on first use, so that ``spectrum_xdit.config`` (and a launcher checking its
+arguments) does not import torch and diffusers.
+"""
 
-__all__ = [
-    "SpectrumConfig",
-    "SpectrumForecaster",
-    "apply_spectrum",
-    "paper_schedule",
-    "remove_spectrum",
-    "spectrum_stats",
-]
+import importlib
+
+_EXPORTS = {
+    "SpectrumConfig": "config",
+    "SpectrumForecaster": "forecaster",
+    "apply_spectrum": "hooks",
+    "paper_schedule": "schedule",
+    "remove_spectrum": "hooks",
+    "spectrum_stats": "hooks",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'spectrum_xdit' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

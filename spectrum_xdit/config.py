@@ -12,6 +12,12 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 AUTO = "auto"
+# Upper bounds that no real run reaches, so that no setting can make the host math or the state
+# unbounded: P = degree + 1 costs O(P^3) per solve and P feature-sized moments of memory.
+MAX_STEPS = 10_000
+MAX_DEGREE = 16
+MAX_RIDGE_LAMBDA = 1e3
+MAX_ERROR_BUDGET = 100.0   # a relative error of 100 accepts any forecast
 
 
 class SpectrumConfig(BaseModel):
@@ -19,18 +25,18 @@ class SpectrumConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, validate_default=True)
 
-    num_inference_steps: int = Field(50, ge=1, description=(
+    num_inference_steps: int = Field(50, ge=1, le=MAX_STEPS, description=(
         "number of denoising steps S of the sampler; the time axis of the fit is the step index "
         "mapped to tau = 2 s / S - 1"))
-    warmup_steps: int = Field(5, ge=1, description=(
+    warmup_steps: int = Field(5, ge=1, le=MAX_STEPS, description=(
         "the first W steps always run the block stack (at least one: a forecast needs history)"))
-    window_size: float = Field(2.0, ge=1, allow_inf_nan=False, description=(
+    window_size: float = Field(2.0, ge=1, le=MAX_STEPS, allow_inf_nan=False, description=(
         "initial window N of the paper's schedule: after the warm-up a real step comes every floor(n) "
         "steps, n starting at N"))
-    flex_window: float = Field(0.75, ge=0, allow_inf_nan=False, description=(
+    flex_window: float = Field(0.75, ge=0, le=MAX_STEPS, allow_inf_nan=False, description=(
         "growth alpha of the window after each real step (0: a fixed interval of N)"))
-    degree: int = Field(4, ge=0, description="degree M of the Chebyshev basis T_0 .. T_M")
-    ridge_lambda: float = Field(0.1, ge=0, allow_inf_nan=False, description=(
+    degree: int = Field(4, ge=0, le=MAX_DEGREE, description="degree M of the Chebyshev basis T_0 .. T_M")
+    ridge_lambda: float = Field(0.1, ge=0, le=MAX_RIDGE_LAMBDA, allow_inf_nan=False, description=(
         "ridge penalty lambda of the fit (0: the minimum-norm least-squares solution)"))
     blend_weight: Union[float, Literal["auto"]] = Field(0.5, description=(
         "weight w of the Chebyshev forecast in the blend with the local linear extrapolation of the "
@@ -39,10 +45,10 @@ class SpectrumConfig(BaseModel):
     schedule: Literal["paper", "adaptive"] = Field("paper", description=(
         '"paper": the fixed rule of window_size and flex_window; "adaptive": after each real step the '
         "next is the largest gap in [min_gap, max_gap] whose predicted error stays within error_budget"))
-    error_budget: float = Field(0.05, ge=0, allow_inf_nan=False, description=(
+    error_budget: float = Field(0.05, ge=0, le=MAX_ERROR_BUDGET, allow_inf_nan=False, description=(
         "the largest relative L2 error of a forecast the adaptive schedule accepts (0 runs every step)"))
-    min_gap: int = Field(1, ge=1, description="smallest distance between two real steps of the adaptive schedule")
-    max_gap: int = Field(8, ge=1, description="largest distance between two real steps of the adaptive schedule")
+    min_gap: int = Field(1, ge=1, le=MAX_STEPS, description="smallest distance between two real steps of the adaptive schedule")
+    max_gap: int = Field(8, ge=1, le=MAX_STEPS, description="largest distance between two real steps of the adaptive schedule")
     error_smoothing: float = Field(0.5, gt=0, le=1, allow_inf_nan=False, description=(
         "weight of the newest validation in the controller's exponentially weighted averages (1: the "
         "latest alone)"))

@@ -155,7 +155,7 @@ def test_error_budget_zero_runs_every_step_and_a_huge_one_only_warmup_and_max_ga
     assert stats["cond"]["real_steps"] == stats["uncond"]["real_steps"] == list(range(STEPS))
     # every step from the third is scored, except the last, which would inform no decision
     assert [e["step"] for e in stats["cond"]["validation"]] == list(range(2, STEPS - 1))
-    _, _, _, stats = _wan_run(SpectrumConfig(**base, error_budget=1e9))
+    _, _, _, stats = _wan_run(SpectrumConfig(**base, error_budget=100.0))
     expected = [0, 1, 2] + list(range(2 + 5, STEPS, 5))
     assert stats["cond"]["real_steps"] == stats["uncond"]["real_steps"] == expected
     assert stats["cond"]["forecasts"] == STEPS - len(expected)
@@ -188,7 +188,7 @@ def test_flux_adaptive_without_step_indices():
     """FLUX.1 gives no step index: the controller follows the per-branch call count."""
     pipe = build_tiny_flux_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
-    config = SpectrumConfig(num_inference_steps=16, schedule="adaptive", warmup_steps=3, error_budget=1e9,
+    config = SpectrumConfig(num_inference_steps=16, schedule="adaptive", warmup_steps=3, error_budget=100.0,
                             max_gap=4, blend_weight="auto")
     apply_spectrum(pipe.transformer, config)
     pipe(prompt="a red fox", negative_prompt="blurry", true_cfg_scale=4.0, num_inference_steps=16, height=32,
