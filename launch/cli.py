@@ -18,8 +18,12 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..models import DEFAULT_MODEL, resolve_model
+from ..parallel.patches import pads_correctly
 from .quiet import quiet_engines
 from .request import (
     REQUEST_SETTINGS,
@@ -28,6 +32,7 @@ from .request import (
     add_flags,
     check_layout,
     check_request,
+    check_sizes,
     flag_fields,
     model_defaults,
     parse_layout,
@@ -38,6 +43,34 @@ from .request import (
 
 DEFAULT_PROMPT = "digit 7 moving right"
 _GENERATE_SETTINGS = ("prompt", *(name for name in REQUEST_SETTINGS if name != "output_format"))
+
+
+class OutputPaths(BaseModel):
+    """Where rank 0 writes: checked before any model is built, so that no work is lost to a path
+    that cannot be written."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    output: Optional[str] = Field(None, description="media file: .gif/.mp4 for video, .png for images")
+    save_latents: Optional[str] = Field(None, description="final latents before VAE decode, .npy (written by rank 0)")
+    report: Optional[str] = Field(None, description="run report, .json (written by rank 0)")
+
+    @field_validator("output", "save_latents", "report")
+    @classmethod
+    def _writable(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return value
+        path = Path(value)
+        if path.is_dir():
+            raise ValueError(f"{value} is a directory")
+        existing = path.absolute().parent
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ValueError(f"cannot be written: {existing} is not a directory")
+        if not os.access(existing, os.W_OK):
+            raise ValueError(f"cannot be written: {existing} is not writable")
+        return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,9 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tiny-wan, tiny-flux, digits-wan, a local diffusers folder or a hub id")
     add_flags(gen, flag_fields(_GENERATE_SETTINGS), {"prompt": DEFAULT_PROMPT})
     add_flags(gen.add_argument_group("parallel layout"), ParallelLayout.model_fields)
-    gen.add_argument("--output", help="media file: .gif/.mp4 for video, .png for images")
-    gen.add_argument("--save_latents", help="final latents before VAE decode, .npy (written by rank 0)")
-    gen.add_argument("--report", help="run report, .json (written by rank 0)")
+    add_flags(gen.add_argument_group("outputs"), OutputPaths.model_fields)
     gen.add_argument("--verbose", action="store_true", help="show the engines' own logs and warnings")
     serve = commands.add_parser("serve", help="serve generation over HTTP with Ray Serve (see the README)")
     add_serve_arguments(serve)
@@ -69,49 +100,64 @@ def check_arguments(args, parser, world_size: int):
         parser.error(str(error))
     settings = values_from_flags(args, flag_fields(_GENERATE_SETTINGS))
     payload = request_from_settings({"prompt": DEFAULT_PROMPT, **settings})
-    if args.output:
-        payload["output_format"] = Path(args.output).suffix.lower().removeprefix(".")
+    try:
+        outputs = OutputPaths.model_validate(values_from_flags(args, OutputPaths.model_fields))
+    except ValidationError as error:
+        problem = RequestError.from_validation(error)
+        parser.error(f"{problem.flag}: {problem.message}")
+    if outputs.output:
+        payload["output_format"] = Path(outputs.output).suffix.lower().removeprefix(".")
     try:
         layout = parse_layout(values_from_flags(args, ParallelLayout.model_fields))
         check_layout(layout, spec, world_size)
         request = parse_request(payload, model_defaults(spec))
         check_request(request, spec, layout)
+        check_sizes(request, spec.sizes, layout, pads_correctly(), model=spec.name)
     except RequestError as error:
-        flag = "--output" if error.field == "output_format" else error.flag
-        parser.error(f"{flag}: {error.message}")
-    return spec, layout, request
+        fail(parser, error)
+    return spec, layout, request, outputs
+
+
+def fail(parser, error: RequestError) -> None:
+    """The parser's error (exit code 2) naming the flag of the request field."""
+    flag = "--output" if error.field == "output_format" else error.flag
+    parser.error(f"{flag}: {error.message}")
 
 
 def generate(args, parser) -> dict:
-    from .runner import finish_rank, init_rank
-
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    spec, layout, request = check_arguments(args, parser, world_size)
+    spec, layout, request, outputs = check_arguments(args, parser, world_size)
     start = time.perf_counter()
+    from .runner import finish_rank, init_rank   # torch and diffusers: only for a launch that passed the checks
+
     rank_pipeline = init_rank(spec, layout)
-    result = rank_pipeline.generate(request, decode=bool(args.output), started=start)
+    try:   # the built model is the truth where the spec's size rules were a family's defaults
+        check_sizes(request, rank_pipeline.size_rules(), layout, pads_correctly(), model=spec.name)
+    except RequestError as error:
+        fail(parser, error)
+    result = rank_pipeline.generate(request, decode=bool(outputs.output), started=start)
     report = result.report
     if rank_pipeline.rank == 0:
-        _write_outputs(args, result)
+        _write_outputs(outputs, result)
         print(json.dumps({k: report[k] for k in ("model", "cache_method", "nfe", "denoise_seconds",
                                                   "total_seconds", "state_bytes_per_rank")}))
     finish_rank(rank_pipeline)
     return report
 
 
-def _write_outputs(args, result) -> None:
+def _write_outputs(outputs: OutputPaths, result) -> None:
     import numpy as np
 
     from .media import write_media
 
-    if args.output:
-        write_media(args.output, result.media)
-    if args.save_latents:
-        Path(args.save_latents).parent.mkdir(parents=True, exist_ok=True)
-        np.save(args.save_latents, result.latents.float().cpu().numpy())
-    if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(json.dumps(result.report, indent=2))
+    if outputs.output:
+        write_media(outputs.output, result.media)
+    if outputs.save_latents:
+        Path(outputs.save_latents).parent.mkdir(parents=True, exist_ok=True)
+        np.save(outputs.save_latents, result.latents.float().cpu().numpy())
+    if outputs.report:
+        Path(outputs.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(outputs.report).write_text(json.dumps(result.report, indent=2))
 
 
 def main(argv=None) -> None:

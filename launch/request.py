@@ -16,9 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticUndefined
 
 from ..config import SETTINGS, SettingError, SpectrumConfig, validation_problems
-from ..models import ModelSpec
+from ..models import ModelSpec, SizeRules
 
 MAX_SEED = 2**63 - 1
+MAX_GUIDANCE = 50.0   # classifier-free guidance far beyond any model's range gives NaN or noise
+MAX_JSON_DEPTH = 16   # a request is two levels deep
 CONTENT_TYPES = {"mp4": "video/mp4", "gif": "image/gif", "png": "image/png", "npy": "application/x-npy"}
 OUTPUT_FORMATS = {"wan": ("mp4", "gif", "npy"), "flux": ("png", "npy")}
 _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
@@ -67,7 +69,8 @@ class GenerationRequest(BaseModel):
     height: int = Field(ge=1, description="pixels (default: the model's)")
     width: int = Field(ge=1, description="pixels (default: the model's)")
     num_frames: int = Field(ge=1, description="frames of a video (default: the model's)")
-    guidance_scale: float = Field(5.0, ge=0, allow_inf_nan=False, description="classifier-free guidance (1: off)")
+    guidance_scale: float = Field(5.0, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False,
+                                  description="classifier-free guidance (1: off)")
     output_format: Optional[Literal["mp4", "gif", "png", "npy"]] = Field(
         None, description="mp4, gif or npy for video models, png or npy for image models (npy: the final latents)")
     cache: CacheSettings = Field(default_factory=CacheSettings, description="the step cache and its settings")
@@ -88,6 +91,17 @@ class GenerationRequest(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _encodable(cls, value: Optional[str]) -> Optional[str]:
+        """A tokenizer takes UTF-8 text; a lone surrogate (JSON allows ``"\\ud800"``) is not."""
+        if value is not None:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ValueError(f"is not valid Unicode text ({error.reason} at character {error.start})") from None
         return value
 
     @property
@@ -135,10 +149,55 @@ class Limits(BaseModel):
     max_frames: int = Field(129, ge=1, description="most frames of a request")
     max_steps: int = Field(100, ge=1, description="most denoising steps of a request")
     max_prompt_chars: int = Field(4000, ge=1, description="longest prompt and negative prompt")
+    max_token_steps: int = Field(4_000_000, ge=1, description=(
+        "most work of a request: transformer tokens x denoising steps (Wan2.1 at 1280x720, 81 frames, "
+        "50 steps: 3.78e6)"))
+    max_body_bytes: int = Field(1 << 20, ge=1, description="largest HTTP request body")
 
 
 def mp4_available() -> bool:
     return importlib.util.find_spec("av") is not None
+
+
+class HugeInteger:
+    """A JSON integer too long for Python to read (over 4300 digits): kept as a value that every
+    field refuses, so that the error names the field."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<an integer of {self.digits} digits>"
+
+
+def parse_json(body: bytes) -> Any:
+    """An HTTP body as JSON; ``RequestError`` (400, ``body``) for one that is empty, not UTF-8, not
+    JSON, or nested deeper than ``MAX_JSON_DEPTH``."""
+    if not body.strip():
+        raise RequestError("body", "must be a JSON object with at least 'prompt'", status=400)
+    try:
+        value = json.loads(body.decode("utf-8"), parse_int=_parse_int)
+    except UnicodeDecodeError as error:
+        raise RequestError("body", f"is not UTF-8 ({error.reason} at byte {error.start})", status=400) from None
+    except RecursionError:
+        raise RequestError("body", f"nests deeper than {MAX_JSON_DEPTH} levels", status=400) from None
+    except json.JSONDecodeError as error:
+        raise RequestError("body", f"is not valid JSON ({error})", status=400) from None
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError("body", f"nests deeper than {MAX_JSON_DEPTH} levels", status=400)
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return value
+
+
+def _parse_int(text: str):
+    try:
+        return int(text)
+    except ValueError:   # over sys.get_int_max_str_digits()
+        return HugeInteger(len(text.lstrip("-")))
 
 
 def parse_request(body: Any, defaults: dict) -> GenerationRequest:
@@ -230,40 +289,45 @@ def check_request(request: GenerationRequest, spec: ModelSpec, layout: ParallelL
             raise RequestError(f"cache.{error.field}", error.message) from None
 
 
-def check_geometry(request: GenerationRequest, geometry: dict, model: str) -> None:
-    """Sizes the built pipeline and the sequence-parallel layout accept (``RankPipeline.geometry``)."""
-    spatial = geometry["spatial_multiple"]
+def check_sizes(request: GenerationRequest, rules: SizeRules, layout: ParallelLayout, padded: bool,
+                limits: Optional[Limits] = None, model: str = "the model") -> None:
+    """The sizes the model's transformer and the sequence-parallel layout accept, and a server's
+    bound on a request's work; ``padded``: token counts not divisible by the sequence-parallel
+    degree are padded correctly (xDiT's padding path with this project's patches)."""
+    spatial = rules.spatial_multiple
     for name in ("height", "width"):
         value = getattr(request, name)
         if value % spatial:
             raise RequestError(name, f"must be a multiple of {spatial} for {model}, got {value}")
-    if geometry["family"] == "wan" and (request.num_frames - 1) % geometry["temporal_multiple"]:
-        multiple = geometry["temporal_multiple"]
-        raise RequestError("num_frames", f"must be 1 more than a multiple of {multiple} for {model}, "
-                           f"got {request.num_frames}")
-    divisor = geometry["tokens_divisor"]
-    tokens = sequence_length(geometry, request.height, request.width, request.num_frames)
+    if rules.family == "wan" and (request.num_frames - 1) % rules.temporal_multiple:
+        raise RequestError("num_frames", f"must be 1 more than a multiple of {rules.temporal_multiple} for "
+                           f"{model}, got {request.num_frames}")
+    if rules.max_positions is not None:
+        most = rules.max_positions
+        positions = {"num_frames": (rules.latent_frames(request.num_frames) // rules.temporal_patch,
+                                    f"{(most * rules.temporal_patch - 1) * rules.temporal_multiple + 1} frames"),
+                     "height": (request.height // spatial, f"{most * spatial} pixels"),
+                     "width": (request.width // spatial, f"{most * spatial} pixels")}
+        for name, (count, largest) in positions.items():
+            if count > most:
+                raise RequestError(name, f"gives {count} positions, beyond the {most} of {model}'s rotary table "
+                                   f"(at most {largest}), got {getattr(request, name)}")
+    tokens = rules.tokens(request.height, request.width, request.num_frames)
+    names = "height,width,num_frames" if rules.family == "wan" else "height,width"
+    if limits is not None and tokens * request.num_inference_steps > limits.max_token_steps:
+        raise RequestError(f"{names},num_inference_steps", f"give {tokens} tokens x {request.num_inference_steps} "
+                           f"steps, more work than the server's max_token_steps {limits.max_token_steps}")
+    divisor = layout.sequence_degree
     padding = -tokens % divisor
     if not padding:
         return
-    names = "height,width,num_frames" if geometry["family"] == "wan" else "height,width"
-    if not geometry.get("padding"):
+    if not padded:
         raise RequestError(names, f"give {tokens} tokens, not divisible by the sequence-parallel degree "
-                           f"{divisor} (ulysses x ring), and this server cannot pad them")
+                           f"{divisor} (ulysses x ring), and this xfuser cannot pad them")
     if padding >= (tokens + padding) // divisor:
         raise RequestError(names, f"give {tokens} tokens, which the sequence-parallel degree {divisor} "
                            f"(ulysses x ring) would pad by {padding}, not fewer than each rank's "
                            f"{(tokens + padding) // divisor}; use at least {divisor * (divisor - 1)} tokens")
-
-
-def sequence_length(geometry: dict, height: int, width: int, num_frames: int) -> int:
-    """Image or video tokens the transformer sees for a request of this size."""
-    spatial = geometry["spatial_multiple"]
-    tokens = (height // spatial) * (width // spatial)
-    if geometry["family"] == "wan":
-        latent_frames = (num_frames - 1) // geometry["temporal_multiple"] + 1
-        tokens *= -(-latent_frames // geometry["temporal_patch"])
-    return tokens
 
 
 # ---- flags: one per field, with the same names in the Serve YAML ------------------------------

@@ -14,14 +14,14 @@ import inspect
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..hooks import apply_spectrum, remove_spectrum, spectrum_stats
-from ..models import ModelSpec
+from ..models import ModelSpec, SizeRules, size_rules
 from ..parallel import patches
 from .request import GenerationRequest, ParallelLayout
 
@@ -50,28 +50,19 @@ class RankPipeline:
     def world_size(self) -> int:
         return self.layout.world_size
 
-    def geometry(self) -> dict:
-        """What request sizes the model accepts: ``height``/``width`` must be multiples of
-        ``spatial_multiple``; for video, ``num_frames - 1`` a multiple of ``temporal_multiple``.
-        ``tokens_divisor`` is the sequence-parallel degree; ``padding`` says whether a token count
-        not divisible by it is padded correctly (xDiT's padding path with this project's patches),
-        which holds while the padding is shorter than each rank's shard."""
-        pipe = self.pipe
-        if self.spec.family == "wan":
-            patch = pipe.transformer.config.patch_size
-            spatial, temporal, patch_t = pipe.vae_scale_factor_spatial * patch[1], pipe.vae_scale_factor_temporal, patch[0]
-        else:
-            spatial, temporal, patch_t = pipe.vae_scale_factor * 2, 1, 1
-        return {"family": self.spec.family, "spatial_multiple": int(spatial), "temporal_multiple": int(temporal),
-                "temporal_patch": int(patch_t), "tokens_divisor": self.layout.sequence_degree,
-                "padding": self.world_size > 1 and "padding" in patches.record()["installed"]}
+    def size_rules(self) -> SizeRules:
+        """The sizes the built pipeline accepts: the spec's arithmetic on the built configs."""
+        return size_rules(self.spec.family, dict(self.pipe.transformer.config), dict(self.pipe.vae.config))
 
-    def generate(self, request: GenerationRequest, decode: bool = False,
-                 started: Optional[float] = None) -> GenerationResult:
+    def generate(self, request: GenerationRequest, decode: bool = False, started: Optional[float] = None,
+                 stop: Optional[Callable[[], bool]] = None) -> GenerationResult:
         """One generation on this rank; every rank of the world calls it with the same request.
 
         ``decode``: rank 0 also decodes the latents into frames. ``started``: the
         ``time.perf_counter()`` the report's ``total_seconds`` counts from (default: now).
+        ``stop``: asked after every denoising step whether to stop there; the ranks agree (one
+        all-reduce per step), so all of them stop after the same step, and the report says which
+        (``stopped_after_step``; the latents are then those of that step).
         """
         started = time.perf_counter() if started is None else started
         pipe, config = self.pipe, request.spectrum
@@ -82,6 +73,9 @@ class RankPipeline:
 
                 enable_schedule_check(pipe.transformer)
         call = self._pipeline_call(request)
+        boundary = None
+        if stop is not None:
+            boundary = call["callback_on_step_end"] = _StopAtStepBoundary(stop, self.world_size, self.device)
         stats: dict = {}
         denoise_start = time.perf_counter()
         try:
@@ -96,6 +90,8 @@ class RankPipeline:
                 remove_spectrum(pipe.transformer)
         own_state_bytes = sum(s["state_bytes"] for s in stats.values())
         report = self._report(request, self._job_stats(stats), own_state_bytes, denoise_seconds, started)
+        if boundary is not None and boundary.stopped_after is not None:
+            report["stopped_after_step"] = boundary.stopped_after
         return GenerationResult(latents, media, report)
 
     def _pipeline_call(self, request: GenerationRequest) -> dict:
@@ -200,8 +196,11 @@ class PipeFusionRankPipeline(RankPipeline):
 
     pipefusion: Any = None
 
-    def generate(self, request: GenerationRequest, decode: bool = False,
-                 started: Optional[float] = None) -> GenerationResult:
+    def generate(self, request: GenerationRequest, decode: bool = False, started: Optional[float] = None,
+                 stop: Optional[Callable[[], bool]] = None) -> GenerationResult:
+        if stop is not None:
+            raise NotImplementedError("stopping at a step boundary is not supported under PipeFusion, whose "
+                                      "denoising loop is xDiT's")
         started = time.perf_counter() if started is None else started
         config = request.spectrum
         self.pipefusion.set_spectrum(config)
@@ -224,10 +223,33 @@ class PipeFusionRankPipeline(RankPipeline):
         return GenerationResult(latents, media, report)
 
 
-def init_rank(spec: ModelSpec, layout: ParallelLayout) -> RankPipeline:
+class _StopAtStepBoundary:
+    """diffusers' ``callback_on_step_end``: after each step every rank's wish to stop is
+    all-reduced (max), and on the first step any rank wishes it the pipeline is interrupted (the
+    remaining steps are skipped, as diffusers' ``interrupt`` does)."""
+
+    def __init__(self, stop: Callable[[], bool], world_size: int, device: str):
+        self.stop = stop
+        self.world_size = world_size
+        self.device = device
+        self.stopped_after: Optional[int] = None
+
+    def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        if self.stopped_after is None:
+            wish = torch.tensor([1.0 if self.stop() else 0.0], device=self.device)
+            if self.world_size > 1:
+                dist.all_reduce(wish, op=dist.ReduceOp.MAX)
+            if wish.item():
+                self.stopped_after = step
+                pipe._interrupt = True
+        return callback_kwargs
+
+
+def init_rank(spec: ModelSpec, layout: ParallelLayout, store=None) -> RankPipeline:
     """Join the world (when the layout has more than one rank), set up xDiT and build this rank's
-    pipeline. The layout must have passed ``request.check_layout`` for ``spec``."""
-    rank, device = _join_world(layout.world_size)
+    pipeline. The layout must have passed ``request.check_layout`` for ``spec``. ``store``: the
+    torch.distributed store to rendezvous through (default: ``MASTER_ADDR``/``MASTER_PORT``)."""
+    rank, device = _join_world(layout.world_size, store)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if layout.pipefusion_parallel_degree > 1:
         builder = _build_pipefusion
@@ -238,15 +260,22 @@ def init_rank(spec: ModelSpec, layout: ParallelLayout) -> RankPipeline:
     return builder(spec, layout, rank, device, dtype)
 
 
-def _join_world(world_size: int) -> tuple[int, str]:
-    """This rank and its device; xfuser's patches are installed first when xDiT will run."""
+def _join_world(world_size: int, store=None) -> tuple[int, str]:
+    """This rank and its device, joining the world unless this process already has one;
+    xfuser's patches are installed first when xDiT will run."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if world_size == 1:
         return 0, device
     patches.install()
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    backend = "nccl" if device == "cuda" else "gloo"
+    if dist.is_initialized():
+        pass
+    elif store is None:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size)
     return dist.get_rank(), device
 
 

@@ -41,9 +41,26 @@ ENGINE_NOISE = ("DEBUG ", "INFO ", "WARNING ", "[transformers]", "FutureWarning"
     (["--model", "tiny-flux", "--pipefusion_parallel_degree", "2"], 4, "= 2, but the world size is 4"),
     (["--spectrum_schedule", "fast"], 1, "--spectrum_schedule: input should be 'paper' or 'adaptive'"),
     (["--spectrum_min_gap", "5", "--spectrum_max_gap", "3"], 1, "--spectrum_max_gap: must be at least min_gap 5"),
+    (["--spectrum_degree", "17"], 1, "--spectrum_degree: input should be less than or equal to 16"),
+    (["--spectrum_warmup_steps", "1000000000"], 1, "--spectrum_warmup_steps: input should be less than or equal"),
+    (["--spectrum_ridge_lambda", "1e308"], 1, "--spectrum_ridge_lambda: input should be less than or equal"),
+    (["--guidance_scale", "nan"], 1, "--guidance_scale: input should be a valid number"),
+    (["--guidance_scale", "NaN"], 1, "--guidance_scale: input should be a finite number"),
+    (["--guidance_scale", "1e30"], 1, "--guidance_scale: input should be less than or equal to 50"),
+    (["--height", "33"], 1, "--height: must be a multiple of 4 for digits-wan, got 33"),
+    (["--num_frames", "2"], 1, "--num_frames: must be 1 more than a multiple of 4 for digits-wan, got 2"),
+    (["--model", "tiny-wan", "--height", "528"], 1, "--height: gives 33 positions, beyond the 32 of tiny-wan's"),
+    (["--model", "tiny-wan", "--num_frames", "129"], 1, "--num_frames: gives 33 positions"),
+    (["--model", "tiny-wan", "--ulysses_degree", "2", "--height", "16", "--width", "16", "--num_frames", "1"], 2,
+     "--height, --width, --num_frames: give 1 tokens, which the sequence-parallel degree 2"),
+    (["--prompt", "a\udcffb"], 1, "--prompt: is not valid Unicode text"),
+    (["--report", "/"], 1, "--report: / is a directory"),
+    (["--output", "{file}/x.gif"], 1, "--output: cannot be written: .* is not a directory"),
 ])
-def test_bad_arguments_fail_before_building_a_model(argv, world_size, message, capsys):
+def test_bad_arguments_fail_before_building_a_model(argv, world_size, message, capsys, tmp_path):
     parser = build_parser()
+    (tmp_path / "file").write_text("")
+    argv = [arg.replace("{file}", str(tmp_path / "file")) for arg in argv]
     args = parser.parse_args(["generate", *argv])
     with pytest.raises(SystemExit) as exit_info:
         check_arguments(args, parser, world_size)
@@ -51,11 +68,21 @@ def test_bad_arguments_fail_before_building_a_model(argv, world_size, message, c
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_a_bad_argument_fails_without_importing_the_engines():
+    """Checks before imports: a bad launch costs no torch, diffusers, xfuser or ray import."""
+    probe = ("import sys\nfrom spectrum_xdit.launch.cli import main\ntry:\n"
+             "    main(['generate', '--spectrum_degree', '99'])\nexcept SystemExit as exit:\n"
+             "    print(exit.code, sorted(m for m in ('torch', 'diffusers', 'xfuser', 'ray') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "2 []", (result.stdout, result.stderr[-2000:])
+    assert "--spectrum_degree: input should be less than or equal to 16" in result.stderr
+
+
 def test_flags_are_read_by_the_request_model():
     parser = build_parser()
     args = parser.parse_args(["generate", "--prompt", "5", "--spectrum_blend_weight", "auto", "--seed", "3",
                               "--spectrum_window_size", "3", "--cache_method", "none", "--ulysses_degree", "1"])
-    spec, layout, request = check_arguments(args, parser, 1)
+    spec, layout, request, _ = check_arguments(args, parser, 1)
     assert request.prompt == "5" and request.seed == 3 and request.cache.blend_weight == "auto"
     assert request.cache.window_size == 3.0 and request.spectrum is None and layout.ulysses_degree == 1
     assert (request.height, request.width, request.num_frames) == (spec.height, spec.width, spec.num_frames)

@@ -13,16 +13,15 @@ Call :func:`install` before anything imports xfuser (on CPU it must come first).
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import sys
 import warnings
 from typing import Optional
 
-from . import cache_method, cpu_gloo, padding
-from .importing import Patch, patch_on_import
-
 XFUSER_VERSION = "0.7.0"
-CONCERNS = {"cpu_gloo": cpu_gloo.PATCHES, "padding": padding.PATCHES, "cache_method": cache_method.PATCHES}
+# imported by install(), so that asking about the patches (record, pads_correctly) stays cheap
+CONCERNS = ("cpu_gloo", "padding", "cache_method")
 
 _record: Optional[dict] = None
 
@@ -38,7 +37,7 @@ def install() -> dict:
     if _record is not None:
         return record()
     version = installed_xfuser_version()
-    concerns = dict(CONCERNS)
+    concerns = {name: importlib.import_module(f"{__name__}.{name}") for name in CONCERNS}
     skipped = {}
     if version != XFUSER_VERSION:
         skipped = dict.fromkeys(concerns, f"xfuser {version or 'is not installed'}; these patches are for "
@@ -47,7 +46,7 @@ def install() -> dict:
             warnings.warn(f"spectrum-xdit: xfuser {version} is installed, but its patches are written for "
                           f"xfuser {XFUSER_VERSION}; skipped: {', '.join(concerns)}", RuntimeWarning, stacklevel=2)
         concerns = {}
-    elif not cpu_gloo.cpu_support_wanted():
+    elif not concerns["cpu_gloo"].cpu_support_wanted():
         skipped["cpu_gloo"] = "CUDA is available"
         del concerns["cpu_gloo"]
     else:
@@ -56,10 +55,12 @@ def install() -> dict:
             raise RuntimeError("spectrum_xdit.parallel.patches.install() must run before xfuser is imported "
                                f"on a machine without CUDA; already imported: {', '.join(imported[:5])}")
     _record = {"xfuser_version": version, "installed": list(concerns), "skipped": skipped, "applied": []}
-    by_module: dict[str, list[Patch]] = {}
-    for patches in concerns.values():
-        for module, functions in patches.items():
+    by_module: dict[str, list] = {}
+    for concern in concerns.values():
+        for module, functions in concern.PATCHES.items():
             by_module.setdefault(module, []).extend(functions)
+    from .importing import patch_on_import
+
     patch_on_import(by_module, _applied)
     return record()
 
@@ -73,6 +74,12 @@ def record() -> dict:
     return {key: (value.copy() if isinstance(value, (dict, list)) else value) for key, value in _record.items()}
 
 
+def pads_correctly() -> bool:
+    """Whether xDiT's padding path (token counts not divisible by the sequence-parallel degree)
+    gives correct results in this environment: with the padding patches, on xfuser 0.7.0."""
+    return installed_xfuser_version() == XFUSER_VERSION
+
+
 def installed_xfuser_version() -> Optional[str]:
     try:
         return importlib.metadata.version("xfuser")
@@ -80,5 +87,5 @@ def installed_xfuser_version() -> Optional[str]:
         return None
 
 
-def _applied(module: str, patch: Patch) -> None:
+def _applied(module: str, patch) -> None:
     _record["applied"].append(f"{module}: {patch.__name__}")

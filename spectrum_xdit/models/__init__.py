@@ -6,7 +6,39 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
+
+
+@dataclass(frozen=True)
+class SizeRules:
+    """The sizes a model's transformer accepts: height and width multiples of ``spatial_multiple``
+    (VAE factor x patch), for video ``num_frames = temporal_multiple k + 1``, and (Wan's rotary
+    table) at most ``max_positions`` patches along each of frames, height and width."""
+
+    family: str
+    spatial_multiple: int
+    temporal_multiple: int = 1
+    temporal_patch: int = 1
+    max_positions: Optional[int] = None
+
+    def latent_frames(self, num_frames: int) -> int:
+        return (num_frames - 1) // self.temporal_multiple + 1 if self.family == "wan" else 1
+
+    def tokens(self, height: int, width: int, num_frames: int) -> int:
+        """Image or video tokens the transformer sees for a request of this size."""
+        spatial = (height // self.spatial_multiple) * (width // self.spatial_multiple)
+        return spatial * -(-self.latent_frames(num_frames) // self.temporal_patch)
+
+
+def size_rules(family: str, transformer_config: dict, vae_config: dict) -> SizeRules:
+    """The rules that a pipeline's transformer and VAE configs imply (diffusers' own arithmetic:
+    ``WanPipeline`` reads the VAE's scale factors, ``FluxPipeline`` counts its VAE's blocks)."""
+    if family == "wan":
+        patch = transformer_config["patch_size"]
+        return SizeRules("wan", int(vae_config.get("scale_factor_spatial", 8)) * int(patch[1]),
+                         int(vae_config.get("scale_factor_temporal", 4)), int(patch[0]),
+                         int(transformer_config.get("rope_max_seq_len", 1024)))
+    return SizeRules("flux", 2 ** (len(vae_config["block_out_channels"]) - 1) * 2)
 
 
 @dataclass(frozen=True)
@@ -20,6 +52,7 @@ class ModelSpec:
     width: int
     num_frames: int                  # 1 for image models
     build: Callable[..., Any]        # (torch_dtype=None) -> a diffusers pipeline
+    sizes: SizeRules                 # read from the configs where they are at hand, else the family's
 
     @property
     def is_video(self) -> bool:
@@ -58,11 +91,21 @@ def _from_pretrained(name_or_path: str) -> Callable[..., Any]:
     return build
 
 
+def _digits_wan_sizes() -> SizeRules:
+    assets = Path(__file__).resolve().parent / "assets" / "digits_wan"
+    return size_rules("wan", json.loads((assets / "transformer_config.json").read_text()),
+                      json.loads((assets / "vae_config.json").read_text()))
+
+
+# The tiny models' rules as their builders (tiny.py) configure them; tests compare every built
+# model's rules with its spec's.
 BUILTIN_MODELS = {
-    "tiny-wan": ModelSpec("tiny-wan", "wan", 2, 32, 32, 5, _build_tiny_wan),
-    "tiny-flux": ModelSpec("tiny-flux", "flux", 2, 32, 32, 1, _build_tiny_flux),
-    "digits-wan": ModelSpec("digits-wan", "wan", 6, 16, 16, 9, _build_digits_wan),
+    "tiny-wan": ModelSpec("tiny-wan", "wan", 2, 32, 32, 5, _build_tiny_wan, SizeRules("wan", 16, 4, 1, 32)),
+    "tiny-flux": ModelSpec("tiny-flux", "flux", 2, 32, 32, 1, _build_tiny_flux, SizeRules("flux", 4)),
+    "digits-wan": ModelSpec("digits-wan", "wan", 6, 16, 16, 9, _build_digits_wan, _digits_wan_sizes()),
 }
+# Wan2.1 (VAE 8 x patch 2, 4x in time, rotary table 1024) and FLUX.1 (VAE 8 x packing 2).
+_FAMILY_SIZES = {"wan": SizeRules("wan", 16, 4, 1, 1024), "flux": SizeRules("flux", 16)}
 DEFAULT_MODEL = "digits-wan"
 _PIPELINE_FAMILIES = {"WanPipeline": "wan", "FluxPipeline": "flux"}
 # Heads of public checkpoints, for checking the Ulysses degree before any download.
@@ -85,7 +128,11 @@ def resolve_model(name_or_path: str) -> ModelSpec:
             raise ValueError(f"--model {name_or_path}: {pipeline_class} is not supported; "
                              f"supported pipelines: {', '.join(_PIPELINE_FAMILIES)}")
         config = path / "transformer" / "config.json"
-        heads = json.loads(config.read_text()).get("num_attention_heads") if config.exists() else None
+        transformer_config = json.loads(config.read_text()) if config.exists() else {}
+        heads = transformer_config.get("num_attention_heads")
+        vae = path / "vae" / "config.json"
+        sizes = size_rules(family, transformer_config, json.loads(vae.read_text())) \
+            if config.exists() and vae.exists() else _FAMILY_SIZES[family]
     else:
         lowered = name_or_path.lower()
         if "/" not in name_or_path or not ("wan" in lowered or "flux" in lowered):
@@ -95,5 +142,6 @@ def resolve_model(name_or_path: str) -> ModelSpec:
                 "Wan-AI/Wan2.1-T2V-14B-Diffusers, black-forest-labs/FLUX.1-dev)")
         family = "wan" if "wan" in lowered else "flux"
         heads = next((h for key, h in _KNOWN_HEADS.items() if key in lowered), None)
+        sizes = _FAMILY_SIZES[family]
     height, width, frames = (480, 832, 81) if family == "wan" else (1024, 1024, 1)
-    return ModelSpec(name_or_path, family, heads, height, width, frames, _from_pretrained(name_or_path))
+    return ModelSpec(name_or_path, family, heads, height, width, frames, _from_pretrained(name_or_path), sizes)
