@@ -27,18 +27,20 @@ requests = pytest.importorskip("requests")
 from spectrum_xdit.launch.request import (  # noqa: E402
     ParallelLayout,
     RequestError,
-    check_geometry,
+    check_sizes,
     model_defaults,
     parse_request,
 )
+from spectrum_xdit.models import SizeRules  # noqa: E402
 from spectrum_xdit.launch.runner import init_rank  # noqa: E402
 from spectrum_xdit.models import resolve_model  # noqa: E402
 from spectrum_xdit.parallel.testing import free_port  # noqa: E402
 
 STEPS = 8
 SETTINGS = {"model": "tiny-wan", "ulysses_degree": 2, "num_inference_steps": STEPS, "device": "cpu",
-            "worker_cpus": 1, "max_height": 96, "max_width": 96, "max_frames": 17, "max_steps": 100,
-            "setup_timeout_s": 240, "request_timeout_s": 240}
+            "worker_cpus": 1, "max_height": 1024, "max_width": 1024, "max_frames": 129, "max_steps": 100,
+            "max_token_steps": 100_000, "setup_timeout_s": 240, "request_timeout_s": 240, "probe_interval_s": 1.0,
+            "debug": True}
 REQUEST_TIMEOUT = 240
 
 
@@ -162,9 +164,11 @@ def test_health_and_config(server):
     assert config["model"] == "tiny-wan"
     assert config["parallel"] == {"world_size": 2, "ulysses_degree": 2, "ring_degree": 1, "cfg_degree": 1,
                                   "backend": "gloo", "device": "cpu", "num_replicas": 1}
-    assert config["limits"]["max_height"] == 96 and config["limits"]["max_steps"] == 100
+    assert config["limits"]["max_height"] == 1024 and config["limits"]["max_steps"] == 100
     assert config["defaults"]["num_inference_steps"] == STEPS and config["defaults"]["cache"]["method"] == "spectrum"
-    assert config["sizes"]["spatial_multiple"] == 16 and config["sizes"]["tokens_divisor"] == 2
+    # the built model's size rules are the ones its spec gave before anything was built
+    assert config["sizes"] == {"family": "wan", "spatial_multiple": 16, "temporal_multiple": 4, "temporal_patch": 1,
+                               "max_positions": 32}
 
 
 @pytest.mark.timeout(300)
@@ -225,8 +229,8 @@ def _varied_requests(count: int, sizes: dict) -> list[dict]:
         height, width = (int(v) for v in rng.choice([16, 32, 48], size=2))
         frames = int(rng.choice([1, 5, 9]))
         try:
-            check_geometry(parse_request({"prompt": "x", "height": height, "width": width, "num_frames": frames}, {}),
-                           sizes, "tiny-wan")
+            check_sizes(parse_request({"prompt": "x", "height": height, "width": width, "num_frames": frames}, {}),
+                        SizeRules(**sizes), ParallelLayout(ulysses_degree=2), padded=True)
         except RequestError:
             continue  # a 422, tested with the bad requests
         payload = {"prompt": f"digit {len(payloads) % 10}", "seed": int(rng.integers(0, 10**6)),
@@ -269,7 +273,7 @@ def test_sequential_varied_requests_equal_fresh_runs_and_memory_stays_bounded(se
             worst, worst_payload = error, payload
     rss_after = {pid: _rss_bytes(pid) for pid in pids}
     growth = {pid: rss_after[pid] - rss_before[pid] for pid in pids}
-    print(f"\n20 varied requests (padding of odd token counts: {sizes['padding']}): worst relative error "
+    print(f"\n20 varied requests: worst relative error "
           f"{worst:.2e} ({worst_payload}); latency median "
           f"{np.median(latencies):.2f} s (min {min(latencies):.2f}, max {max(latencies):.2f}); RSS growth MiB "
           f"replica {growth[pids[0]] / 2**20:+.1f}, rank 0 {growth[pids[1]] / 2**20:+.1f}, "
@@ -290,9 +294,9 @@ BAD_REQUESTS = [
     ("height a string", {"prompt": "x", "height": "32"}, 422, "height"),
     ("width a float", {"prompt": "x", "width": 32.0}, 422, "width"),
     ("height not a multiple of 16", {"prompt": "x", "height": 24}, 422, "height"),
-    ("width over the limit", {"prompt": "x", "width": 128}, 422, "width"),
+    ("width over the limit", {"prompt": "x", "width": 1040}, 422, "width"),
     ("frames not 4k+1", {"prompt": "x", "num_frames": 6}, 422, "num_frames"),
-    ("frames over the limit", {"prompt": "x", "num_frames": 21}, 422, "num_frames"),
+    ("frames over the limit", {"prompt": "x", "num_frames": 133}, 422, "num_frames"),
     ("tokens not divisible by Ulysses 2", {"prompt": "x", "height": 16, "width": 16, "num_frames": 1}, 422,
      "height,width,num_frames"),
     ("zero steps", {"prompt": "x", "num_inference_steps": 0}, 422, "num_inference_steps"),
@@ -310,29 +314,130 @@ BAD_REQUESTS = [
     ("zero warm-up", {"prompt": "x", "cache": {"warmup_steps": 0}}, 422, "cache.warmup_steps"),
     ("image format for a video model", {"prompt": "x", "output_format": "png"}, 422, "output_format"),
     ("unknown format", {"prompt": "x", "output_format": "webm"}, 422, "output_format"),
+    # what once crashed a rank, held the server or reached it as nonsense
+    ("JSON nested 10,000 deep", b'{"prompt": "x", "cache": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", 400, "body"),
+    ("a 5000-digit seed", b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", 422, "seed"),
+    ("a 5000-digit guidance", b'{"prompt": "x", "guidance_scale": ' + b"9" * 5000 + b"}", 422, "guidance_scale"),
+    ("a 5000-digit degree", b'{"prompt": "x", "cache": {"degree": ' + b"9" * 5000 + b"}}", 422, "cache.degree"),
+    ("a 400-digit integer for a float", {"prompt": "x", "guidance_scale": 10**400}, 422, "guidance_scale"),
+    ("guidance overflowing to inf", b'{"prompt": "x", "guidance_scale": 1e400}', 422, "guidance_scale"),
+    ("guidance NaN", b'{"prompt": "x", "guidance_scale": NaN}', 422, "guidance_scale"),
+    ("guidance 1e30", {"prompt": "x", "guidance_scale": 1e30}, 422, "guidance_scale"),
+    ("negative guidance", {"prompt": "x", "guidance_scale": -1}, 422, "guidance_scale"),
+    ("a lone surrogate in the prompt", b'{"prompt": "a\\ud800b"}', 422, "prompt"),
+    ("a lone surrogate in the negative prompt", b'{"prompt": "a", "negative_prompt": "\\udfff"}', 422,
+     "negative_prompt"),
+    ("a prompt over max_prompt_chars", {"prompt": "x" * 4001}, 422, "prompt"),
+    ("degree 10^9", {"prompt": "x", "cache": {"degree": 10**9}}, 422, "cache.degree"),
+    ("degree 6000", {"prompt": "x", "cache": {"degree": 6000}}, 422, "cache.degree"),
+    ("warm-up 10^9", {"prompt": "x", "cache": {"warmup_steps": 10**9}}, 422, "cache.warmup_steps"),
+    ("ridge penalty 1e308", {"prompt": "x", "cache": {"ridge_lambda": 1e308}}, 422, "cache.ridge_lambda"),
+    ("min gap 10^18", {"prompt": "x", "cache": {"min_gap": 10**18}}, 422, "cache.min_gap"),
+    ("max gap 10^18", {"prompt": "x", "cache": {"max_gap": 10**18}}, 422, "cache.max_gap"),
+    ("error budget 1e9", {"prompt": "x", "cache": {"error_budget": 1e9}}, 422, "cache.error_budget"),
+    ("window 1e9", {"prompt": "x", "cache": {"window_size": 1e9}}, 422, "cache.window_size"),
+    ("the cache's own step count", {"prompt": "x", "cache": {"num_inference_steps": 5}}, 422,
+     "cache.num_inference_steps"),
+    ("height beyond the rotary table", {"prompt": "x", "height": 528, "width": 16, "num_frames": 1}, 422, "height"),
+    ("frames beyond the rotary table", {"prompt": "x", "num_frames": 129}, 422, "num_frames"),
+    ("more work than max_token_steps", {"prompt": "x", "height": 512, "width": 512, "num_frames": 9,
+                                        "num_inference_steps": 40}, 422, "height,width,num_frames,num_inference_steps"),
+    ("a seed of 1.5", {"prompt": "x", "seed": 1.5}, 422, "seed"),
+    ("a body over max_body_bytes", b'{"prompt": "' + b"x" * (2 << 20) + b'"}', 413, "body"),
+    ("a body that is not UTF-8", b"\xff\xfe{}", 400, "body"),
+    ("a JSON null", b"null", 400, "body"),
 ]
 
 
 @pytest.mark.timeout(300)
 def test_bad_requests_get_4xx_naming_the_field_and_never_reach_the_workers(server):
-    dispatched = _health(server)["counters"]["dispatched"]
-    wrong = []
+    before = _health(server)
+    wrong, statuses = [], []
     for what, body, status, field in BAD_REQUESTS:
         if isinstance(body, bytes):
             response = _post(server, None, data=body)
         else:
-            response = _post(server, body)
+            response = _post(server, None, data=json.dumps(body).encode())
+        statuses.append(response.status_code)
         answer = response.json() if response.headers.get("content-type") == "application/json" else {}
         if response.status_code != status or answer.get("field") != field or field not in answer.get("error", ""):
             wrong.append((what, response.status_code, response.text[:300]))
+    after = _health(server)
+    print(f"\n{len(BAD_REQUESTS)} bad bodies: {sum(400 <= s < 500 for s in statuses)} answered 4xx, "
+          f"{sum(s >= 500 for s in statuses)} 5xx, rebuilds caused "
+          f"{after['counters']['rebuilds'] - before['counters']['rebuilds']}")
     assert not wrong, wrong
-    assert _health(server)["counters"]["dispatched"] == dispatched
-    # Still serving: a media answer with the report in its headers.
+    assert len(BAD_REQUESTS) >= 40
+    assert after["counters"]["dispatched"] == before["counters"]["dispatched"]
+    assert after["counters"]["rebuilds"] == before["counters"]["rebuilds"] and after["group"] == before["group"]
+    # Still serving at the usual pace: a media answer with the report in its headers, then latents
+    # equal to a fresh run.
     response = _post(server, {"prompt": "digit 1", "output_format": "gif"})
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "image/gif" and response.content[:6] == b"GIF89a"
     assert json.loads(response.headers["x-spectrum-nfe"]) == {"cond": 6, "uncond": 6}
     assert float(response.headers["x-spectrum-denoise-seconds"]) > 0
+    latents, report = _served_latents(server, {"prompt": "after the bad bodies", "seed": 4})
+    assert _relative_error(latents, _fresh_latents({"prompt": "after the bad bodies", "seed": 4})) <= 1e-5
+    assert report["request_seconds"] < 30
+
+
+# A request long enough to hang up on, or to be killed half-way: 100 full-compute steps.
+LONG_REQUEST = {"prompt": "x", "num_inference_steps": 100, "height": 64, "width": 64, "num_frames": 9,
+                "cache": {"method": "none"}, "output_format": "npy"}
+
+
+def _until_idle(url, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        health = _health(url)
+        if not health["busy"] and health["queue_depth"] == 0:
+            return health
+        assert time.monotonic() < deadline, health
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(300)
+def test_a_client_that_hangs_up_costs_nothing(server):
+    before = _health(server)
+    started = time.monotonic()
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(f"{server}/v1/generate", json=LONG_REQUEST, timeout=1.0)
+    after = _until_idle(server)
+    print(f"\nhung up after 1 s; the job ran to its end {time.monotonic() - started:.1f} s after it was sent")
+    assert after["counters"]["succeeded"] == before["counters"]["succeeded"] + 1
+    assert after["counters"]["rebuilds"] == before["counters"]["rebuilds"] and after["group"] == before["group"]
+    payload = {"prompt": "after a hang-up", "seed": 3}
+    latents, report = _served_latents(server, payload)
+    assert _relative_error(latents, _fresh_latents(payload)) <= 1e-5
+    assert report["queue_seconds"] < 1 and report["request_seconds"] < 30
+
+
+@pytest.mark.timeout(300)
+def test_health_finds_a_dead_rank_without_a_request(server):
+    health = _until_idle(server)
+    rebuilds, group = health["counters"]["rebuilds"], health["group"]
+    os.kill(health["workers"][1]["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    seen = None
+    while time.monotonic() - killed < 60:
+        response = requests.get(f"{server}/healthz", timeout=30)
+        body = response.json()
+        if body["counters"]["rebuilds"] == rebuilds + 1:
+            seen = (response.status_code, body, time.monotonic() - killed)
+            break
+        time.sleep(0.2)
+    assert seen is not None, "the dead rank was not found"
+    status, body, seconds = seen
+    assert "did not answer the health probe" in body["last_rebuild"]["reason"] and body["group"] == group + 1
+    from spectrum_xdit.launch.serve.main import wait_until_ready
+
+    wait_until_ready(server, timeout=240, interval=0.5)
+    print(f"\ndead idle rank found by the probe after {seconds:.1f} s (health answered {status} meanwhile); "
+          f"ready again {time.monotonic() - killed:.1f} s after the kill")
+    payload = {"prompt": "after the probe", "seed": 5}
+    latents, _ = _served_latents(server, payload)
+    assert _relative_error(latents, _fresh_latents(payload)) <= 1e-5
 
 
 @pytest.mark.timeout(400)
@@ -340,11 +445,8 @@ def test_killed_worker_gives_503_then_the_group_is_rebuilt(server):
     health = _health(server)
     old_pids = [w["pid"] for w in health["workers"]]
     rebuilds = health["counters"]["rebuilds"]
-    # Long enough (100 full-compute steps) to be killed half-way.
-    long_request = {"prompt": "x", "num_inference_steps": 100, "height": 64, "width": 64, "num_frames": 9,
-                    "cache": {"method": "none"}, "output_format": "npy"}
     with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(_post, server, long_request)
+        future = pool.submit(_post, server, LONG_REQUEST)
         deadline = time.monotonic() + 60
         while not _health(server)["busy"]:
             assert time.monotonic() < deadline, "the request never reached the ranks"

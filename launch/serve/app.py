@@ -1,18 +1,19 @@
-"""The HTTP API of `spectrum-xdit serve`: a Ray Serve deployment whose replicas each drive one
-rank group (``rank_group``).
+"""The HTTP API of `spectrum-xdit serve`: a Ray Serve deployment whose replicas each run their
+requests through an engine (``engine``) on one rank group (``rank_group``).
 
 A replica checks a request completely (the request model, the model's and the layout's rules,
-the sizes of the built pipeline) before any rank sees it, then sends it to every rank; the ranks
-run it in lock-step and rank 0 returns the latents or the encoded media. Requests to a replica
-run one at a time, queued in the replica; several replicas, each with its own group, scale out
-across the cluster. Start it with ``spectrum-xdit serve`` or ``serve run`` of
-``launch/serve/serve_config.yaml`` (application builder :func:`build_app`).
+the model's size rules, the server's limits) before it is queued; the engine then runs it on
+every rank in lock-step and rank 0 returns the latents or the encoded media. Requests to a replica
+run one at a time; several replicas, each with its own group, scale out across the cluster.
+Start it with ``spectrum-xdit serve`` or ``serve run`` of ``launch/serve/serve_config.yaml``
+(application builder :func:`build_app`).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations
 # (``Request``) at run time, through Serve's class-based ingress.
 import asyncio
 import base64
+import dataclasses
 import json
 import os
 import time
@@ -23,13 +24,28 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from ..request import CONTENT_TYPES, RequestError, check_geometry, check_request, parse_request
-from .rank_group import GroupFailure, GroupUnavailable, RankGroup
+from ...parallel.patches import pads_correctly
+from ..request import CONTENT_TYPES, RequestError, check_request, check_sizes, parse_json, parse_request
+from .engine import Engine
+from .rank_group import GroupUnavailable, RequestFailed
 from .settings import ServeSettings
 
 APP_NAME = "spectrum-xdit"
 
 api = FastAPI(title="spectrum-xdit", description="Spectrum + xDiT generation (see the README, 'Serving').")
+
+
+async def read_body(http_request: Request, max_bytes: int) -> bytes:
+    """The body, refused (413) as soon as it grows past ``max_bytes``, before it is all read."""
+    declared = http_request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise RequestError("body", f"is {declared} bytes, more than the server's max_body_bytes {max_bytes}", 413)
+    body = bytearray()
+    async for chunk in http_request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise RequestError("body", f"is more than the server's max_body_bytes {max_bytes}", 413)
+    return bytes(body)
 
 
 def _error(status: int, message: str, field: Optional[str] = None, headers: Optional[dict] = None) -> JSONResponse:
@@ -42,68 +58,41 @@ def _error(status: int, message: str, field: Optional[str] = None, headers: Opti
 @serve.deployment
 @serve.ingress(api)
 class SpectrumServer:
-    """A replica: the HTTP endpoints, request checks, and the rank group it drives."""
+    """A replica: the HTTP endpoints and request checks; its engine drives the rank group."""
 
     async def __init__(self, settings: dict):
         self.settings = ServeSettings.model_validate(settings)
         self.spec = self.settings.check()
         self.defaults = self.settings.request_defaults(self.spec)
-        self._lock = asyncio.Lock()
-        self._busy = False
-        self._counters = {"dispatched": 0, "succeeded": 0, "failed": 0}
-        self.group = RankGroup(self.settings)
-
-    async def _serve(self, request, arrived: float):
-        """Under the replica's lock: wait for the group, check sizes, run on every rank."""
-        async with self._lock:
-            queue_seconds = time.perf_counter() - arrived
-            try:
-                generation = await self.group.ready()
-            except GroupUnavailable as error:
-                return None, _error(503, f"the rank group is not available: {error}",
-                                    headers={"Retry-After": "30"}), queue_seconds
-            try:
-                check_geometry(request, generation.infos[0]["geometry"], self.spec.name)
-            except RequestError as error:
-                return None, _error(error.status, str(error), error.field), queue_seconds
-            self._busy = True
-            self._counters["dispatched"] += 1
-            try:
-                answer = await self.group.run(generation, request)
-            except GroupFailure as failure:
-                self._counters["failed"] += 1
-                return None, _error(failure.status, str(failure), headers=failure.headers), queue_seconds
-            finally:
-                self._busy = False
-            self._counters["succeeded"] += 1
-            return answer, None, queue_seconds
+        self.engine = Engine(self.settings, self.spec.name)
 
     @api.post("/v1/generate")
     async def generate(self, http_request: Request):
         arrived = time.perf_counter()
-        body = await http_request.body()
+        limits = self.settings.limits
         try:
-            payload = json.loads(body) if body.strip() else None
-            if payload is None:
-                raise RequestError("body", "must be a JSON object with at least 'prompt'", status=400)
-            request = parse_request(payload, self.defaults)
-            check_request(request, self.spec, self.settings.layout, self.settings.limits)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            return _error(400, f"body: not valid JSON ({error})", "body")
+            body = await read_body(http_request, limits.max_body_bytes)
+            request = parse_request(parse_json(body), self.defaults)
+            check_request(request, self.spec, self.settings.layout, limits)
+            check_sizes(request, self.spec.sizes, self.settings.layout, pads_correctly(), limits, self.spec.name)
         except RequestError as error:
             return _error(error.status, str(error), error.field)
         want_json = "application/json" in http_request.headers.get("accept", "").lower()
-
-        # Shielded: a client that hangs up does not stop the ranks half-way, and the lock is held
-        # until they are done.
-        answer, failure, queue_seconds = await asyncio.shield(self._serve(request, arrived))
-        if failure is not None:
-            return failure
+        job = self.engine.submit(request)
+        try:
+            # shielded: a client that hangs up leaves its job to finish; nothing is cancelled
+            answer = await asyncio.shield(job.done)
+        except GroupUnavailable as error:
+            return _error(503, f"the rank group is not available: {error}", headers={"Retry-After": "30"})
+        except RequestError as error:
+            return _error(error.status, str(error), error.field)
+        except RequestFailed as failure:
+            return _error(failure.status, str(failure), failure.field, headers=failure.headers)
 
         output_format = request.output_format
         report = dict(answer["report"], seed=request.seed, height=request.height, width=request.width,
                       num_frames=request.num_frames, guidance_scale=request.guidance_scale,
-                      output_format=output_format, queue_seconds=queue_seconds,
+                      output_format=output_format, queue_seconds=job.queue_seconds,
                       request_seconds=time.perf_counter() - arrived)
         content_type = CONTENT_TYPES[output_format]
         if want_json:
@@ -121,23 +110,27 @@ class SpectrumServer:
 
     @api.get("/healthz")
     async def healthz(self):
-        group = self.group
+        engine, group = self.engine, self.engine.group
         infos = group.infos or []
-        body = {"status": group.state, "model": self.spec.name, "world_size": self.settings.world_size,
-                "group": group.current.number, "busy": self._busy,
-                "counters": dict(self._counters, rebuilds=group.rebuilds),
-                "replica_pid": os.getpid(), "workers": [{k: v for k, v in info.items() if k != "xfuser_patches"}
-                                                   for info in infos],
+        shown = ("rank", "device", "pid", "node") if self.settings.debug else ("rank", "device")
+        body = {"status": group.state, "model": self._model_name(), "world_size": self.settings.world_size,
+                "group": group.current.number, "busy": engine.current is not None, "queue_depth": engine.queue.qsize(),
+                "counters": dict(engine.counters, rebuilds=group.rebuilds),
+                "workers": [{key: info[key] for key in shown} for info in infos],
                 "xfuser_patches": infos[0]["xfuser_patches"] if infos else None}
+        if self.settings.debug:
+            body["replica_pid"] = os.getpid()
+        if group.last_rebuild is not None:
+            body["last_rebuild"] = group.last_rebuild
         if group.error is not None:
             body["error"] = group.error
         return JSONResponse(body, status_code=200 if group.state == "ready" else 503)
 
     @api.get("/v1/config")
     async def config(self):
-        settings, spec, group = self.settings, self.spec, self.group
+        settings, spec, group = self.settings, self.spec, self.engine.group
         return {
-            "model": spec.name,
+            "model": self._model_name(),
             "family": spec.family,
             "parallel": {"world_size": settings.world_size, "ulysses_degree": settings.layout.ulysses_degree,
                          "ring_degree": settings.layout.ring_degree, "cfg_degree": 1,
@@ -147,19 +140,25 @@ class SpectrumServer:
             "defaults": settings.default_request(spec).model_dump(exclude={"prompt": True,
                                                                              "cache": {"num_inference_steps"}}),
             "output_formats": list(settings.output_formats(spec)),
-            "sizes": group.infos[0]["geometry"] if group.infos else None,
+            "sizes": group.infos[0]["sizes"] if group.infos else dataclasses.asdict(spec.sizes),
             "batching": "none: requests to a replica run one at a time on its rank group",
         }
 
+    def _model_name(self) -> str:
+        """The model as a client may see it: a local folder by its name alone, unless debugging."""
+        name = self.spec.name
+        return name if self.settings.debug or not os.path.isdir(name) else os.path.basename(os.path.normpath(name))
+
     def check_health(self):
         """Serve's health check: a replica whose group failed to start repeatedly is replaced."""
-        if self.group.failed_for_good:
-            raise RuntimeError(f"the rank group failed to start {self.group.setup_failures} times: {self.group.error}")
+        group = self.engine.group
+        if group.failed_for_good:
+            raise RuntimeError(f"the rank group failed to start {group.setup_failures} times: {group.error}")
 
     def __del__(self):
-        group = getattr(self, "group", None)
-        if group is not None:
-            group.kill()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
 
 
 def resolve_device(settings: ServeSettings) -> str:

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
 import urllib.error
 import urllib.request
 
-import ray
-from ray import serve
-
-from .app import APP_NAME, build_app
 from .settings import settings_from_args
+
+# Ray's single-machine mode (its default on macOS and Windows): the node's address is loopback,
+# so the GCS, raylet, agents and workers listen on 127.0.0.1 only. Read when Ray is imported.
+LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def wait_until_ready(url: str, timeout: float, interval: float = 1.0) -> dict:
@@ -33,11 +34,21 @@ def wait_until_ready(url: str, timeout: float, interval: float = 1.0) -> dict:
 
 
 def serve_main(args, parser) -> None:
+    """With no ``--address``, a local Ray instance that listens on loopback only (``--host``
+    opens HTTP alone to other machines); with one, Ray's own settings apply."""
     try:
         settings = settings_from_args(args)
         settings.check()
     except ValueError as error:
         parser.error(str(error))
+    if args.address is None:
+        for name, value in LOCAL_ONLY_ENV.items():
+            os.environ.setdefault(name, value)
+    import ray
+    from ray import serve
+
+    from .app import APP_NAME, build_app
+
     if args.address is None:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False)
     else:
@@ -52,7 +63,8 @@ def serve_main(args, parser) -> None:
         print(f"spectrum-xdit: serving {settings.model} at {url} ({settings.num_replicas} replica(s) x "
               f"{settings.world_size} rank(s)); waiting for the ranks ...", flush=True)
         health = wait_until_ready(url, settings.setup_timeout_s)
-        print(f"spectrum-xdit: ready ({health['workers']}); POST {url}/v1/generate, Ctrl-C to stop", flush=True)
+        print(f"spectrum-xdit: ready ({len(health['workers'])} ranks); POST {url}/v1/generate, Ctrl-C to stop",
+              flush=True)
         while not stop.wait(1.0):
             pass
     finally:

@@ -1,12 +1,13 @@
 """A replica's rank group: ``world_size`` :class:`RankWorker` actors forming one torch.distributed
-world, started in the replica's placement-group bundles and rebuilt there when a rank dies,
-fails or hangs."""
+world in the replica's placement-group bundles. Only a dead or hung rank rebuilds it, after a
+back-off that grows with consecutive failures; a request that fails alike on every rank fails
+alone, and a request that runs too long is stopped at a step boundary."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
+import time
 from typing import Optional
 
 import ray
@@ -16,33 +17,37 @@ from .settings import ServeSettings
 from .worker import RankWorker
 
 logger = logging.getLogger("ray.serve")
-# After the first failure of a rank, how long to wait for the others to fail too (a rank whose
-# peer died usually gets a connection error within a second), to tell a death from a bug.
-FAILURE_GRACE_S = 10.0
+# After the first answer of a failed or stopped request, how long the other ranks may take to
+# answer too before they count as hung (stuck in a collective their peers left).
+GRACE_S = 10.0
+PROBE_TIMEOUT_S = 10.0
 MAX_SETUP_FAILURES = 3
+MAX_BACKOFF_S = 60.0
 
 
 class GroupUnavailable(RuntimeError):
-    """No ready group to run on (still starting, or failed to start)."""
+    """No ready group to run on (starting, rebuilding, or failed to start)."""
 
 
-class GroupFailure(RuntimeError):
-    """A request failed on the ranks: ``status`` and ``headers`` of its answer; the group is
-    being rebuilt."""
+class RequestFailed(RuntimeError):
+    """A request's answer other than its output: ``status`` and ``field`` or ``headers``;
+    ``rebuilt`` says whether the group is being rebuilt for it."""
 
-    def __init__(self, status: int, message: str, headers: Optional[dict] = None):
+    def __init__(self, status: int, message: str, field: Optional[str] = None, headers: Optional[dict] = None,
+                 rebuilt: bool = False):
         super().__init__(message)
         self.status = status
+        self.field = field
         self.headers = headers
+        self.rebuilt = rebuilt
 
 
 class _Generation:
     """One set of actors of the group and what is known of its set-up."""
 
-    def __init__(self, number: int, workers: list, setup_refs: list):
+    def __init__(self, number: int, workers: list):
         self.number = number
         self.workers = workers
-        self.setup_refs = setup_refs
         self.infos: Optional[list[dict]] = None
         self.error: Optional[str] = None
         self.settled = asyncio.Event()
@@ -60,15 +65,23 @@ class _Generation:
 
 
 class RankGroup:
-    """Starts the actors, watches their set-up, runs requests on them, rebuilds them."""
+    """Starts the actors, watches their set-up, runs requests on them, probes and rebuilds them.
 
-    def __init__(self, settings: ServeSettings):
+    Construct it inside the replica's event loop, outside any request: the calls it makes to the
+    ranks then belong to no HTTP request, and a client that hangs up cancels none of them."""
+
+    def __init__(self, settings: ServeSettings, worker_cls: type = RankWorker):
         self.settings = settings
+        self._worker = ray.remote(worker_cls)
         self.rebuilds = 0
         self.setup_failures = 0
+        self.consecutive_failures = 0
+        self.last_rebuild: Optional[dict] = None
         self._number = 0
-        self._watchers: set = set()
-        self.current: _Generation = self._start()
+        self._tasks: set = set()
+        self.current = self._start(delay=0.0)
+
+    # -- state --------------------------------------------------------------------------------
 
     @property
     def state(self) -> str:
@@ -86,34 +99,36 @@ class RankGroup:
     def failed_for_good(self) -> bool:
         return self.setup_failures >= MAX_SETUP_FAILURES
 
-    def _start(self) -> _Generation:
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def _start(self, delay: float) -> _Generation:
         from ray.util.placement_group import get_current_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         settings = self.settings
         self._number += 1
         placement_group = get_current_placement_group()
-        worker_cls = _remote_worker()
         workers = []
         for rank in range(settings.world_size):
             options = {"num_cpus": settings.worker_cpus, "num_gpus": 1 if settings.device == "cuda" else 0,
-                       "max_restarts": 0}
+                       "max_restarts": 0, "max_concurrency": 2}
             if placement_group is not None:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group, placement_group_bundle_index=rank)
-            workers.append(worker_cls.options(**options).remote(rank, settings.model_dump()))
-        rendezvous = workers[0].rendezvous.remote()
-        generation = _Generation(self._number, workers, [w.setup.remote(rendezvous) for w in workers])
-        watcher = asyncio.get_running_loop().create_task(self._watch_setup(generation))
-        self._watchers.add(watcher)
-        watcher.add_done_callback(self._watchers.discard)
+            workers.append(self._worker.options(**options).remote(rank, settings.model_dump()))
+        generation = _Generation(self._number, workers)
+        self._spawn(self._set_up(generation, delay))
         return generation
 
-    async def _watch_setup(self, generation: _Generation) -> None:
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _set_up(self, generation: _Generation, delay: float) -> None:
         try:
-            infos = await asyncio.wait_for(
-                asyncio.gather(*[asyncio.wrap_future(ref.future()) for ref in generation.setup_refs]),
-                self.settings.setup_timeout_s)
+            await asyncio.sleep(delay)
+            infos = await asyncio.wait_for(self._rendezvous_and_set_up(generation), self.settings.setup_timeout_s)
         except asyncio.TimeoutError:
             generation.error = f"the rank group was not ready after {self.settings.setup_timeout_s:.0f} s"
         except Exception as error:  # a rank failed to start or build the pipeline
@@ -121,29 +136,42 @@ class RankGroup:
         else:
             generation.infos = sorted(infos, key=lambda info: info["rank"])
             self.setup_failures = 0
-            logger.info("spectrum-xdit rank group %d ready: %s", generation.number, generation.infos)
+            logger.info("spectrum-xdit rank group %d ready", generation.number)
         if generation.error is not None:
             self.setup_failures += 1
             logger.error("spectrum-xdit rank group %d: %s", generation.number, generation.error)
-            generation.kill()
             if self.current is generation and not self.failed_for_good:
-                self.rebuild(generation.error)
+                self.rebuild(generation, generation.error)
+            generation.kill()
         generation.settled.set()
 
-    def rebuild(self, reason: str) -> None:
-        logger.warning("spectrum-xdit: rebuilding rank group %d: %s", self.current.number, reason)
-        self.current.kill()
+    async def _rendezvous_and_set_up(self, generation: _Generation) -> list[dict]:
+        workers = generation.workers
+        nodes = await asyncio.gather(*[_wait(worker.node.remote()) for worker in workers])
+        rendezvous = await _wait(workers[0].rendezvous.remote(len(set(nodes)) == 1))
+        return await asyncio.gather(*[_wait(worker.setup.remote(rendezvous)) for worker in workers])
+
+    def rebuild(self, generation: _Generation, reason: str) -> None:
+        """Replace ``generation`` (if it is still the current one) after a back-off of 2^(n-1)
+        seconds for the n-th consecutive failure, at most a minute."""
+        if generation is not self.current:
+            return
+        self.consecutive_failures += 1
+        delay = 0.0 if self.consecutive_failures == 1 else min(MAX_BACKOFF_S, 2.0 ** (self.consecutive_failures - 1))
+        logger.warning("spectrum-xdit: rebuilding rank group %d in %.0f s: %s", generation.number, delay, reason)
+        self.last_rebuild = {"reason": reason, "at": time.time(), "delay_s": delay,
+                             "consecutive_failures": self.consecutive_failures}
+        generation.kill()
         self.rebuilds += 1
-        self.current = self._start()
+        self.current = self._start(delay)
 
     async def ready(self) -> _Generation:
         """The current generation once it is ready; follows the rebuilds that replace a failed start."""
-        deadline = asyncio.get_running_loop().time() + self.settings.setup_timeout_s
+        deadline = time.monotonic() + self.settings.setup_timeout_s + MAX_BACKOFF_S
         for _ in range(MAX_SETUP_FAILURES + 1):
             generation = self.current
-            remaining = deadline - asyncio.get_running_loop().time()
             try:
-                await asyncio.wait_for(generation.settled.wait(), max(remaining, 0.01))
+                await asyncio.wait_for(generation.settled.wait(), max(deadline - time.monotonic(), 0.01))
             except asyncio.TimeoutError:
                 raise GroupUnavailable("the rank group is still starting") from None
             if generation.state == "ready":
@@ -152,43 +180,88 @@ class RankGroup:
                 break
         raise GroupUnavailable(generation.error)
 
-    async def run(self, generation: _Generation, request) -> dict:
-        """Send the request to every rank; rank 0's answer. Raises :class:`GroupFailure`."""
-        futures = [asyncio.wrap_future(worker.generate.remote(request).future()) for worker in generation.workers]
-        done, pending = await asyncio.wait(futures, timeout=self.settings.request_timeout_s,
-                                           return_when=asyncio.FIRST_EXCEPTION)
-        failed = [f for f in done if f.exception() is not None]
-        if not failed and not pending:
-            return futures[0].result()
-        if not failed:
-            for future in pending:
-                future.cancel()
-            self.rebuild("request timed out")
-            raise GroupFailure(504, f"the request did not finish within {self.settings.request_timeout_s:.0f} s "
-                               "(request_timeout_s); the rank group is being rebuilt")
-        if pending:
-            more, pending = await asyncio.wait(pending, timeout=FAILURE_GRACE_S)
-            failed += [f for f in more if f.exception() is not None]
-        for future in pending:
-            future.cancel()
-        errors = {rank: future.exception() for rank, future in enumerate(futures) if future in failed}
-        dead = sorted(rank for rank, error in errors.items() if isinstance(error, RayActorError))
-        if dead:
-            self.rebuild(f"rank(s) {dead} died")
-            detail = "; ".join(f"rank {rank}: {describe(errors[rank])}" for rank in dead)
-            raise GroupFailure(503, f"a worker of this replica's rank group died during the request ({detail}); "
-                               "the group is being rebuilt, retry the request", headers={"Retry-After": "30"})
-        rank, error = min(errors.items())
-        self.rebuild(f"rank {rank} failed")
-        raise GroupFailure(500, f"generation failed on rank {rank}: {describe(error)}; the rank group is being rebuilt")
-
     def kill(self) -> None:
         self.current.kill()
 
+    # -- requests -----------------------------------------------------------------------------
 
-@functools.cache
-def _remote_worker():
-    return ray.remote(RankWorker)
+    async def run(self, generation: _Generation, request, job: str) -> dict:
+        """Run ``request`` as ``job`` on every rank; rank 0's answer, or :class:`RequestFailed`.
+
+        A request still running at ``request_timeout_s`` is stopped at its next step boundary
+        (504). A rank that dies (503), or that has not answered ``GRACE_S`` after its peers failed
+        or stopped (stuck in a collective they left), rebuilds the group; a request that fails
+        alike on every rank fails alone."""
+        futures = [_wait(worker.generate.remote(request, job)) for worker in generation.workers]
+        pending = await self._until_done_or_failed(futures, self.settings.request_timeout_s)
+        timed_out = bool(pending) and not any(_failed(f) for f in futures if f.done())
+        if timed_out:
+            for worker in generation.workers:
+                worker.stop.remote(job)
+            _, pending = await asyncio.wait(pending, timeout=GRACE_S)
+        dead = [rank for rank, f in enumerate(futures) if f.done() and isinstance(f.exception(), RayActorError)]
+        if dead:
+            self.rebuild(generation, f"rank(s) {dead} died")
+            detail = "; ".join(f"rank {rank}: {describe(futures[rank].exception())}" for rank in dead)
+            raise RequestFailed(503, f"a worker of this replica's rank group died during the request ({detail}); "
+                                "the group is being rebuilt, retry the request", headers={"Retry-After": "30"},
+                                rebuilt=True)
+        if pending:
+            hung = [rank for rank, f in enumerate(futures) if f in pending]
+            for future in pending:
+                future.cancel()
+            self.rebuild(generation, f"rank(s) {hung} did not finish a request")
+            raise RequestFailed(504 if timed_out else 500, f"rank(s) {hung} did not finish the request; the rank "
+                                "group is being rebuilt", rebuilt=True)
+        results = [future.result() for future in futures]
+        if timed_out:
+            step = max(result.get("stopped_after_step", -1) for result in results)
+            raise RequestFailed(504, f"the request did not finish within {self.settings.request_timeout_s:g} s "
+                                f"(request_timeout_s); it was stopped after step {step}")
+        errors = [result["error"] for result in results if "error" in result]
+        if errors:
+            split = len(errors) < len(results)   # the ranks went separate ways: rebuild to be safe
+            if split:
+                self.rebuild(generation, "the ranks disagreed about a request")
+            raise RequestFailed(errors[0]["status"], errors[0]["message"], field=errors[0].get("field"), rebuilt=split)
+        self.consecutive_failures = 0
+        return results[0]
+
+    @staticmethod
+    async def _until_done_or_failed(futures: list, timeout: float) -> set:
+        """Wait for every future, but no longer than ``timeout``, nor (after one failed) ``GRACE_S``."""
+        deadline = time.monotonic() + timeout
+        pending = set(futures)
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=max(deadline - time.monotonic(), 0),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                break
+            if any(_failed(future) for future in done):
+                return (await asyncio.wait(pending, timeout=GRACE_S))[1] if pending else set()
+        return pending
+
+    async def probe(self) -> None:
+        """Ping every rank of the ready generation; a rank that is dead or does not answer
+        rebuilds the group, so a dead rank is found without a user request."""
+        generation = self.current
+        if generation.state != "ready":
+            return
+        pings = [_wait(worker.ping.remote()) for worker in generation.workers]
+        done, pending = await asyncio.wait(pings, timeout=PROBE_TIMEOUT_S)
+        dead = sorted(rank for rank, ping in enumerate(pings) if ping in pending or ping.exception() is not None)
+        for ping in pending:
+            ping.cancel()
+        if dead:
+            self.rebuild(generation, f"rank(s) {dead} did not answer the health probe")
+
+
+def _failed(future: asyncio.Future) -> bool:
+    return future.exception() is not None or "error" in future.result()
+
+
+def _wait(ref) -> asyncio.Future:
+    return asyncio.wrap_future(ref.future())
 
 
 def describe(error: BaseException) -> str:

@@ -43,7 +43,10 @@ class ServeSettings(BaseModel):
     worker_cpus: float = Field(1.0, gt=0, description="CPUs reserved for each rank (torch threads on CPU)")
     fps: int = Field(8, ge=1, description="frame rate of mp4 and gif answers")
     setup_timeout_s: float = Field(900.0, gt=0, description="seconds a rank group may take to start")
-    request_timeout_s: float = Field(3600.0, gt=0, description="seconds a request may take on the ranks")
+    request_timeout_s: float = Field(3600.0, gt=0, description=(
+        "seconds a request may run on the ranks before it is stopped at a step boundary (504)"))
+    probe_interval_s: float = Field(5.0, gt=0, description="seconds between health probes of idle ranks")
+    debug: bool = Field(False, description="show PIDs, node addresses and model paths in /healthz and /v1/config")
     limits: Limits = Field(default_factory=Limits)
     defaults: dict = Field(default_factory=dict, description="request defaults, request-shaped")
 

@@ -1,17 +1,26 @@
-"""One rank of a replica's group: a Ray actor holding this rank's xDiT pipeline."""
+"""One rank of a replica's group: a Ray actor holding this rank's xDiT pipeline.
+
+It runs with two threads (``max_concurrency=2``): one generates, the other answers ``ping`` and
+``stop`` meanwhile, so that the replica can probe a busy rank and stop a request at the next step
+boundary. A request that raises returns its error instead of raising, so that the replica can see
+that every rank failed alike (a bad request, not a broken group).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import socket
 import tempfile
+import threading
 import time
 
 import numpy as np
 import ray
 
 from ...parallel import patches
+from ..request import RequestError
 from .settings import ServeSettings
 
 
@@ -22,53 +31,88 @@ class RankWorker:
         self.rank = rank
         self.settings = ServeSettings.model_validate(settings)
         self.rank_pipeline = None
+        self._stop = threading.Event()
+        self._job = None
 
-    def rendezvous(self) -> tuple[str, int]:
-        """Rank 0: the address and a free port for the group's TCP rendezvous."""
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def rendezvous(self, same_node: bool) -> dict:
+        """Rank 0: where the group meets. On one node a file store, which listens on no port (a
+        TCPStore binds every interface) and gloo on loopback; across nodes a TCP address."""
+        if same_node:
+            return {"file": os.path.join(tempfile.mkdtemp(prefix="spectrum-xdit-group-"), "store")}
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("", 0))
             port = sock.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        return {"address": ray.util.get_node_ip_address(), "port": port}
 
-    def setup(self, rendezvous: tuple[str, int]) -> dict:
+    def setup(self, rendezvous: dict) -> dict:
         import torch
+        import torch.distributed as dist
 
         from ...models import resolve_model
         from ..runner import init_rank
 
         settings = self.settings
         cuda = settings.device == "cuda"
-        address, port = rendezvous
-        os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port), RANK=str(self.rank),
-                          WORLD_SIZE=str(settings.world_size),
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(settings.world_size),
                           # Ray shows each GPU actor only its own GPU, as device 0.
-                          LOCAL_RANK="0" if cuda else str(self.rank),
-                          LOCAL_WORLD_SIZE=str(settings.world_size))
+                          LOCAL_RANK="0" if cuda else str(self.rank), LOCAL_WORLD_SIZE=str(settings.world_size))
+        store = None
+        if "file" in rendezvous:
+            store = dist.FileStore(rendezvous["file"], settings.world_size)
+            os.environ.update(GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo")
+        else:
+            os.environ.update(MASTER_ADDR=rendezvous["address"], MASTER_PORT=str(rendezvous["port"]))
         if not cuda:
             torch.set_num_threads(max(1, int(settings.worker_cpus)))
-        self.rank_pipeline = init_rank(resolve_model(settings.model), settings.layout)
+        self.rank_pipeline = init_rank(resolve_model(settings.model), settings.layout, store=store)
         self.rank_pipeline.pipe.set_progress_bar_config(disable=True)
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
-                "device": self.rank_pipeline.device, "geometry": self.rank_pipeline.geometry(),
+                "device": self.rank_pipeline.device, "sizes": dataclasses.asdict(self.rank_pipeline.size_rules()),
                 "xfuser_patches": patches.record()}
 
-    def generate(self, request) -> dict:
-        """Run one request on this rank; rank 0 returns the output and the report."""
-        from ..media import write_media
+    def ping(self) -> int:
+        return self.rank
 
-        output_format = request.output_format
-        result = self.rank_pipeline.generate(request, decode=output_format != "npy")
+    def stop(self, job: str) -> None:
+        """Stop ``job`` after its current step (if it is the one running)."""
+        if self._job == job:
+            self._stop.set()
+
+    def generate(self, request, job: str) -> dict:
+        """Run one request on this rank: rank 0 returns the output and the report; a rank that
+        raises returns the error; a stopped request returns the step it stopped after."""
+        self._job = job
+        self._stop.clear()
+        try:
+            result = self.rank_pipeline.generate(request, decode=request.output_format != "npy",
+                                                 stop=self._stop.is_set)
+        except RequestError as error:
+            return {"rank": self.rank, "error": {"status": error.status, "field": error.field, "message": str(error)}}
+        except Exception as error:  # the replica decides, from every rank's answer, what it means
+            return {"rank": self.rank, "error": {"status": 500, "message": f"{type(error).__name__}: {error}"}}
+        finally:
+            self._job = None
+        stopped = result.report.get("stopped_after_step")
+        if stopped is not None:
+            return {"rank": self.rank, "stopped_after_step": stopped}
         if self.rank != 0:
             return {"rank": self.rank}
+        return {"rank": 0, **self._encode(request, result)}
+
+    def _encode(self, request, result) -> dict:
+        from ..media import write_media
+
         encode_start = time.perf_counter()
-        if output_format == "npy":
+        if request.output_format == "npy":
             buffer = io.BytesIO()
             np.save(buffer, result.latents.float().cpu().numpy())
             media = buffer.getvalue()
         else:
             with tempfile.TemporaryDirectory() as folder:
-                path = write_media(os.path.join(folder, f"output.{output_format}"), result.media,
+                path = write_media(os.path.join(folder, f"output.{request.output_format}"), result.media,
                                    fps=self.settings.fps)
                 media = path.read_bytes()
-        report = dict(result.report, encode_seconds=time.perf_counter() - encode_start)
-        return {"rank": 0, "media": media, "report": report}
+        return {"media": media, "report": dict(result.report, encode_seconds=time.perf_counter() - encode_start)}

@@ -1,0 +1,86 @@
+"""`spectrum-xdit serve` as a user starts it, a local Ray instance in a subprocess: everything it
+starts listens on loopback only (but for the one listener Ray Serve 2.60 hard-codes, below), and a
+request that runs past ``--request_timeout_s`` is stopped at a step boundary with a 504, without a
+rebuild."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+psutil = pytest.importorskip("psutil")
+requests = pytest.importorskip("requests")
+
+from spectrum_xdit.launch.serve.main import wait_until_ready  # noqa: E402
+from spectrum_xdit.parallel.testing import free_port  # noqa: E402
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+TIMEOUT_S = 4.0
+# 100 full-compute steps of 96 x 96 x 17 (180 tokens): far past TIMEOUT_S on this machine's two
+# cores, which serve an 8-step request of the default size in about a second.
+RUNAWAY = {"prompt": "x", "num_inference_steps": 100, "height": 96, "width": 96, "num_frames": 17,
+           "cache": {"method": "none"}, "output_format": "npy"}
+
+
+def _ray_serve_replica_grpc(ip: str, name: str) -> bool:
+    """Ray Serve 2.60 starts each replica's inter-deployment gRPC server on ``[::]:0``, not
+    configurable (``ray/serve/_private/replica.py``, ``ReplicaBase._on_initialized``)."""
+    return ip == "::" and name.startswith("ray::ServeReplica")
+
+
+def _listeners(root: psutil.Process) -> list[tuple[str, int, str]]:
+    found = []
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            connections = process.net_connections(kind="inet")
+            name = process.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        found += [(c.laddr.ip, c.laddr.port, name) for c in connections if c.status == psutil.CONN_LISTEN]
+    return found
+
+
+@pytest.mark.timeout(600)
+def test_a_local_server_listens_on_loopback_only_and_stops_a_runaway_at_a_step_boundary(tmp_path):
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "spectrum_xdit.launch.cli", "serve", "--model", "tiny-wan", "--ulysses_degree", "2",
+         "--port", str(port), "--num_cpus", "4", "--device", "cpu", "--num_inference_steps", "8",
+         "--request_timeout_s", str(TIMEOUT_S), "--setup_timeout_s", "300"],
+        stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, timeout=300, interval=0.5)
+        listeners = _listeners(psutil.Process(server.pid))
+        print(f"\n{len(listeners)} listening sockets: "
+              f"{sorted({(ip, name) for ip, _, name in listeners})}")
+        open_ = [(ip, port, name) for ip, port, name in listeners if ip not in LOOPBACK]
+        assert listeners and all(_ray_serve_replica_grpc(ip, name) for ip, _, name in open_), open_
+        assert len(open_) <= 1, open_
+        health = requests.get(f"{url}/healthz", timeout=30).json()
+        assert "pid" not in health["workers"][0] and "replica_pid" not in health   # no --debug
+
+        started = time.monotonic()
+        response = requests.post(f"{url}/v1/generate", json=RUNAWAY, timeout=120)
+        seconds = time.monotonic() - started
+        assert response.status_code == 504, response.text
+        assert "stopped after step" in response.json()["error"], response.text
+        assert seconds < TIMEOUT_S + 15, seconds
+        after = requests.get(f"{url}/healthz", timeout=30).json()
+        assert after["counters"]["rebuilds"] == 0 and after["status"] == "ready"
+        quick = requests.post(f"{url}/v1/generate", json={"prompt": "digit 2", "output_format": "npy"}, timeout=120)
+        assert quick.status_code == 200, quick.text
+        report = json.loads(quick.headers["x-spectrum-report"])
+        print(f"runaway answered 504 after {seconds:.1f} s ({response.json()['error']}); "
+              f"next request {report['request_seconds']:.2f} s")
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
