@@ -13,13 +13,13 @@ import io
 import os
 import socket
 import tempfile
-import threading
 import time
 
 import numpy as np
 import ray
 
 from ...parallel import patches
+from ..quiet import silence_engines
 from ..request import RequestError
 from .settings import ServeSettings
 
@@ -30,9 +30,12 @@ class RankWorker:
     def __init__(self, rank: int, settings: dict):
         self.rank = rank
         self.settings = ServeSettings.model_validate(settings)
+        if not self.settings.debug:
+            silence_engines()
         self.rank_pipeline = None
-        self._stop = threading.Event()
+        self._stopping: set[str] = set()   # jobs asked to stop, perhaps before they reach this rank
         self._job = None
+        self._steps = 0
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -77,24 +80,32 @@ class RankWorker:
         return self.rank
 
     def stop(self, job: str) -> None:
-        """Stop ``job`` after its current step (if it is the one running)."""
-        if self._job == job:
-            self._stop.set()
+        """Stop ``job`` after its current step (or its first, if it has not started here yet)."""
+        self._stopping.add(job)
+
+    def progress(self) -> dict:
+        """The running job and how many of its denoising steps are done."""
+        return {"job": self._job, "steps": self._steps}
+
+    def _step_done(self) -> bool:
+        """Called after every denoising step: counts it, and says whether to stop there."""
+        self._steps += 1
+        return self._job in self._stopping
 
     def generate(self, request, job: str) -> dict:
         """Run one request on this rank: rank 0 returns the output and the report; a rank that
         raises returns the error; a stopped request returns the step it stopped after."""
-        self._job = job
-        self._stop.clear()
+        self._job, self._steps = job, 0
         try:
             result = self.rank_pipeline.generate(request, decode=request.output_format != "npy",
-                                                 stop=self._stop.is_set)
+                                                 stop=self._step_done)
         except RequestError as error:
             return {"rank": self.rank, "error": {"status": error.status, "field": error.field, "message": str(error)}}
         except Exception as error:  # the replica decides, from every rank's answer, what it means
             return {"rank": self.rank, "error": {"status": 500, "message": f"{type(error).__name__}: {error}"}}
         finally:
             self._job = None
+            self._stopping.discard(job)
         stopped = result.report.get("stopped_after_step")
         if stopped is not None:
             return {"rank": self.rank, "stopped_after_step": stopped}
