@@ -177,3 +177,18 @@ def test_probes_find_a_dead_idle_rank_and_rebuilds_back_off(local_ray):
     delays, number, reason, failures = _scenario(body)
     assert delays == [0.0, 2.0, 4.0] and number == 4
     assert "rank(s) [1] did not answer the health probe" in reason and failures == 0
+
+
+def test_kept_jobs_expire_after_their_time_then_the_oldest_go_past_the_byte_limit():
+    from types import SimpleNamespace
+
+    from spectrum_xdit.launch.serve.engine import KeptJobs
+
+    kept = KeptJobs(ttl_s=100.0, max_bytes=250)
+    for name, finished, size in (("old", 0.0, 100), ("a", 50.0, 100), ("b", 60.0, 100), ("c", 70.0, 100),
+                                 ("running", None, 0)):
+        kept[name] = SimpleNamespace(id=name, completed_at=finished, nbytes=size)
+    kept.evict(now=120.0)            # "old" is past its 100 s; 300 bytes remain, over 250: "a" goes too
+    assert sorted(kept) == ["b", "c", "running"]
+    kept.evict(now=165.0)            # "b" finished 105 s ago
+    assert sorted(kept) == ["c", "running"]

@@ -40,8 +40,9 @@ STEPS = 8
 SETTINGS = {"model": "tiny-wan", "ulysses_degree": 2, "num_inference_steps": STEPS, "device": "cpu",
             "worker_cpus": 1, "max_height": 1024, "max_width": 1024, "max_frames": 129, "max_steps": 100,
             "max_token_steps": 100_000, "setup_timeout_s": 240, "request_timeout_s": 240, "probe_interval_s": 1.0,
-            "debug": True}
+            "max_queue_size": 10, "debug": True}
 REQUEST_TIMEOUT = 240
+METRICS_PORT: list = []   # where the fixture's Ray exports Prometheus metrics
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +54,13 @@ def server():
     from spectrum_xdit.launch.serve.main import wait_until_ready
 
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False)
+    context = ray.init(num_cpus=4, include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(SETTINGS), name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
         wait_until_ready(url, timeout=300)
+        METRICS_PORT.append(context.address_info["metrics_export_port"])
         yield url
     finally:
         serve.shutdown()
@@ -440,6 +442,112 @@ def test_health_finds_a_dead_rank_without_a_request(server):
     assert _relative_error(latents, _fresh_latents(payload)) <= 1e-5
 
 
+def _video(url, payload):
+    return requests.post(f"{url}/v1/videos", json=payload, timeout=REQUEST_TIMEOUT)
+
+
+def _poll(url, video_id, until=("completed", "failed"), timeout=240) -> tuple[dict, list]:
+    """The job once its status is one of ``until``, and every progress value seen on the way."""
+    deadline, seen = time.monotonic() + timeout, []
+    while True:
+        job = requests.get(f"{url}/v1/videos/{video_id}", timeout=30).json()
+        seen.append(job["progress"])
+        if job["status"] in until:
+            return job, seen
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(300)
+def test_video_jobs_from_queued_to_completed_to_deleted(server):
+    payload = {"model": "tiny-wan", "prompt": "a video job", "seed": 21, "size": "48x32", "num_frames": 5,
+               "num_inference_steps": 40, "output_format": "npy"}
+    created = _video(server, payload)
+    assert created.status_code == 200, created.text
+    job = created.json()
+    assert job["object"] == "video" and job["status"] in ("queued", "in_progress") and job["size"] == "48x32"
+    assert len(job["id"]) >= 20 and job["model"] == "tiny-wan" and isinstance(job["created_at"], int)
+    early = requests.get(f"{server}/v1/videos/{job['id']}/content", timeout=30)
+    assert early.status_code == 409 and "not completed" in early.json()["error"]
+    done, seen = _poll(server, job["id"])
+    assert done["status"] == "completed" and done["progress"] == 100, done
+    assert all(0 <= p <= 100 for p in seen) and seen == sorted(seen)
+    assert done["report"]["nfe"] and done["report"]["width"] == 48 and done["report"]["height"] == 32
+    content = requests.get(f"{server}/v1/videos/{job['id']}/content", timeout=30)
+    assert content.status_code == 200 and content.headers["content-type"] == "application/x-npy"
+    fresh = _fresh_latents({"prompt": "a video job", "seed": 21, "width": 48, "height": 32, "num_frames": 5,
+                            "num_inference_steps": 40})
+    assert _relative_error(_npy(content.content), fresh) <= 1e-5
+    deleted = requests.delete(f"{server}/v1/videos/{job['id']}", timeout=30)
+    assert deleted.json() == {"id": job["id"], "object": "video", "deleted": True}
+    for path in (f"/v1/videos/{job['id']}", f"/v1/videos/{job['id']}/content"):
+        assert requests.get(f"{server}{path}", timeout=30).status_code == 404
+    assert requests.delete(f"{server}/v1/videos/{job['id']}", timeout=30).status_code == 404
+    assert requests.get(f"{server}/v1/videos/not-a-job", timeout=30).status_code == 404
+
+
+@pytest.mark.parametrize("body,status,field", [
+    ({"prompt": "x", "model": "wan-2"}, 422, "model"),
+    ({"prompt": "x", "size": "48by32"}, 422, "size"),
+    ({"prompt": "x", "size": 48}, 422, "size"),
+    ({"prompt": "x", "size": "48x32", "width": 48}, 422, "size"),
+    ({"prompt": "x", "size": "40x32"}, 422, "width"),
+    ({"prompt": "x", "seconds": "4"}, 422, "seconds"),
+    ({"prompt": "x", "cache": {"degree": 10**9}}, 422, "cache.degree"),
+    ({"size": "48x32"}, 422, "prompt"),
+    ([1], 400, "body"),
+])
+def test_hostile_video_bodies_get_4xx_naming_the_field(server, body, status, field):
+    response = requests.post(f"{server}/v1/videos", json=body, timeout=REQUEST_TIMEOUT)
+    assert response.status_code == status and response.json()["field"] == field, response.text
+
+
+def test_images_endpoint_refuses_a_video_model(server):
+    response = requests.post(f"{server}/v1/images/generations", json={"prompt": "x"}, timeout=30)
+    assert response.status_code == 404 and "use POST /v1/videos" in response.json()["error"]
+
+
+@pytest.mark.timeout(300)
+def test_cancel_in_the_queue_and_in_flight_and_a_full_queue(server):
+    before = _until_idle(server)
+    running = _video(server, LONG_REQUEST).json()
+    _poll(server, running["id"], until=("in_progress",))
+    queued = [_video(server, {"prompt": f"queued {i}", "num_inference_steps": 4}) for i in range(10)]
+    assert all(r.status_code == 200 and r.json()["status"] == "queued" for r in queued), [r.text for r in queued]
+    full = _video(server, {"prompt": "one too many"})
+    assert full.status_code == 429 and full.headers["retry-after"] == "10", full.text
+    assert _health(server)["queue_depth"] == 10
+    for response in queued:   # cancelled in the queue: gone at once, never run
+        assert requests.delete(f"{server}/v1/videos/{response.json()['id']}", timeout=30).status_code == 200
+        assert requests.get(f"{server}/v1/videos/{response.json()['id']}", timeout=30).status_code == 404
+    assert requests.delete(f"{server}/v1/videos/{running['id']}", timeout=30).status_code == 200
+    after = _until_idle(server, timeout=60)   # stopped at a step boundary, long before its 100 steps
+    assert requests.get(f"{server}/v1/videos/{running['id']}", timeout=30).status_code == 404
+    assert after["counters"]["cancelled"] == before["counters"]["cancelled"] + 11
+    assert after["counters"]["dispatched"] == before["counters"]["dispatched"] + 1
+    assert after["counters"]["rebuilds"] == before["counters"]["rebuilds"] and after["group"] == before["group"]
+    latents, _ = _served_latents(server, {"prompt": "after the cancels", "seed": 8})
+    assert _relative_error(latents, _fresh_latents({"prompt": "after the cancels", "seed": 8})) <= 1e-5
+
+
+@pytest.mark.timeout(120)
+def test_prometheus_metrics_cover_jobs_queue_batches_and_savings(server):
+    _served_latents(server, {"prompt": "for the metrics"})
+    names = ("spectrum_xdit_jobs", "spectrum_xdit_queue_seconds", "spectrum_xdit_job_seconds",
+             "spectrum_xdit_batch_size", "spectrum_xdit_nfe_saved", "spectrum_xdit_queue_depth",
+             "ray_serve_num_http_requests")
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{METRICS_PORT[0]}/metrics", timeout=30).text
+        if all(name in text for name in names):
+            break
+        time.sleep(1)
+    missing = [name for name in names if name not in text]
+    assert not missing, missing
+    saved = [line for line in text.splitlines() if line.startswith("ray_spectrum_xdit_nfe_saved")]
+    assert saved and float(saved[0].split()[-1]) > 0, saved
+
+
 @pytest.mark.timeout(400)
 def test_killed_worker_gives_503_then_the_group_is_rebuilt(server):
     health = _health(server)
@@ -466,3 +574,20 @@ def test_killed_worker_gives_503_then_the_group_is_rebuilt(server):
     payload = {"prompt": "after the crash", "seed": 9}
     latents, _ = _served_latents(server, payload)
     assert _relative_error(latents, _fresh_latents(payload)) <= 1e-5
+
+
+@pytest.mark.timeout(400)
+def test_a_rank_death_fails_the_running_job_and_the_queued_ones_complete(server):
+    health = _until_idle(server)
+    running = _video(server, LONG_REQUEST).json()
+    _poll(server, running["id"], until=("in_progress",))
+    queued = [_video(server, {"prompt": f"survives {i}", "seed": i, "output_format": "npy"}).json() for i in range(2)]
+    os.kill(health["workers"][1]["pid"], signal.SIGKILL)
+    failed, _ = _poll(server, running["id"])
+    assert failed["status"] == "failed" and failed["error"]["code"] == 503 and "died" in failed["error"]["message"]
+    for i, job in enumerate(queued):
+        done, _ = _poll(server, job["id"])
+        assert done["status"] == "completed", done
+        content = requests.get(f"{server}/v1/videos/{job['id']}/content", timeout=30).content
+        assert _relative_error(_npy(content), _fresh_latents({"prompt": f"survives {i}", "seed": i})) <= 1e-5
+    assert _health(server)["counters"]["rebuilds"] == health["counters"]["rebuilds"] + 1

@@ -84,3 +84,44 @@ def test_a_local_server_listens_on_loopback_only_and_stops_a_runaway_at_a_step_b
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+@pytest.mark.timeout(400)
+def test_openai_image_generations_on_an_image_model(tmp_path):
+    """tiny-flux in one process: ``n`` PNGs of consecutive seeds, as ``b64_json``."""
+    import base64
+    import io
+
+    import imageio.v3 as iio
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "spectrum_xdit.launch.cli", "serve", "--model", "tiny-flux", "--port", str(port),
+         "--num_cpus", "2", "--device", "cpu", "--num_inference_steps", "6", "--guidance_scale", "1",
+         "--setup_timeout_s", "300"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, timeout=300, interval=0.5)
+        answer = requests.post(f"{url}/v1/images/generations", timeout=120,
+                               json={"model": "tiny-flux", "prompt": "a red square", "n": 2, "size": "32x32",
+                                     "response_format": "b64_json", "seed": 5})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        images = [iio.imread(io.BytesIO(base64.b64decode(item["b64_json"]))) for item in body["data"]]
+        assert len(images) == 2 and images[0].shape == (32, 32, 3) and not (images[0] == images[1]).all()
+        assert [report["seed"] for report in body["reports"]] == [5, 6] and isinstance(body["created"], int)
+        for bad, field in (({"prompt": "x", "response_format": "url"}, "response_format"),
+                           ({"prompt": "x", "n": 5}, "n"), ({"prompt": "x", "n": 0}, "n"),
+                           ({"prompt": "x", "size": "32"}, "size"), ({"prompt": "x", "output_format": "npy"},
+                                                                     "output_format")):
+            refused = requests.post(f"{url}/v1/images/generations", json=bad, timeout=60)
+            assert refused.status_code == 422 and refused.json()["field"] == field, refused.text
+        assert requests.post(f"{url}/v1/videos", json={"prompt": "x"}, timeout=60).status_code == 404
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()

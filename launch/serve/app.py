@@ -25,8 +25,16 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from ...parallel.patches import pads_correctly
-from ..request import CONTENT_TYPES, RequestError, check_request, check_sizes, parse_json, parse_request
-from .engine import Engine
+from ..request import (
+    CONTENT_TYPES,
+    RequestError,
+    check_request,
+    check_sizes,
+    from_openai,
+    parse_json,
+    parse_request,
+)
+from .engine import Engine, QueueFull
 from .rank_group import GroupUnavailable, RequestFailed
 from .settings import ServeSettings
 
@@ -48,6 +56,23 @@ async def read_body(http_request: Request, max_bytes: int) -> bytes:
     return bytes(body)
 
 
+def _failure(error: Exception) -> JSONResponse:
+    """The answer of a job that did not complete."""
+    if isinstance(error, GroupUnavailable):
+        return _error(503, f"the rank group is not available: {error}", headers={"Retry-After": "30"})
+    if isinstance(error, RequestError):
+        return _error(error.status, str(error), error.field)
+    if isinstance(error, RequestFailed):
+        return _error(error.status, str(error), error.field, headers=error.headers)
+    return _error(500, f"{type(error).__name__}: {error}")
+
+
+def _image_count(n, most: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
+        raise RequestError("n", f"must be an integer from 1 to {most} (the server's max_images), got {n!r}")
+    return n
+
+
 def _error(status: int, message: str, field: Optional[str] = None, headers: Optional[dict] = None) -> JSONResponse:
     body = {"error": message}
     if field is not None:
@@ -66,36 +91,44 @@ class SpectrumServer:
         self.defaults = self.settings.request_defaults(self.spec)
         self.engine = Engine(self.settings, self.spec.name)
 
+    async def _checked(self, http_request: Request, openai: Optional[tuple[str, ...]] = None):
+        """The request of a body, checked completely; with ``openai`` (a tuple of names), OpenAI's
+        ``model`` and ``size`` are read too, and those fields returned apart."""
+        limits = self.settings.limits
+        payload = parse_json(await read_body(http_request, limits.max_body_bytes))
+        extra = {}
+        if openai is not None:
+            payload, extra = from_openai(payload, self._model_name(), openai)
+        request = parse_request(payload, self.defaults)
+        check_request(request, self.spec, self.settings.layout, limits)
+        check_sizes(request, self.spec.sizes, self.settings.layout, pads_correctly(), limits, self.spec.name)
+        return request, extra
+
+    def _submit(self, request, kept: bool = False):
+        try:
+            return self.engine.submit(request, kept=kept), None
+        except QueueFull as error:
+            return None, _error(429, f"the server is busy: {error}; retry later", headers={"Retry-After": "10"})
+
     @api.post("/v1/generate")
     async def generate(self, http_request: Request):
         arrived = time.perf_counter()
-        limits = self.settings.limits
         try:
-            body = await read_body(http_request, limits.max_body_bytes)
-            request = parse_request(parse_json(body), self.defaults)
-            check_request(request, self.spec, self.settings.layout, limits)
-            check_sizes(request, self.spec.sizes, self.settings.layout, pads_correctly(), limits, self.spec.name)
+            request, _ = await self._checked(http_request)
         except RequestError as error:
             return _error(error.status, str(error), error.field)
-        want_json = "application/json" in http_request.headers.get("accept", "").lower()
-        job = self.engine.submit(request)
+        job, refused = self._submit(request)
+        if refused is not None:
+            return refused
         try:
             # shielded: a client that hangs up leaves its job to finish; nothing is cancelled
             answer = await asyncio.shield(job.done)
-        except GroupUnavailable as error:
-            return _error(503, f"the rank group is not available: {error}", headers={"Retry-After": "30"})
-        except RequestError as error:
-            return _error(error.status, str(error), error.field)
-        except RequestFailed as failure:
-            return _error(failure.status, str(failure), failure.field, headers=failure.headers)
-
+        except Exception as error:
+            return _failure(error)
         output_format = request.output_format
-        report = dict(answer["report"], seed=request.seed, height=request.height, width=request.width,
-                      num_frames=request.num_frames, guidance_scale=request.guidance_scale,
-                      output_format=output_format, queue_seconds=job.queue_seconds,
-                      request_seconds=time.perf_counter() - arrived)
+        report = dict(self._report(job), request_seconds=time.perf_counter() - arrived)
         content_type = CONTENT_TYPES[output_format]
-        if want_json:
+        if "application/json" in http_request.headers.get("accept", "").lower():
             return JSONResponse({"output_format": output_format, "content_type": content_type,
                                  "media": base64.b64encode(answer["media"]).decode("ascii"), "report": report})
         headers = {
@@ -108,13 +141,118 @@ class SpectrumServer:
         }
         return Response(content=answer["media"], media_type=content_type, headers=headers)
 
+    # -- OpenAI's shapes ------------------------------------------------------------------------
+
+    @api.post("/v1/videos")
+    async def create_video(self, http_request: Request):
+        """An asynchronous video job: answered at once with the job object; poll it, fetch its
+        content once completed, or delete it."""
+        if not self.spec.is_video:
+            return _error(404, f"{self._model_name()} makes images: use POST /v1/images/generations")
+        try:
+            request, _ = await self._checked(http_request, openai=())
+        except RequestError as error:
+            return _error(error.status, str(error), error.field)
+        job, refused = self._submit(request, kept=True)
+        return refused if refused is not None else JSONResponse(await self._video(job))
+
+    @api.get("/v1/videos/{video_id}")
+    async def get_video(self, video_id: str):
+        job = self._kept(video_id)
+        return job if isinstance(job, JSONResponse) else JSONResponse(await self._video(job))
+
+    @api.get("/v1/videos/{video_id}/content")
+    async def get_video_content(self, video_id: str):
+        job = self._kept(video_id)
+        if isinstance(job, JSONResponse):
+            return job
+        if job.status != "completed":
+            return _error(409, f"video {video_id} is {job.status}, not completed; poll GET /v1/videos/{video_id}")
+        output_format = job.request.output_format
+        return Response(content=job.answer["media"], media_type=CONTENT_TYPES[output_format],
+                        headers={"Content-Disposition": f'inline; filename="{video_id}.{output_format}"'})
+
+    @api.delete("/v1/videos/{video_id}")
+    async def delete_video(self, video_id: str):
+        """Cancels a queued job, stops a running one after its current step, forgets a finished
+        one; the id is unknown afterwards."""
+        try:
+            self.engine.remove(video_id)
+        except KeyError:
+            return _error(404, f"no video {video_id}", "video_id")
+        return JSONResponse({"id": video_id, "object": "video", "deleted": True})
+
+    @api.post("/v1/images/generations")
+    async def create_images(self, http_request: Request):
+        """OpenAI's image generation, synchronous: ``n`` images of seeds ``seed .. seed + n - 1``,
+        as ``b64_json`` PNGs."""
+        if self.spec.is_video:
+            return _error(404, f"{self._model_name()} makes videos: use POST /v1/videos")
+        arrived = time.perf_counter()
+        try:
+            request, extra = await self._checked(http_request, openai=("n", "response_format"))
+            count = _image_count(extra.get("n", 1), self.settings.max_images)
+            if extra.get("response_format", "b64_json") != "b64_json":
+                raise RequestError("response_format", f"must be b64_json (this server keeps no files), got "
+                                   f"{extra['response_format']!r}")
+            if request.output_format != "png":
+                raise RequestError("output_format", "images are answered as PNG")
+        except RequestError as error:
+            return _error(error.status, str(error), error.field)
+        if len(self.engine.pending) + count > self.settings.max_queue_size:
+            return _error(429, f"the server is busy: {len(self.engine.pending)} jobs are waiting; retry later",
+                          headers={"Retry-After": "10"})
+        jobs = [self.engine.submit(request.model_copy(update={"seed": request.seed + index}))
+                for index in range(count)]
+        try:
+            answers = await asyncio.shield(asyncio.gather(*[job.done for job in jobs]))
+        except Exception as error:
+            return _failure(error)
+        return JSONResponse({"created": int(time.time()),
+                             "data": [{"b64_json": base64.b64encode(answer["media"]).decode("ascii")}
+                                      for answer in answers],
+                             "reports": [dict(self._report(job), request_seconds=time.perf_counter() - arrived)
+                                         for job in jobs]})
+
+    def _kept(self, video_id: str):
+        try:
+            return self.engine.job(video_id)
+        except KeyError:
+            return _error(404, f"no video {video_id} (never created, deleted, or expired)", "video_id")
+
+    async def _video(self, job) -> dict:
+        """OpenAI's video object of a job, with this server's report once it is completed."""
+        request = job.request
+        steps = await self.engine.progress(job)
+        body = {"id": job.id, "object": "video", "model": self._model_name(), "status": job.status,
+                "progress": 100 if job.status == "completed" else int(100 * steps / request.num_inference_steps),
+                "created_at": job.created_at, "size": f"{request.width}x{request.height}",
+                "num_frames": request.num_frames, "output_format": request.output_format}
+        if job.completed_at is not None:
+            body["completed_at"] = int(job.completed_at)
+        if job.status == "completed":
+            body["report"] = self._report(job)
+        if job.status == "failed":
+            error = job.error
+            body["error"] = {"message": str(error), "code": getattr(error, "status", 500),
+                             "field": getattr(error, "field", None)}
+        return body
+
+    def _report(self, job) -> dict:
+        request = job.request
+        return dict(job.answer["report"], seed=request.seed, height=request.height, width=request.width,
+                    num_frames=request.num_frames, guidance_scale=request.guidance_scale,
+                    output_format=request.output_format, queue_seconds=job.queue_seconds)
+
     @api.get("/healthz")
     async def healthz(self):
         engine, group = self.engine, self.engine.group
         infos = group.infos or []
         shown = ("rank", "device", "pid", "node") if self.settings.debug else ("rank", "device")
         body = {"status": group.state, "model": self._model_name(), "world_size": self.settings.world_size,
-                "group": group.current.number, "busy": engine.current is not None, "queue_depth": engine.queue.qsize(),
+                "group": group.current.number, "busy": engine.current is not None,
+                "queue_depth": len(engine.pending), "batch_occupancy": 0 if engine.current is None else 1,
+                "max_queue_size": self.settings.max_queue_size, "kept_jobs": len(engine.jobs),
                 "counters": dict(engine.counters, rebuilds=group.rebuilds),
                 "workers": [{key: info[key] for key in shown} for info in infos],
                 "xfuser_patches": infos[0]["xfuser_patches"] if infos else None}
@@ -177,15 +315,22 @@ def build_app(args: Optional[dict] = None):
     settings = args if isinstance(args, ServeSettings) else ServeSettings.from_flat(dict(args or {}))
     settings.check()
     settings = settings.model_copy(update={"device": resolve_device(settings)})
+    return SpectrumServer.options(**deployment_options(settings)).bind(settings.model_dump())
+
+
+def deployment_options(settings: ServeSettings) -> dict:
+    """The deployment's options: replicas (fixed or autoscaled) and one placement group per
+    replica with a bundle per rank (the replica itself takes no resources and sits in the first)."""
     bundle = {"CPU": settings.worker_cpus}
     if settings.device == "cuda":
         bundle["GPU"] = 1
-    return SpectrumServer.options(
-        num_replicas=settings.num_replicas,
-        # Requests wait in the replica (one runs at a time); health and config calls must not
-        # queue behind them.
-        max_ongoing_requests=64,
+    autoscaling = settings.autoscaling_config()
+    sizing = {"autoscaling_config": autoscaling} if autoscaling is not None else {"num_replicas": settings.num_replicas}
+    return dict(
+        sizing,
+        # Requests wait in the replica's engine; health and config calls must not queue behind them.
+        max_ongoing_requests=max(64, 2 * settings.max_queue_size),
         ray_actor_options={"num_cpus": 0},
         placement_group_bundles=[dict(bundle) for _ in range(settings.world_size)],
         placement_group_strategy="PACK",
-    ).bind(settings.model_dump())
+    )

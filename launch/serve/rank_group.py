@@ -196,8 +196,7 @@ class RankGroup:
         pending = await self._until_done_or_failed(futures, self.settings.request_timeout_s)
         timed_out = bool(pending) and not any(_failed(f) for f in futures if f.done())
         if timed_out:
-            for worker in generation.workers:
-                worker.stop.remote(job)
+            self.stop(generation, job)
             _, pending = await asyncio.wait(pending, timeout=GRACE_S)
         dead = [rank for rank, f in enumerate(futures) if f.done() and isinstance(f.exception(), RayActorError)]
         if dead:
@@ -214,10 +213,12 @@ class RankGroup:
             raise RequestFailed(504 if timed_out else 500, f"rank(s) {hung} did not finish the request; the rank "
                                 "group is being rebuilt", rebuilt=True)
         results = [future.result() for future in futures]
+        stopped = [result["stopped_after_step"] for result in results if "stopped_after_step" in result]
         if timed_out:
-            step = max(result.get("stopped_after_step", -1) for result in results)
             raise RequestFailed(504, f"the request did not finish within {self.settings.request_timeout_s:g} s "
-                                f"(request_timeout_s); it was stopped after step {step}")
+                                f"(request_timeout_s); it was stopped after step {max(stopped, default=-1)}")
+        if stopped:
+            raise RequestFailed(409, f"the job was cancelled; it stopped after step {max(stopped)}")
         errors = [result["error"] for result in results if "error" in result]
         if errors:
             split = len(errors) < len(results)   # the ranks went separate ways: rebuild to be safe
@@ -240,6 +241,17 @@ class RankGroup:
             if any(_failed(future) for future in done):
                 return (await asyncio.wait(pending, timeout=GRACE_S))[1] if pending else set()
         return pending
+
+    def stop(self, generation: _Generation, job: str) -> None:
+        """Ask every rank to stop ``job`` after its current step; ``run`` then answers 409."""
+        for worker in generation.workers:
+            worker.stop.remote(job)
+
+    async def progress(self, generation: _Generation) -> dict:
+        """Rank 0's running job and its denoising steps done (``{}`` if it does not answer soon)."""
+        done, _ = await asyncio.wait([_wait(generation.workers[0].progress.remote())], timeout=PROBE_TIMEOUT_S)
+        answer = next(iter(done), None)
+        return answer.result() if answer is not None and answer.exception() is None else {}
 
     async def probe(self) -> None:
         """Ping every rank of the ready generation; a rank that is dead or does not answer

@@ -5,9 +5,9 @@ names; request defaults go through the request model. Nothing here imports Ray."
 from __future__ import annotations
 
 import argparse
-from typing import Literal
+from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from ...models import DEFAULT_MODEL, ModelSpec, resolve_model
 from ..request import (
@@ -39,6 +39,12 @@ class ServeSettings(BaseModel):
     model: str = Field(DEFAULT_MODEL, description="tiny-wan, tiny-flux, digits-wan, a local diffusers folder or a hub id")
     layout: ParallelLayout = Field(default_factory=ParallelLayout)
     num_replicas: int = Field(1, ge=1, description="replicas, each with its own rank group")
+    min_replicas: Optional[int] = Field(None, ge=0, description=(
+        "Ray Serve autoscaling: fewest replicas (with max_replicas, in place of num_replicas)"))
+    max_replicas: Optional[int] = Field(None, ge=1, validate_default=True,
+                                        description="Ray Serve autoscaling: most replicas")
+    target_ongoing_requests: Optional[float] = Field(None, gt=0, description=(
+        "Ray Serve autoscaling: ongoing requests per replica it aims at (Serve's default when unset)"))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: one GPU per rank when the Ray cluster has GPUs")
     worker_cpus: float = Field(1.0, gt=0, description="CPUs reserved for each rank (torch threads on CPU)")
     fps: int = Field(8, ge=1, description="frame rate of mp4 and gif answers")
@@ -46,9 +52,47 @@ class ServeSettings(BaseModel):
     request_timeout_s: float = Field(3600.0, gt=0, description=(
         "seconds a request may run on the ranks before it is stopped at a step boundary (504)"))
     probe_interval_s: float = Field(5.0, gt=0, description="seconds between health probes of idle ranks")
+    max_queue_size: int = Field(64, ge=1, description="jobs a replica holds waiting; one more is answered 429")
+    result_ttl_s: float = Field(3600.0, gt=0, description="seconds a finished job of /v1/videos stays readable")
+    max_result_bytes: int = Field(1 << 30, ge=0, description=(
+        "bytes of finished /v1/videos results a replica keeps; past it the oldest are forgotten"))
+    max_images: int = Field(4, ge=1, le=16, description="most images (n) of one /v1/images/generations request")
     debug: bool = Field(False, description="show PIDs, node addresses and model paths in /healthz and /v1/config")
     limits: Limits = Field(default_factory=Limits)
     defaults: dict = Field(default_factory=dict, description="request defaults, request-shaped")
+
+    @field_validator("min_replicas")
+    @classmethod
+    def _not_with_num_replicas(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if value is not None and info.data.get("num_replicas", 1) != 1:
+            raise ValueError("give num_replicas or min_replicas and max_replicas, not both")
+        return value
+
+    @field_validator("max_replicas")
+    @classmethod
+    def _with_min_replicas(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        least = info.data.get("min_replicas")
+        if (value is None) != (least is None) and "min_replicas" in info.data:
+            raise ValueError("autoscaling needs both min_replicas and max_replicas")
+        if value is not None and least is not None and least > value:
+            raise ValueError(f"must be at least min_replicas {least}, got {value}")
+        return value
+
+    @field_validator("target_ongoing_requests")
+    @classmethod
+    def _autoscaled(cls, value: Optional[float], info: ValidationInfo) -> Optional[float]:
+        if value is not None and info.data.get("max_replicas") is None:
+            raise ValueError("needs min_replicas and max_replicas")
+        return value
+
+    def autoscaling_config(self) -> Optional[dict]:
+        """Ray Serve's ``autoscaling_config``, or ``None`` for a fixed ``num_replicas``."""
+        if self.min_replicas is None:
+            return None
+        config = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas}
+        if self.target_ongoing_requests is not None:
+            config["target_ongoing_requests"] = self.target_ongoing_requests
+        return config
 
     @field_validator("layout")
     @classmethod

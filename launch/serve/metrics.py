@@ -1,0 +1,43 @@
+"""This project's Prometheus metrics of a replica, exported through Ray's metrics agent beside
+the ones Ray Serve exports itself (``ray_serve_num_http_requests``,
+``ray_serve_http_request_latency_ms``, ``ray_serve_deployment_queued_queries``, ...)."""
+
+from __future__ import annotations
+
+import time
+
+SECONDS = [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 150, 300, 900]
+
+
+class ServeMetrics:
+    """Jobs by outcome, their queue and total seconds, the block-stack batch size of each run
+    and the block-stack evaluations Spectrum saved, and the queue depth."""
+
+    def __init__(self):
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.jobs = Counter("spectrum_xdit_jobs", "jobs finished, by status", tag_keys=("status",))
+        self.queue = Histogram("spectrum_xdit_queue_seconds", "seconds a job waited for the rank group",
+                               boundaries=SECONDS)
+        self.latency = Histogram("spectrum_xdit_job_seconds", "seconds from a job's arrival to its end",
+                                 boundaries=SECONDS)
+        self.batch = Histogram("spectrum_xdit_batch_size", "requests in one block-stack call",
+                               boundaries=[1, 2, 4, 8, 16, 32])
+        self.nfe_saved = Counter("spectrum_xdit_nfe_saved",
+                                 "block-stack evaluations skipped by Spectrum, summed over guidance branches")
+        self.depth = Gauge("spectrum_xdit_queue_depth", "jobs waiting for the rank group")
+
+    def queue_depth(self, depth: int) -> None:
+        self.depth.set(depth)
+
+    def finished(self, job) -> None:
+        self.jobs.inc(tags={"status": job.status})
+        if job.queue_seconds is not None:
+            self.queue.observe(job.queue_seconds)
+        self.latency.observe(time.perf_counter() - job.arrived)
+        if job.answer is not None:
+            report = job.answer["report"]
+            self.batch.observe(1)
+            saved = sum(report["num_inference_steps"] - nfe for nfe in report["nfe"].values())
+            if saved:
+                self.nfe_saved.inc(saved)
