@@ -4,6 +4,7 @@ request that runs past ``--request_timeout_s`` is stopped at a step boundary wit
 rebuild."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -118,6 +119,62 @@ def test_openai_image_generations_on_an_image_model(tmp_path):
             refused = requests.post(f"{url}/v1/images/generations", json=bad, timeout=60)
             assert refused.status_code == 422 and refused.json()["field"] == field, refused.text
         assert requests.post(f"{url}/v1/videos", json={"prompt": "x"}, timeout=60).status_code == 404
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+@pytest.mark.timeout(500)
+def test_two_replicas_share_the_requests_and_one_losing_a_rank_leaves_the_other_serving(tmp_path):
+    """--num_replicas 2, one rank each: two rank groups. Requests spread over both; a killed rank
+    in one rebuilds that group alone while the other keeps answering."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "spectrum_xdit.launch.cli", "serve", "--model", "tiny-wan", "--num_replicas", "2",
+         "--port", str(port), "--num_cpus", "4", "--device", "cpu", "--num_inference_steps", "4",
+         "--setup_timeout_s", "300", "--probe_interval_s", "1", "--debug"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def generate(seed: int) -> dict:
+        answer = requests.post(f"{url}/v1/generate", json={"prompt": "two replicas", "seed": seed,
+                                                           "output_format": "npy"}, timeout=240)
+        assert answer.status_code == 200, answer.text
+        return json.loads(answer.headers["x-spectrum-report"])
+
+    try:
+        wait_until_ready(url, timeout=300, interval=0.5)
+        health = {}
+        deadline = time.monotonic() + 120
+        while len(health) < 2:   # both replicas' groups ready, each seen through /healthz
+            body = requests.get(f"{url}/healthz", timeout=30).json()
+            if body["status"] == "ready":
+                health[body["replica"]] = body
+            assert time.monotonic() < deadline, health
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            replicas = {report["replica"] for report in pool.map(generate, range(12))}
+        assert replicas == set(health), (replicas, set(health))
+        lost, kept = sorted(health)
+        os.kill(health[lost]["workers"][0]["pid"], signal.SIGKILL)
+        killed = time.monotonic()
+        served_by_kept = None
+        while time.monotonic() - killed < 60 and served_by_kept is None:
+            if generate(100 + int(time.monotonic()))["replica"] == kept:
+                served_by_kept = time.monotonic() - killed
+        assert served_by_kept is not None
+        rebuilt = {}
+        while len(rebuilt) < 2 and time.monotonic() - killed < 120:
+            body = requests.get(f"{url}/healthz", timeout=30).json()
+            rebuilt[body["replica"]] = body["counters"]["rebuilds"]
+        assert rebuilt == {lost: 1, kept: 0}, rebuilt
+        print(f"\n12 requests over replicas {sorted(replicas)}; after a rank of {lost} was killed, {kept} "
+              f"answered {served_by_kept:.1f} s later and only {lost} rebuilt")
     finally:
         server.send_signal(signal.SIGINT)
         try:

@@ -89,6 +89,7 @@ class SpectrumServer:
         self.settings = ServeSettings.model_validate(settings)
         self.spec = self.settings.check()
         self.defaults = self.settings.request_defaults(self.spec)
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.engine = Engine(self.settings, self.spec.name)
 
     async def _checked(self, http_request: Request, openai: Optional[tuple[str, ...]] = None):
@@ -242,14 +243,15 @@ class SpectrumServer:
         request = job.request
         return dict(job.answer["report"], seed=request.seed, height=request.height, width=request.width,
                     num_frames=request.num_frames, guidance_scale=request.guidance_scale,
-                    output_format=request.output_format, queue_seconds=job.queue_seconds)
+                    output_format=request.output_format, queue_seconds=job.queue_seconds, replica=self.replica)
 
     @api.get("/healthz")
     async def healthz(self):
         engine, group = self.engine, self.engine.group
         infos = group.infos or []
         shown = ("rank", "device", "pid", "node") if self.settings.debug else ("rank", "device")
-        body = {"status": group.state, "model": self._model_name(), "world_size": self.settings.world_size,
+        body = {"status": group.state, "replica": self.replica, "model": self._model_name(),
+                "world_size": self.settings.world_size,
                 "group": group.current.number, "busy": engine.current is not None,
                 "queue_depth": len(engine.pending), "batch_occupancy": 0 if engine.current is None else 1,
                 "max_queue_size": self.settings.max_queue_size, "kept_jobs": len(engine.jobs),
