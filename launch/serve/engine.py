@@ -164,6 +164,8 @@ class Engine:
     async def _run(self, job: Job) -> dict:
         job.queue_seconds = time.perf_counter() - job.arrived
         generation = await self.group.ready()
+        if not await self.group.probe():   # a rank died since the last probe: wait for its rebuild
+            generation = await self.group.ready()
         first = generation.infos[0]
         # the built model's size rules, which a hub checkpoint's spec could only guess
         check_sizes(job.request, SizeRules(**first["sizes"]), self.settings.layout,

@@ -253,12 +253,12 @@ class RankGroup:
         answer = next(iter(done), None)
         return answer.result() if answer is not None and answer.exception() is None else {}
 
-    async def probe(self) -> None:
+    async def probe(self) -> bool:
         """Ping every rank of the ready generation; a rank that is dead or does not answer
-        rebuilds the group, so a dead rank is found without a user request."""
+        rebuilds the group, so a dead rank is found without a user request. Whether all answered."""
         generation = self.current
         if generation.state != "ready":
-            return
+            return False
         pings = [_wait(worker.ping.remote()) for worker in generation.workers]
         done, pending = await asyncio.wait(pings, timeout=PROBE_TIMEOUT_S)
         dead = sorted(rank for rank, ping in enumerate(pings) if ping in pending or ping.exception() is not None)
@@ -266,6 +266,7 @@ class RankGroup:
             ping.cancel()
         if dead:
             self.rebuild(generation, f"rank(s) {dead} did not answer the health probe")
+        return not dead
 
 
 def _failed(future: asyncio.Future) -> bool:
