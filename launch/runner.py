@@ -83,13 +83,13 @@ class RankPipeline:
                 output = pipe(**call)
                 latents = output.frames if self.spec.family == "wan" else output.images
                 denoise_seconds = time.perf_counter() - denoise_start
-                media = self._decode(latents, request) if decode and self.rank == 0 else None
+                media = self.decode(latents, request) if decode and self.rank == 0 else None
         finally:
             if config is not None:
                 stats = spectrum_stats(pipe.transformer)
                 remove_spectrum(pipe.transformer)
         own_state_bytes = sum(s["state_bytes"] for s in stats.values())
-        report = self._report(request, self._job_stats(stats), own_state_bytes, denoise_seconds, started)
+        report = self.report(request, self._job_stats(stats), own_state_bytes, denoise_seconds, started)
         if boundary is not None and boundary.stopped_after is not None:
             report["stopped_after_step"] = boundary.stopped_after
         return GenerationResult(latents, media, report)
@@ -115,7 +115,8 @@ class RankPipeline:
         """The Spectrum stats of the whole job, per branch (here: this rank's)."""
         return stats
 
-    def _decode(self, latents: torch.Tensor, request: GenerationRequest) -> np.ndarray:
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, request: GenerationRequest) -> np.ndarray:
         """The pipeline's own VAE decode and post-processing of its final latents."""
         pipe = self.pipe
         vae = pipe.vae
@@ -129,7 +130,7 @@ class RankPipeline:
         image = vae.decode(unpacked.to(vae.dtype), return_dict=False)[0]
         return pipe.image_processor.postprocess(image, output_type="np")[0]
 
-    def _report(self, request: GenerationRequest, stats: dict, own_state_bytes: int, denoise_seconds: float,
+    def report(self, request: GenerationRequest, stats: dict, own_state_bytes: int, denoise_seconds: float,
                 started: float) -> dict:
         config = request.spectrum
         steps = request.num_inference_steps
@@ -162,6 +163,12 @@ class RankPipeline:
         return report
 
 
+def text_length(pipe) -> int:
+    """The text length a pipeline encodes prompts to when called: its ``__call__`` default, not
+    ``encode_prompt``'s."""
+    return inspect.signature(pipe.__call__).parameters["max_sequence_length"].default
+
+
 class CfgParallelRankPipeline(RankPipeline):
     """Wan2.1 with the two guidance branches on the two halves of the job
     (``spectrum_xdit.parallel.cfg_parallel``): this rank computes one branch."""
@@ -171,11 +178,9 @@ class CfgParallelRankPipeline(RankPipeline):
         from ..parallel.cfg_parallel import guidance_split
 
         call = super()._pipeline_call(request)
-        # the text length the pipeline itself would encode to (its __call__ default, not encode_prompt's)
-        length = inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default
         positive, negative = self.pipe.encode_prompt(prompt=request.prompt, negative_prompt=request.negative_prompt,
                                                      do_classifier_free_guidance=True, device=self.device,
-                                                     max_sequence_length=length)
+                                                     max_sequence_length=text_length(self.pipe))
         call.pop("prompt")
         call.pop("negative_prompt", None)
         call.update(prompt_embeds=positive, negative_prompt_embeds=negative)
@@ -214,9 +219,9 @@ class PipeFusionRankPipeline(RankPipeline):
             dist.broadcast_object_list(holder, src=self.world_size - 1)   # the last stage holds the output
             latents = holder[0].to(self.device)
             denoise_seconds = time.perf_counter() - denoise_start
-            media = self._decode(latents, request) if decode and self.rank == 0 else None
+            media = self.decode(latents, request) if decode and self.rank == 0 else None
         stats = {"cond": self.pipefusion.spectrum_stats()} if config is not None else {}
-        report = self._report(request, stats, stats["cond"]["state_bytes"] if stats else 0, denoise_seconds, started)
+        report = self.report(request, stats, stats["cond"]["state_bytes"] if stats else 0, denoise_seconds, started)
         by_rank: list = [None] * self.world_size
         dist.all_gather_object(by_rank, report["state_bytes_per_rank"])
         report["state_bytes_by_rank"] = by_rank    # only the last stage holds forecaster state

@@ -28,20 +28,26 @@ def schedule_fingerprint(config: SpectrumConfig) -> int:
 
 def verify_schedule(config: SpectrumConfig, group=None) -> None:
     """All-gather this rank's schedule fingerprint and raise on every rank if any differs."""
+    verify_agreement(
+        schedule_fingerprint(config), "Spectrum schedules",
+        f"This rank runs real steps {sorted(fixed_real_steps(config))} of {config.num_inference_steps}. "
+        "Give every rank the same SpectrumConfig.", group)
+
+
+def verify_agreement(fingerprint: int, what: str, detail: str, group=None) -> None:
+    """All-gather ``fingerprint`` (of the decisions ``what`` names) and raise the same error on
+    every rank if any rank's differs; ``detail`` (this rank's side) ends the message."""
     if not dist.is_available() or not dist.is_initialized():
         return
-    mine = schedule_fingerprint(config)
     gathered: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, mine, group=group)
+    dist.all_gather_object(gathered, fingerprint, group=group)
     if len(set(gathered)) > 1:
         ranks = {}
-        for rank, fingerprint in enumerate(gathered):
-            ranks.setdefault(fingerprint, []).append(rank)
-        groups = "; ".join(f"ranks {members} share fingerprint {fp:#010x}" for fp, members in ranks.items())
-        raise RuntimeError(
-            "Spectrum schedules differ across ranks, so some ranks would skip collectives that "
-            f"others enter (a hang). {groups}. This rank runs real steps {sorted(fixed_real_steps(config))}"
-            f" of {config.num_inference_steps}. Give every rank the same SpectrumConfig.")
+        for rank, value in enumerate(gathered):
+            ranks.setdefault(value, []).append(rank)
+        groups = "; ".join(f"ranks {members} share fingerprint {value:#010x}" for value, members in ranks.items())
+        raise RuntimeError(f"{what} differ across ranks, so some ranks would skip collectives that others "
+                           f"enter (a hang). {groups}. {detail}")
 
 
 def enable_schedule_check(transformer, group=None) -> None:

@@ -154,6 +154,11 @@ class SpectrumStack:
         state.stats["real_steps" if state.run_blocks else "forecast_steps"].append(step)
         self.active = state
 
+    def select(self, branch: str) -> None:
+        """Make ``branch``, already begun at the current step, the one ``record`` and ``forecast``
+        serve: a step-level batch decides every branch before any block runs, then records them."""
+        self.active = self.branches[branch]
+
     def record(self, features: torch.Tensor) -> None:
         state = self.active
         forecaster = state.forecaster
