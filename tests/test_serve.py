@@ -6,7 +6,6 @@ The dead-worker test kills a rank and must stay last. Every request and every wa
 """
 
 import base64
-import io
 import json
 import os
 import re
@@ -19,92 +18,44 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("ray.serve")
 requests = pytest.importorskip("requests")
 
+from serving import (  # noqa: E402
+    LONG_REQUEST,
+    REQUEST_TIMEOUT,
+    create_video,
+    fresh_latents,
+    healthz,
+    npy,
+    poll_video,
+    post,
+    relative_error,
+    serve_app,
+    served_latents,
+    until_idle,
+)
 from spectrum_xdit.launch.request import (  # noqa: E402
     ParallelLayout,
     RequestError,
     check_sizes,
-    model_defaults,
     parse_request,
 )
 from spectrum_xdit.models import SizeRules  # noqa: E402
-from spectrum_xdit.launch.runner import init_rank  # noqa: E402
-from spectrum_xdit.models import resolve_model  # noqa: E402
 from spectrum_xdit.parallel.testing import free_port  # noqa: E402
 
 STEPS = 8
 SETTINGS = {"model": "tiny-wan", "ulysses_degree": 2, "num_inference_steps": STEPS, "device": "cpu",
             "worker_cpus": 1, "max_height": 1024, "max_width": 1024, "max_frames": 129, "max_steps": 100,
             "max_token_steps": 100_000, "setup_timeout_s": 240, "request_timeout_s": 240, "probe_interval_s": 1.0,
-            "max_queue_size": 10, "debug": True}
-REQUEST_TIMEOUT = 240
+            "max_queue_size": 10, "debug": True, "batching": "sequential"}
 METRICS_PORT: list = []   # where the fixture's Ray exports Prometheus metrics
 
 
 @pytest.fixture(scope="module")
 def server():
-    import ray
-    from ray import serve
-
-    from spectrum_xdit.launch.serve.app import APP_NAME, build_app
-    from spectrum_xdit.launch.serve.main import wait_until_ready
-
-    port = free_port()
-    context = ray.init(num_cpus=4, include_dashboard=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(SETTINGS), name=APP_NAME, route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
-        wait_until_ready(url, timeout=300)
-        METRICS_PORT.append(context.address_info["metrics_export_port"])
-        yield url
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-
-def _post(url, payload, accept=None, data=None):
-    headers = {"Accept": accept} if accept else {}
-    if data is not None:
-        return requests.post(f"{url}/v1/generate", data=data, headers=headers, timeout=REQUEST_TIMEOUT)
-    return requests.post(f"{url}/v1/generate", json=payload, headers=headers, timeout=REQUEST_TIMEOUT)
-
-
-def _health(url):
-    return requests.get(f"{url}/healthz", timeout=30).json()
-
-
-def _npy(content: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(content), allow_pickle=False)
-
-
-def _served_latents(url, payload):
-    response = _post(url, dict(payload, output_format="npy"))
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"] == "application/x-npy"
-    return _npy(response.content), json.loads(response.headers["x-spectrum-report"])
-
-
-def _fresh_latents(payload) -> np.ndarray:
-    """The same request on a freshly built tiny-wan pipeline, in this process, one rank."""
-    spec = resolve_model("tiny-wan")
-    request = parse_request(dict(payload, output_format="npy"), {**model_defaults(spec), "num_inference_steps": STEPS})
-    rank_pipeline = init_rank(spec, ParallelLayout())
-    rank_pipeline.pipe.set_progress_bar_config(disable=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank of the server
-    try:
-        return rank_pipeline.generate(request).latents.float().numpy()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _relative_error(a, b) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    yield from serve_app(SETTINGS, METRICS_PORT)
 
 
 def _rss_bytes(pid: int) -> int:
@@ -157,7 +108,7 @@ def test_serve_command_checks_its_flags_before_starting_ray(capsys):
 
 
 def test_health_and_config(server):
-    health = _health(server)
+    health = healthz(server)
     assert health["status"] == "ready" and health["world_size"] == 2
     assert [w["rank"] for w in health["workers"]] == [0, 1]
     assert health["xfuser_patches"]["installed"] == ["cpu_gloo", "padding", "cache_method"]
@@ -187,15 +138,15 @@ def test_http_latents_equal_torchrun_cli(server, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     cli_latents, cli_report = np.load(latents_path), json.loads(report_path.read_text())
 
-    response = _post(server, {"prompt": prompt, "seed": seed, "cache": {"flex_window": flex},
+    response = post(server, {"prompt": prompt, "seed": seed, "cache": {"flex_window": flex},
                               "output_format": "npy"}, accept="application/json")
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["content_type"] == "application/x-npy"
-    served = _npy(base64.b64decode(body["media"]))
+    served = npy(base64.b64decode(body["media"]))
     report = body["report"]
     assert served.shape == cli_latents.shape
-    error = _relative_error(served, cli_latents)
+    error = relative_error(served, cli_latents)
     print(f"\nHTTP vs torchrun CLI latents: relative error {error:.2e}")
     assert error <= 1e-6, error
     for key in ("nfe", "real_steps", "spectrum", "parallel", "world_size", "state_bytes_per_rank"):
@@ -205,16 +156,16 @@ def test_http_latents_equal_torchrun_cli(server, tmp_path):
 @pytest.mark.timeout(300)
 def test_concurrent_requests_each_get_their_own_output(server):
     seeds = list(range(100, 108))
-    before = _health(server)["counters"]["dispatched"]
+    before = healthz(server)["counters"]["dispatched"]
     with ThreadPoolExecutor(max_workers=len(seeds)) as pool:
-        futures = {seed: pool.submit(_served_latents, server, {"prompt": "digit 3", "seed": seed})
+        futures = {seed: pool.submit(served_latents, server, {"prompt": "digit 3", "seed": seed})
                    for seed in seeds}
         answers = {seed: future.result(timeout=REQUEST_TIMEOUT) for seed, future in futures.items()}
-    assert _health(server)["counters"]["dispatched"] == before + len(seeds)
+    assert healthz(server)["counters"]["dispatched"] == before + len(seeds)
     worst = 0.0
     for seed, (latents, report) in answers.items():
         assert report["seed"] == seed
-        worst = max(worst, _relative_error(latents, _fresh_latents({"prompt": "digit 3", "seed": seed})))
+        worst = max(worst, relative_error(latents, fresh_latents({"prompt": "digit 3", "seed": seed}, STEPS)))
     outputs = [answers[seed][0] for seed in seeds]
     assert all(not np.array_equal(outputs[0], other) for other in outputs[1:])
     print(f"\n8 concurrent requests: worst relative error against fresh runs {worst:.2e}; "
@@ -253,20 +204,20 @@ def _varied_requests(count: int, sizes: dict) -> list[dict]:
 
 @pytest.mark.timeout(400)
 def test_sequential_varied_requests_equal_fresh_runs_and_memory_stays_bounded(server):
-    _served_latents(server, {"prompt": "warm-up"})
-    health = _health(server)
+    served_latents(server, {"prompt": "warm-up"})
+    health = healthz(server)
     pids = [health["replica_pid"]] + [w["pid"] for w in health["workers"]]
     rss_before = {pid: _rss_bytes(pid) for pid in pids}
     worst, worst_payload, latencies = 0.0, None, []
     sizes = requests.get(f"{server}/v1/config", timeout=30).json()["sizes"]
     for payload in _varied_requests(20, sizes):
         start = time.perf_counter()
-        latents, report = _served_latents(server, payload)
+        latents, report = served_latents(server, payload)
         latencies.append(time.perf_counter() - start)
         expected_steps = payload["num_inference_steps"]
         assert report["num_inference_steps"] == expected_steps
         assert report["cache_method"] == payload["cache"].get("method", "spectrum")
-        error = _relative_error(latents, _fresh_latents(payload))
+        error = relative_error(latents, fresh_latents(payload, STEPS))
         # Float noise of the two-rank layout, amplified by extreme Spectrum settings (a 4-step
         # run with one warm-up step and a pure degree-4 forecast), stays near 1e-5; state carried
         # over from another request would be of the order of the latents themselves.
@@ -353,18 +304,18 @@ BAD_REQUESTS = [
 
 @pytest.mark.timeout(300)
 def test_bad_requests_get_4xx_naming_the_field_and_never_reach_the_workers(server):
-    before = _health(server)
+    before = healthz(server)
     wrong, statuses = [], []
     for what, body, status, field in BAD_REQUESTS:
         if isinstance(body, bytes):
-            response = _post(server, None, data=body)
+            response = post(server, None, data=body)
         else:
-            response = _post(server, None, data=json.dumps(body).encode())
+            response = post(server, None, data=json.dumps(body).encode())
         statuses.append(response.status_code)
         answer = response.json() if response.headers.get("content-type") == "application/json" else {}
         if response.status_code != status or answer.get("field") != field or field not in answer.get("error", ""):
             wrong.append((what, response.status_code, response.text[:300]))
-    after = _health(server)
+    after = healthz(server)
     print(f"\n{len(BAD_REQUESTS)} bad bodies: {sum(400 <= s < 500 for s in statuses)} answered 4xx, "
           f"{sum(s >= 500 for s in statuses)} 5xx, rebuilds caused "
           f"{after['counters']['rebuilds'] - before['counters']['rebuilds']}")
@@ -374,50 +325,35 @@ def test_bad_requests_get_4xx_naming_the_field_and_never_reach_the_workers(serve
     assert after["counters"]["rebuilds"] == before["counters"]["rebuilds"] and after["group"] == before["group"]
     # Still serving at the usual pace: a media answer with the report in its headers, then latents
     # equal to a fresh run.
-    response = _post(server, {"prompt": "digit 1", "output_format": "gif"})
+    response = post(server, {"prompt": "digit 1", "output_format": "gif"})
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "image/gif" and response.content[:6] == b"GIF89a"
     assert json.loads(response.headers["x-spectrum-nfe"]) == {"cond": 6, "uncond": 6}
     assert float(response.headers["x-spectrum-denoise-seconds"]) > 0
-    latents, report = _served_latents(server, {"prompt": "after the bad bodies", "seed": 4})
-    assert _relative_error(latents, _fresh_latents({"prompt": "after the bad bodies", "seed": 4})) <= 1e-5
+    latents, report = served_latents(server, {"prompt": "after the bad bodies", "seed": 4})
+    assert relative_error(latents, fresh_latents({"prompt": "after the bad bodies", "seed": 4}, STEPS)) <= 1e-5
     assert report["request_seconds"] < 30
-
-
-# A request long enough to hang up on, or to be killed half-way: 100 full-compute steps.
-LONG_REQUEST = {"prompt": "x", "num_inference_steps": 100, "height": 64, "width": 64, "num_frames": 9,
-                "cache": {"method": "none"}, "output_format": "npy"}
-
-
-def _until_idle(url, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        health = _health(url)
-        if not health["busy"] and health["queue_depth"] == 0:
-            return health
-        assert time.monotonic() < deadline, health
-        time.sleep(0.2)
 
 
 @pytest.mark.timeout(300)
 def test_a_client_that_hangs_up_costs_nothing(server):
-    before = _health(server)
+    before = healthz(server)
     started = time.monotonic()
     with pytest.raises(requests.exceptions.ReadTimeout):
         requests.post(f"{server}/v1/generate", json=LONG_REQUEST, timeout=1.0)
-    after = _until_idle(server)
+    after = until_idle(server)
     print(f"\nhung up after 1 s; the job ran to its end {time.monotonic() - started:.1f} s after it was sent")
     assert after["counters"]["succeeded"] == before["counters"]["succeeded"] + 1
     assert after["counters"]["rebuilds"] == before["counters"]["rebuilds"] and after["group"] == before["group"]
     payload = {"prompt": "after a hang-up", "seed": 3}
-    latents, report = _served_latents(server, payload)
-    assert _relative_error(latents, _fresh_latents(payload)) <= 1e-5
+    latents, report = served_latents(server, payload)
+    assert relative_error(latents, fresh_latents(payload, STEPS)) <= 1e-5
     assert report["queue_seconds"] < 1 and report["request_seconds"] < 30
 
 
 @pytest.mark.timeout(300)
 def test_health_finds_a_dead_rank_without_a_request(server):
-    health = _until_idle(server)
+    health = until_idle(server)
     rebuilds, group = health["counters"]["rebuilds"], health["group"]
     os.kill(health["workers"][1]["pid"], signal.SIGKILL)
     killed = time.monotonic()
@@ -438,46 +374,30 @@ def test_health_finds_a_dead_rank_without_a_request(server):
     print(f"\ndead idle rank found by the probe after {seconds:.1f} s (health answered {status} meanwhile); "
           f"ready again {time.monotonic() - killed:.1f} s after the kill")
     payload = {"prompt": "after the probe", "seed": 5}
-    latents, _ = _served_latents(server, payload)
-    assert _relative_error(latents, _fresh_latents(payload)) <= 1e-5
-
-
-def _video(url, payload):
-    return requests.post(f"{url}/v1/videos", json=payload, timeout=REQUEST_TIMEOUT)
-
-
-def _poll(url, video_id, until=("completed", "failed"), timeout=240) -> tuple[dict, list]:
-    """The job once its status is one of ``until``, and every progress value seen on the way."""
-    deadline, seen = time.monotonic() + timeout, []
-    while True:
-        job = requests.get(f"{url}/v1/videos/{video_id}", timeout=30).json()
-        seen.append(job["progress"])
-        if job["status"] in until:
-            return job, seen
-        assert time.monotonic() < deadline, job
-        time.sleep(0.1)
+    latents, _ = served_latents(server, payload)
+    assert relative_error(latents, fresh_latents(payload, STEPS)) <= 1e-5
 
 
 @pytest.mark.timeout(300)
 def test_video_jobs_from_queued_to_completed_to_deleted(server):
     payload = {"model": "tiny-wan", "prompt": "a video job", "seed": 21, "size": "48x32", "num_frames": 5,
                "num_inference_steps": 40, "output_format": "npy"}
-    created = _video(server, payload)
+    created = create_video(server, payload)
     assert created.status_code == 200, created.text
     job = created.json()
     assert job["object"] == "video" and job["status"] in ("queued", "in_progress") and job["size"] == "48x32"
     assert len(job["id"]) >= 20 and job["model"] == "tiny-wan" and isinstance(job["created_at"], int)
     early = requests.get(f"{server}/v1/videos/{job['id']}/content", timeout=30)
     assert early.status_code == 409 and "not completed" in early.json()["error"]
-    done, seen = _poll(server, job["id"])
+    done, seen = poll_video(server, job["id"])
     assert done["status"] == "completed" and done["progress"] == 100, done
     assert all(0 <= p <= 100 for p in seen) and seen == sorted(seen)
     assert done["report"]["nfe"] and done["report"]["width"] == 48 and done["report"]["height"] == 32
     content = requests.get(f"{server}/v1/videos/{job['id']}/content", timeout=30)
     assert content.status_code == 200 and content.headers["content-type"] == "application/x-npy"
-    fresh = _fresh_latents({"prompt": "a video job", "seed": 21, "width": 48, "height": 32, "num_frames": 5,
-                            "num_inference_steps": 40})
-    assert _relative_error(_npy(content.content), fresh) <= 1e-5
+    fresh = fresh_latents({"prompt": "a video job", "seed": 21, "width": 48, "height": 32, "num_frames": 5,
+                            "num_inference_steps": 40}, STEPS)
+    assert relative_error(npy(content.content), fresh) <= 1e-5
     deleted = requests.delete(f"{server}/v1/videos/{job['id']}", timeout=30)
     assert deleted.json() == {"id": job["id"], "object": "video", "deleted": True}
     for path in (f"/v1/videos/{job['id']}", f"/v1/videos/{job['id']}/content"):
@@ -509,30 +429,30 @@ def test_images_endpoint_refuses_a_video_model(server):
 
 @pytest.mark.timeout(300)
 def test_cancel_in_the_queue_and_in_flight_and_a_full_queue(server):
-    before = _until_idle(server)
-    running = _video(server, LONG_REQUEST).json()
-    _poll(server, running["id"], until=("in_progress",))
-    queued = [_video(server, {"prompt": f"queued {i}", "num_inference_steps": 4}) for i in range(10)]
+    before = until_idle(server)
+    running = create_video(server, LONG_REQUEST).json()
+    poll_video(server, running["id"], until=("in_progress",))
+    queued = [create_video(server, {"prompt": f"queued {i}", "num_inference_steps": 4}) for i in range(10)]
     assert all(r.status_code == 200 and r.json()["status"] == "queued" for r in queued), [r.text for r in queued]
-    full = _video(server, {"prompt": "one too many"})
+    full = create_video(server, {"prompt": "one too many"})
     assert full.status_code == 429 and full.headers["retry-after"] == "10", full.text
-    assert _health(server)["queue_depth"] == 10
+    assert healthz(server)["queue_depth"] == 10
     for response in queued:   # cancelled in the queue: gone at once, never run
         assert requests.delete(f"{server}/v1/videos/{response.json()['id']}", timeout=30).status_code == 200
         assert requests.get(f"{server}/v1/videos/{response.json()['id']}", timeout=30).status_code == 404
     assert requests.delete(f"{server}/v1/videos/{running['id']}", timeout=30).status_code == 200
-    after = _until_idle(server, timeout=60)   # stopped at a step boundary, long before its 100 steps
+    after = until_idle(server, timeout=60)   # stopped at a step boundary, long before its 100 steps
     assert requests.get(f"{server}/v1/videos/{running['id']}", timeout=30).status_code == 404
     assert after["counters"]["cancelled"] == before["counters"]["cancelled"] + 11
     assert after["counters"]["dispatched"] == before["counters"]["dispatched"] + 1
     assert after["counters"]["rebuilds"] == before["counters"]["rebuilds"] and after["group"] == before["group"]
-    latents, _ = _served_latents(server, {"prompt": "after the cancels", "seed": 8})
-    assert _relative_error(latents, _fresh_latents({"prompt": "after the cancels", "seed": 8})) <= 1e-5
+    latents, _ = served_latents(server, {"prompt": "after the cancels", "seed": 8})
+    assert relative_error(latents, fresh_latents({"prompt": "after the cancels", "seed": 8}, STEPS)) <= 1e-5
 
 
 @pytest.mark.timeout(120)
 def test_prometheus_metrics_cover_jobs_queue_batches_and_savings(server):
-    _served_latents(server, {"prompt": "for the metrics"})
+    served_latents(server, {"prompt": "for the metrics"})
     names = ("spectrum_xdit_jobs", "spectrum_xdit_queue_seconds", "spectrum_xdit_job_seconds",
              "spectrum_xdit_batch_size", "spectrum_xdit_nfe_saved", "spectrum_xdit_queue_depth",
              "ray_serve_num_http_requests")
@@ -550,13 +470,13 @@ def test_prometheus_metrics_cover_jobs_queue_batches_and_savings(server):
 
 @pytest.mark.timeout(400)
 def test_killed_worker_gives_503_then_the_group_is_rebuilt(server):
-    health = _health(server)
+    health = healthz(server)
     old_pids = [w["pid"] for w in health["workers"]]
     rebuilds = health["counters"]["rebuilds"]
     with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(_post, server, LONG_REQUEST)
+        future = pool.submit(post, server, LONG_REQUEST)
         deadline = time.monotonic() + 60
-        while not _health(server)["busy"]:
+        while not healthz(server)["busy"]:
             assert time.monotonic() < deadline, "the request never reached the ranks"
             assert not future.done(), future.result().text
             time.sleep(0.05)
@@ -572,22 +492,22 @@ def test_killed_worker_gives_503_then_the_group_is_rebuilt(server):
     assert health["counters"]["rebuilds"] == rebuilds + 1
     assert not set(old_pids) & {w["pid"] for w in health["workers"]}
     payload = {"prompt": "after the crash", "seed": 9}
-    latents, _ = _served_latents(server, payload)
-    assert _relative_error(latents, _fresh_latents(payload)) <= 1e-5
+    latents, _ = served_latents(server, payload)
+    assert relative_error(latents, fresh_latents(payload, STEPS)) <= 1e-5
 
 
 @pytest.mark.timeout(400)
 def test_a_rank_death_fails_the_running_job_and_the_queued_ones_complete(server):
-    health = _until_idle(server)
-    running = _video(server, LONG_REQUEST).json()
-    _poll(server, running["id"], until=("in_progress",))
-    queued = [_video(server, {"prompt": f"survives {i}", "seed": i, "output_format": "npy"}).json() for i in range(2)]
+    health = until_idle(server)
+    running = create_video(server, LONG_REQUEST).json()
+    poll_video(server, running["id"], until=("in_progress",))
+    queued = [create_video(server, {"prompt": f"survives {i}", "seed": i, "output_format": "npy"}).json() for i in range(2)]
     os.kill(health["workers"][1]["pid"], signal.SIGKILL)
-    failed, _ = _poll(server, running["id"])
+    failed, _ = poll_video(server, running["id"])
     assert failed["status"] == "failed" and failed["error"]["code"] == 503 and "died" in failed["error"]["message"]
     for i, job in enumerate(queued):
-        done, _ = _poll(server, job["id"])
+        done, _ = poll_video(server, job["id"])
         assert done["status"] == "completed", done
         content = requests.get(f"{server}/v1/videos/{job['id']}/content", timeout=30).content
-        assert _relative_error(_npy(content), _fresh_latents({"prompt": f"survives {i}", "seed": i})) <= 1e-5
-    assert _health(server)["counters"]["rebuilds"] == health["counters"]["rebuilds"] + 1
+        assert relative_error(npy(content), fresh_latents({"prompt": f"survives {i}", "seed": i}, STEPS)) <= 1e-5
+    assert healthz(server)["counters"]["rebuilds"] == health["counters"]["rebuilds"] + 1

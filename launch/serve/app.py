@@ -3,8 +3,9 @@ requests through an engine (``engine``) on one rank group (``rank_group``).
 
 A replica checks a request completely (the request model, the model's and the layout's rules,
 the model's size rules, the server's limits) before it is queued; the engine then runs it on
-every rank in lock-step and rank 0 returns the latents or the encoded media. Requests to a replica
-run one at a time; several replicas, each with its own group, scale out across the cluster.
+every rank in lock-step, alone or in the replica's step loop with the other jobs, and rank 0
+returns the latents or the encoded media. Several replicas, each with its own group, scale out
+across the cluster.
 Start it with ``spectrum-xdit serve`` or ``serve run`` of ``launch/serve/serve_config.yaml``
 (application builder :func:`build_app`).
 """
@@ -252,8 +253,10 @@ class SpectrumServer:
         shown = ("rank", "device", "pid", "node") if self.settings.debug else ("rank", "device")
         body = {"status": group.state, "replica": self.replica, "model": self._model_name(),
                 "world_size": self.settings.world_size,
-                "group": group.current.number, "busy": engine.current is not None,
-                "queue_depth": len(engine.pending), "batch_occupancy": 0 if engine.current is None else 1,
+                "group": group.current.number, "busy": bool(engine.running),
+                "batching": engine.step_batching or "sequential", "queue_depth": len(engine.pending),
+                "batch_occupancy": len(engine.running),
+                "max_batch_size": self.settings.max_batch_size if engine.step_batching else 1,
                 "max_queue_size": self.settings.max_queue_size, "kept_jobs": len(engine.jobs),
                 "counters": dict(engine.counters, rebuilds=group.rebuilds),
                 "workers": [{key: info[key] for key in shown} for info in infos],
@@ -281,7 +284,8 @@ class SpectrumServer:
                                                                              "cache": {"num_inference_steps"}}),
             "output_formats": list(settings.output_formats(spec)),
             "sizes": group.infos[0]["sizes"] if group.infos else dataclasses.asdict(spec.sizes),
-            "batching": "none: requests to a replica run one at a time on its rank group",
+            "batching": {"mode": self.engine.step_batching or "sequential",
+                         "max_batch_size": settings.max_batch_size if self.engine.step_batching else 1},
         }
 
     def _model_name(self) -> str:

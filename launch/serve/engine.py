@@ -1,5 +1,12 @@
-"""The replica's job loop: one job at a time on the rank group, a bounded queue, the jobs of the
-asynchronous API kept until their results expire, and health probes of the ranks while idle.
+"""The replica's job loop: a bounded queue, the jobs of the asynchronous API kept until their
+results expire, health probes of the ranks while idle, and one of two ways to run the jobs:
+
+* sequential: one job at a time, each in the pipeline's own denoising loop;
+* a step loop (``batched`` or ``continuous``): the rank group ticks, one denoising step of every
+  job in the loop per tick (``step_batching``). ``continuous`` lets a queued job join at the next
+  tick; ``batched`` only when the loop is empty, so the jobs that arrived together run together.
+  At most ``max_batch_size`` jobs are in the loop. A job asked to stop (deleted, or past
+  ``request_timeout_s``) leaves it at the next tick, the others go on.
 
 Its tasks are created with the replica, outside any HTTP request, so the calls they make to the
 ranks belong to no request: a client that hangs up cancels nothing, and its job runs to the end.
@@ -42,6 +49,7 @@ class Job:
         self.steps_done = 0
         self.answer: Optional[dict] = None    # rank 0's media and report
         self.error: Optional[Exception] = None
+        self.started: Optional[float] = None
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
 
     @property
@@ -88,11 +96,15 @@ class Engine:
         self.metrics = ServeMetrics()
         self.pending: collections.deque[Job] = collections.deque()
         self.jobs = KeptJobs(settings.result_ttl_s, settings.max_result_bytes)
-        self.current: Optional[Job] = None
-        self.counters = {"dispatched": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "rejected": 0}
+        self.running: dict[str, Job] = {}
+        self.counters = {"dispatched": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "rejected": 0,
+                         "ticks": 0, "block_calls": 0, "block_rows": 0}
+        self.step_batching = settings.step_batching
+        self._leaving: dict[str, RequestFailed] = {}    # jobs to take out of the step loop, and why
         self._wake = asyncio.Event()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._run_jobs()), loop.create_task(self._probe())]
+        run = self._run_steps() if self.step_batching else self._run_jobs()
+        self._tasks = [loop.create_task(run), loop.create_task(self._probe())]
 
     # -- the API's side -------------------------------------------------------------------------
 
@@ -118,7 +130,7 @@ class Engine:
 
     async def progress(self, job: Job) -> int:
         """Denoising steps done of ``job`` (asks rank 0 while the job runs)."""
-        if job.status == "in_progress" and self.group.state == "ready":
+        if job.status == "in_progress" and not self.step_batching and self.group.state == "ready":
             answer = await self.group.progress(self.group.current)
             if answer.get("job") == job.id:
                 job.steps_done = answer["steps"]
@@ -132,6 +144,8 @@ class Engine:
             self.pending.remove(job)
             job.finish(error=RequestFailed(409, "the job was cancelled before it started"))
             self.counters["cancelled"] += 1
+        elif job.status == "in_progress" and self.step_batching:
+            self._leaving[job.id] = RequestFailed(409, "the job was cancelled")
         elif job.status == "in_progress" and self.group.state == "ready":
             self.group.stop(self.group.current, job.id)
         return job
@@ -145,45 +159,128 @@ class Engine:
                 await self._wake.wait()
             job = self.pending.popleft()
             self.metrics.queue_depth(len(self.pending))
-            self.current = job
+            self.running[job.id] = job
             try:
-                job.finish(answer=await self._run(job))
-                self.counters["succeeded"] += 1
-            except (GroupUnavailable, RequestFailed, RequestError) as error:
-                job.finish(error=error)
-                if isinstance(error, RequestFailed) and error.status == 409:
-                    self.counters["cancelled"] += 1
+                generation = await self._ready_group()
+                self._start(job, generation)
+                answer = await self.group.run(generation, job.request, job.id)
+                job.steps_done = job.request.num_inference_steps
+                self.metrics.block_batch(1)
+                self._finish(job, answer=answer)
             except Exception as error:  # the loop must outlive any one job
-                logger.exception("spectrum-xdit: job %s failed", job.id)
-                job.finish(error=RequestFailed(500, f"{type(error).__name__}: {error}"))
-            finally:
-                self.current = None
-                self.metrics.finished(job)
-                self.jobs.evict()
+                self._finish(job, error=error)
 
-    async def _run(self, job: Job) -> dict:
-        job.queue_seconds = time.perf_counter() - job.arrived
+    async def _ready_group(self):
+        """The ready rank group, after a ping: a rank that died since the last probe is waited
+        for (its rebuild), not found by a job."""
         generation = await self.group.ready()
-        if not await self.group.probe():   # a rank died since the last probe: wait for its rebuild
+        if not await self.group.probe():
             generation = await self.group.ready()
+        return generation
+
+    def _start(self, job: Job, generation) -> None:
+        """``job`` leaves the queue for the ranks, once the built model's size rules (which a hub
+        checkpoint's spec could only guess) accept it."""
+        job.queue_seconds = time.perf_counter() - job.arrived
         first = generation.infos[0]
-        # the built model's size rules, which a hub checkpoint's spec could only guess
         check_sizes(job.request, SizeRules(**first["sizes"]), self.settings.layout,
                     "padding" in first["xfuser_patches"]["installed"], self.settings.limits, self.model)
         job.status = "in_progress"
+        job.started = time.perf_counter()
         self.counters["dispatched"] += 1
-        try:
-            answer = await self.group.run(generation, job.request, job.id)
-        except RequestFailed:
-            self.counters["failed"] += 1
-            raise
-        job.steps_done = job.request.num_inference_steps
-        return answer
+
+    def _finish(self, job: Job, answer: Optional[dict] = None, error: Optional[Exception] = None) -> None:
+        """End ``job`` with its answer or its error, count it, and forget what it held."""
+        self.running.pop(job.id, None)
+        if error is None:
+            job.finish(answer=answer)
+            self.counters["succeeded"] += 1
+        else:
+            if not isinstance(error, (GroupUnavailable, RequestFailed, RequestError)):
+                logger.error("spectrum-xdit: job %s failed: %s: %s", job.id, type(error).__name__, error)
+                error = RequestFailed(500, f"{type(error).__name__}: {error}")
+            if isinstance(error, RequestFailed):
+                self.counters["cancelled" if error.status == 409 else "failed"] += 1
+            job.finish(error=error)
+        self.metrics.finished(job)
+        self.jobs.evict()
+
+    # -- the step loop --------------------------------------------------------------------------
+
+    async def _run_steps(self) -> None:
+        while True:
+            while not self.pending and not self.running:
+                self._wake.clear()
+                await self._wake.wait()
+            try:
+                generation = await (self._ready_group() if not self.running else self.group.ready())
+            except GroupUnavailable as error:
+                for job in [*self.running.values(), *self.pending]:
+                    self._finish(job, error=error)
+                self.pending.clear()
+                continue
+            joins = self._admit(generation)
+            drops = self._drops()
+            try:
+                answer = await self.group.tick(generation, [(job.id, job.request) for job in joins], list(drops))
+            except Exception as error:  # every job in the loop ends with it; the queue waits
+                for job in list(self.running.values()):
+                    self._finish(job, error=error)
+                continue
+            self._after_tick(answer, drops)
+
+    def _admit(self, generation) -> list[Job]:
+        """The queued jobs that join at this tick (``batched``: only into an empty loop)."""
+        joins = []
+        if self.step_batching == "batched" and self.running:
+            return joins
+        while self.pending and len(self.running) < self.settings.max_batch_size:
+            job = self.pending.popleft()
+            try:
+                self._start(job, generation)
+            except RequestError as error:
+                self._finish(job, error=error)
+                continue
+            self.running[job.id] = job
+            joins.append(job)
+        self.metrics.queue_depth(len(self.pending))
+        return joins
+
+    def _drops(self) -> dict[str, RequestFailed]:
+        """The running jobs that leave the loop at this tick: deleted, or past ``request_timeout_s``."""
+        timeout = self.settings.request_timeout_s
+        for job in self.running.values():
+            if job.id not in self._leaving and time.perf_counter() - job.started > timeout:
+                self._leaving[job.id] = RequestFailed(504, f"the request did not finish within {timeout:g} s "
+                                                      "(request_timeout_s)")
+        drops = {job_id: why for job_id, why in self._leaving.items() if job_id in self.running}
+        self._leaving.clear()
+        return drops
+
+    def _after_tick(self, answer: dict, drops: dict[str, RequestFailed]) -> None:
+        for job_id, why in drops.items():
+            step = answer["dropped"].get(job_id)
+            self._finish(self.running[job_id], error=RequestFailed(why.status, f"{why}; it stopped after step "
+                                                                    f"{-1 if step is None else step - 1}"))
+        for job_id, error in answer["failed"].items():
+            self._finish(self.running[job_id], error=RequestFailed(error["status"], error["message"],
+                                                                   field=error.get("field")))
+        for job_id, steps in answer["steps"].items():
+            self.running[job_id].steps_done = steps
+        for job_id, result in answer["finished"].items():
+            job = self.running[job_id]
+            job.steps_done = job.request.num_inference_steps
+            self._finish(job, answer=result)
+        self.counters["ticks"] += 1
+        if answer["block_rows"]:
+            self.counters["block_calls"] += 1
+            self.counters["block_rows"] += answer["block_rows"]
+            self.metrics.block_batch(answer["block_rows"])
 
     async def _probe(self) -> None:
         while True:
             await asyncio.sleep(self.settings.probe_interval_s)
-            if self.current is None:
+            if not self.running:
                 try:
                     await self.group.probe()
                 except Exception:  # a failed probe must not end the probing

@@ -21,14 +21,18 @@ class ServeMetrics:
                                boundaries=SECONDS)
         self.latency = Histogram("spectrum_xdit_job_seconds", "seconds from a job's arrival to its end",
                                  boundaries=SECONDS)
-        self.batch = Histogram("spectrum_xdit_batch_size", "requests in one block-stack call",
-                               boundaries=[1, 2, 4, 8, 16, 32])
+        self.batch = Histogram("spectrum_xdit_batch_size", "rows (requests x guidance branches) in one "
+                               "block-stack call of the step loop; 1 per job when sequential",
+                               boundaries=[1, 2, 4, 8, 16, 32, 64])
         self.nfe_saved = Counter("spectrum_xdit_nfe_saved",
                                  "block-stack evaluations skipped by Spectrum, summed over guidance branches")
         self.depth = Gauge("spectrum_xdit_queue_depth", "jobs waiting for the rank group")
 
     def queue_depth(self, depth: int) -> None:
         self.depth.set(depth)
+
+    def block_batch(self, rows: int) -> None:
+        self.batch.observe(rows)
 
     def finished(self, job) -> None:
         self.jobs.inc(tags={"status": job.status})
@@ -37,7 +41,6 @@ class ServeMetrics:
         self.latency.observe(time.perf_counter() - job.arrived)
         if job.answer is not None:
             report = job.answer["report"]
-            self.batch.observe(1)
             saved = sum(report["num_inference_steps"] - nfe for nfe in report["nfe"].values())
             if saved:
                 self.nfe_saved.inc(saved)

@@ -198,35 +198,49 @@ class RankGroup:
         if timed_out:
             self.stop(generation, job)
             _, pending = await asyncio.wait(pending, timeout=GRACE_S)
-        dead = [rank for rank, f in enumerate(futures) if f.done() and isinstance(f.exception(), RayActorError)]
-        if dead:
-            self.rebuild(generation, f"rank(s) {dead} died")
-            detail = "; ".join(f"rank {rank}: {describe(futures[rank].exception())}" for rank in dead)
-            raise RequestFailed(503, f"a worker of this replica's rank group died during the request ({detail}); "
-                                "the group is being rebuilt, retry the request", headers={"Retry-After": "30"},
-                                rebuilt=True)
-        if pending:
-            hung = [rank for rank, f in enumerate(futures) if f in pending]
-            for future in pending:
-                future.cancel()
-            self.rebuild(generation, f"rank(s) {hung} did not finish a request")
-            raise RequestFailed(504 if timed_out else 500, f"rank(s) {hung} did not finish the request; the rank "
-                                "group is being rebuilt", rebuilt=True)
-        results = [future.result() for future in futures]
+        results = self._settle(generation, futures, pending, "the request", 504 if timed_out else 500)
         stopped = [result["stopped_after_step"] for result in results if "stopped_after_step" in result]
         if timed_out:
             raise RequestFailed(504, f"the request did not finish within {self.settings.request_timeout_s:g} s "
                                 f"(request_timeout_s); it was stopped after step {max(stopped, default=-1)}")
         if stopped:
             raise RequestFailed(409, f"the job was cancelled; it stopped after step {max(stopped)}")
+        return results[0]
+
+    async def tick(self, generation: _Generation, joins: list, drops: list) -> dict:
+        """One tick of the step loop on every rank (``RankWorker.tick``); rank 0's answer, or
+        :class:`RequestFailed` as ``run`` raises it, for every job in the loop."""
+        futures = [_wait(worker.tick.remote(joins, drops)) for worker in generation.workers]
+        pending = await self._until_done_or_failed(futures, self.settings.request_timeout_s)
+        return self._settle(generation, futures, pending, "a step of the batch", 500)[0]
+
+    def _settle(self, generation: _Generation, futures: list, pending: set, what: str, hung_status: int) -> list:
+        """Every rank's answer, or :class:`RequestFailed`: a dead rank (503) or one still busy
+        (``hung_status``) rebuilds the group; an error on every rank fails ``what`` alone, an
+        error on some ranks rebuilds the group too."""
+        dead = [rank for rank, f in enumerate(futures) if f.done() and isinstance(f.exception(), RayActorError)]
+        if dead:
+            self.rebuild(generation, f"rank(s) {dead} died")
+            detail = "; ".join(f"rank {rank}: {describe(futures[rank].exception())}" for rank in dead)
+            raise RequestFailed(503, f"a worker of this replica's rank group died during {what} ({detail}); "
+                                "the group is being rebuilt, retry the request", headers={"Retry-After": "30"},
+                                rebuilt=True)
+        if pending:
+            hung = [rank for rank, f in enumerate(futures) if f in pending]
+            for future in pending:
+                future.cancel()
+            self.rebuild(generation, f"rank(s) {hung} did not finish {what}")
+            raise RequestFailed(hung_status, f"rank(s) {hung} did not finish {what}; the rank group is being rebuilt",
+                                rebuilt=True)
+        results = [future.result() for future in futures]
         errors = [result["error"] for result in results if "error" in result]
         if errors:
             split = len(errors) < len(results)   # the ranks went separate ways: rebuild to be safe
             if split:
-                self.rebuild(generation, "the ranks disagreed about a request")
+                self.rebuild(generation, f"the ranks disagreed about {what}")
             raise RequestFailed(errors[0]["status"], errors[0]["message"], field=errors[0].get("field"), rebuilt=split)
         self.consecutive_failures = 0
-        return results[0]
+        return results
 
     @staticmethod
     async def _until_done_or_failed(futures: list, timeout: float) -> set:

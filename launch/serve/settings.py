@@ -57,6 +57,12 @@ class ServeSettings(BaseModel):
     max_result_bytes: int = Field(1 << 30, ge=0, description=(
         "bytes of finished /v1/videos results a replica keeps; past it the oldest are forgotten"))
     max_images: int = Field(4, ge=1, le=16, description="most images (n) of one /v1/images/generations request")
+    batching: Literal["auto", "sequential", "batched", "continuous"] = Field("auto", description=(
+        "sequential: one request at a time; batched: requests that arrive together share the denoising "
+        "steps; continuous: a request joins the running steps at once; auto: continuous for Wan models, "
+        "sequential for FLUX.1"))
+    max_batch_size: int = Field(8, ge=1, le=256, description=(
+        "most requests in a replica's batch (their block-stack rows are at most this, twice with guidance)"))
     debug: bool = Field(False, description="show PIDs, node addresses and model paths in /healthz and /v1/config")
     limits: Limits = Field(default_factory=Limits)
     defaults: dict = Field(default_factory=dict, description="request defaults, request-shaped")
@@ -101,6 +107,13 @@ class ServeSettings(BaseModel):
             raise ValueError("the server runs sequence-parallel rank groups (ulysses_degree x ring_degree)")
         return layout
 
+    @property
+    def step_batching(self) -> Optional[str]:
+        """``"batched"`` or ``"continuous"`` when the replicas run a step loop, else ``None``."""
+        if self.batching == "auto":
+            return "continuous" if resolve_model(self.model).family == "wan" else None
+        return None if self.batching == "sequential" else self.batching
+
     @classmethod
     def from_flat(cls, values: dict) -> "ServeSettings":
         """From the flags' and the Serve YAML's names; ``ValueError`` naming the setting."""
@@ -134,6 +147,9 @@ class ServeSettings(BaseModel):
     def check(self) -> ModelSpec:
         """Raise ``ValueError`` on settings no request could run with; return the model spec."""
         spec = resolve_model(self.model)
+        if self.batching in ("batched", "continuous") and spec.family != "wan":
+            raise ValueError(f"batching: {self.batching} runs Wan models; serve {spec.family} models with "
+                             "batching sequential (or auto)")
         try:
             check_layout(self.layout, spec)
             check_request(self.default_request(spec), spec, self.layout, self.limits)

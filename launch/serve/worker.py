@@ -4,6 +4,9 @@ It runs with two threads (``max_concurrency=2``): one generates, the other answe
 ``stop`` meanwhile, so that the replica can probe a busy rank and stop a request at the next step
 boundary. A request that raises returns its error instead of raising, so that the replica can see
 that every rank failed alike (a bad request, not a broken group).
+
+With step batching the replica sends every rank the same ``tick`` (which jobs join and leave the
+loop) and each rank runs it in its :class:`~spectrum_xdit.launch.step_batching.StepBatcher`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class RankWorker:
         self._stopping: set[str] = set()   # jobs asked to stop, perhaps before they reach this rank
         self._job = None
         self._steps = 0
+        self._batcher = None
+        self._requests: dict = {}          # the step loop's requests by job
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -99,10 +104,8 @@ class RankWorker:
         try:
             result = self.rank_pipeline.generate(request, decode=request.output_format != "npy",
                                                  stop=self._step_done)
-        except RequestError as error:
-            return {"rank": self.rank, "error": {"status": error.status, "field": error.field, "message": str(error)}}
         except Exception as error:  # the replica decides, from every rank's answer, what it means
-            return {"rank": self.rank, "error": {"status": 500, "message": f"{type(error).__name__}: {error}"}}
+            return {"rank": self.rank, "error": _error(error)}
         finally:
             self._job = None
             self._stopping.discard(job)
@@ -112,6 +115,45 @@ class RankWorker:
         if self.rank != 0:
             return {"rank": self.rank}
         return {"rank": 0, **self._encode(request, result)}
+
+    def tick(self, joins: list, drops: list) -> dict:
+        """One tick of the step loop: the jobs in ``drops`` leave it, each ``(job, request)`` of
+        ``joins`` joins it at its step 0, then every active job does one denoising step. The
+        answer: the jobs that failed to join, the steps each active job has done, the rows that
+        ran the block stack and (rank 0) the finished jobs' media and reports. A tick that
+        raises ends every job in the loop and returns the error."""
+        from ..step_batching import StepBatcher
+
+        if self._batcher is None:
+            self._batcher = StepBatcher(self.rank_pipeline)
+        batcher = self._batcher
+        answer = {"rank": self.rank, "dropped": {}, "failed": {}, "finished": {}}
+        for job in drops:
+            answer["dropped"][job] = batcher.drop(job)
+            self._requests.pop(job, None)
+        for job, request in joins:
+            try:
+                batcher.join(job, request)
+                self._requests[job] = request
+            except Exception as error:  # this request fails alone
+                answer["failed"][job] = _error(error)
+        try:
+            finished, block_rows = batcher.tick() if batcher.active else ({}, 0)
+        except Exception as error:  # the state of every job in the loop is now unknown
+            answer.update(error=_error(error), jobs=list(batcher.active))
+            batcher.active.clear()
+            self._requests.clear()
+            return answer
+        answer.update(block_rows=block_rows, steps={job: active.step for job, active in batcher.active.items()})
+        for job, result in finished.items():
+            request = self._requests.pop(job)
+            if self.rank == 0:
+                if request.output_format != "npy":
+                    result.media = self.rank_pipeline.decode(result.latents, request)
+                answer["finished"][job] = self._encode(request, result)
+            else:
+                answer["finished"][job] = {}
+        return answer
 
     def _encode(self, request, result) -> dict:
         from ..media import write_media
@@ -127,3 +169,10 @@ class RankWorker:
                                    fps=self.settings.fps)
                 media = path.read_bytes()
         return {"media": media, "report": dict(result.report, encode_seconds=time.perf_counter() - encode_start)}
+
+
+def _error(error: Exception) -> dict:
+    """A request's error as the replica reads it: the status, the field of a bad request."""
+    if isinstance(error, RequestError):
+        return {"status": error.status, "field": error.field, "message": str(error)}
+    return {"status": 500, "message": f"{type(error).__name__}: {error}"}

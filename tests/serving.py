@@ -1,0 +1,109 @@
+"""Helpers of the tests that drive a real local Ray Serve instance over HTTP (`test_serve*.py`)."""
+
+import io
+import json
+import time
+
+import numpy as np
+import requests
+import torch
+
+from spectrum_xdit.launch.request import ParallelLayout, model_defaults, parse_request
+from spectrum_xdit.launch.runner import init_rank
+from spectrum_xdit.models import resolve_model
+from spectrum_xdit.parallel.testing import free_port
+
+REQUEST_TIMEOUT = 240
+# A request long enough to hang up on, or to be killed half-way: 100 full-compute steps.
+LONG_REQUEST = {"prompt": "x", "num_inference_steps": 100, "height": 64, "width": 64, "num_frames": 9,
+                "cache": {"method": "none"}, "output_format": "npy"}
+
+
+def serve_app(settings: dict, metrics_port: list):
+    """Start Ray and the app of ``settings`` on a free port of 127.0.0.1, yield its URL, and shut
+    both down (a generator for a module-scoped fixture); Ray's metrics port goes into ``metrics_port``."""
+    import ray
+    from ray import serve
+
+    from spectrum_xdit.launch.serve.app import APP_NAME, build_app
+    from spectrum_xdit.launch.serve.main import wait_until_ready
+
+    port = free_port()
+    context = ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(url, timeout=300)
+        metrics_port.append(context.address_info["metrics_export_port"])
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def post(url, payload, accept=None, data=None):
+    headers = {"Accept": accept} if accept else {}
+    if data is not None:
+        return requests.post(f"{url}/v1/generate", data=data, headers=headers, timeout=REQUEST_TIMEOUT)
+    return requests.post(f"{url}/v1/generate", json=payload, headers=headers, timeout=REQUEST_TIMEOUT)
+
+
+def healthz(url):
+    return requests.get(f"{url}/healthz", timeout=30).json()
+
+
+def npy(content: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(content), allow_pickle=False)
+
+
+def served_latents(url, payload):
+    response = post(url, dict(payload, output_format="npy"))
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/x-npy"
+    return npy(response.content), json.loads(response.headers["x-spectrum-report"])
+
+
+def fresh_latents(payload, steps: int) -> np.ndarray:
+    """The same request on a freshly built tiny-wan pipeline, in this process, one rank
+    (``steps``: the server's default num_inference_steps)."""
+    spec = resolve_model("tiny-wan")
+    request = parse_request(dict(payload, output_format="npy"), {**model_defaults(spec), "num_inference_steps": steps})
+    rank_pipeline = init_rank(spec, ParallelLayout())
+    rank_pipeline.pipe.set_progress_bar_config(disable=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank of the server
+    try:
+        return rank_pipeline.generate(request).latents.float().numpy()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def relative_error(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def until_idle(url, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = healthz(url)
+        if not body["busy"] and body["queue_depth"] == 0:
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(0.2)
+
+
+def create_video(url, payload):
+    return requests.post(f"{url}/v1/videos", json=payload, timeout=REQUEST_TIMEOUT)
+
+
+def poll_video(url, video_id, until=("completed", "failed"), timeout=240) -> tuple[dict, list]:
+    """The job once its status is one of ``until``, and every progress value seen on the way."""
+    deadline, seen = time.monotonic() + timeout, []
+    while True:
+        job = requests.get(f"{url}/v1/videos/{video_id}", timeout=30).json()
+        seen.append(job["progress"])
+        if job["status"] in until:
+            return job, seen
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
