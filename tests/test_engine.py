@@ -1,0 +1,142 @@
+"""The replica engine's step loop (`launch/serve/engine.py`) against a stand-in rank group that
+ticks instantly: who joins when (continuous, batched, max_batch_size), and how jobs leave
+(finished, deleted, timed out, a failed tick) while the queue waits."""
+
+import asyncio
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+
+from spectrum_xdit.launch.request import model_defaults, parse_request
+from spectrum_xdit.launch.serve import engine as engine_module
+from spectrum_xdit.launch.serve.rank_group import RequestFailed
+from spectrum_xdit.launch.serve.settings import ServeSettings
+from spectrum_xdit.models import resolve_model
+
+SPEC = resolve_model("tiny-wan")
+pytestmark = pytest.mark.timeout(60)
+
+
+class StandInGroup:
+    """Ticks like the ranks: each job advances one step per tick and finishes at its step count;
+    ``fail_at``: the tick (counted from 1) that fails on every rank."""
+
+    def __init__(self, settings, fail_at=None):
+        self.state, self.current, self.rebuilds = "ready", SimpleNamespace(number=1), 0
+        self.steps: dict[str, int] = {}
+        self.requests: dict = {}
+        self.log: list[tuple[list, list, list]] = []    # (joined, dropped, in the loop) per tick
+        self.fail_at = fail_at
+        self.interrupts = 0
+
+    async def ready(self):
+        sizes = dataclasses.asdict(SPEC.sizes)
+        return SimpleNamespace(infos=[{"sizes": sizes, "xfuser_patches": {"installed": ["padding"]}}])
+
+    async def probe(self) -> bool:
+        return True
+
+    def interrupt(self, generation) -> None:
+        self.interrupts += 1
+
+    async def tick(self, generation, joins, drops, max_seconds):
+        await asyncio.sleep(0.02)
+        dropped = {job: self.steps.pop(job) for job in drops if job in self.steps}
+        for job, request in joins:
+            self.steps[job], self.requests[job] = 0, request
+        self.log.append(([job for job, _ in joins], list(drops), sorted(self.steps)))
+        if len(self.log) == self.fail_at:
+            self.steps.clear()
+            raise RequestFailed(500, "ValueError: the tick broke on every rank")
+        finished = {}
+        for job in list(self.steps):
+            self.steps[job] += 1
+            if self.steps[job] == self.requests[job].num_inference_steps:
+                del self.steps[job]
+                finished[job] = {"media": b"x", "report": {"nfe": {"cond": 1}, "num_inference_steps": 1}}
+        return {"dropped": dropped, "failed": {}, "finished": finished, "steps": dict(self.steps),
+                "block_rows": [len(self.steps) + len(finished)]}
+
+    def kill(self) -> None:
+        pass
+
+
+class NoMetrics:
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def _request(steps: int, seed: int = 0):
+    return parse_request({"prompt": "x", "seed": seed, "num_inference_steps": steps},
+                         {**model_defaults(SPEC), "height": 32, "width": 32, "num_frames": 5})
+
+
+async def _engine(monkeypatch, fail_at=None, **settings):
+    monkeypatch.setattr(engine_module, "RankGroup", lambda s: StandInGroup(s, fail_at))
+    monkeypatch.setattr(engine_module, "ServeMetrics", NoMetrics)
+    return engine_module.Engine(ServeSettings(model="tiny-wan", **settings), "tiny-wan")
+
+
+async def _outcome(job):
+    try:
+        await asyncio.wait_for(asyncio.shield(job.done), 10)
+        return "completed"
+    except RequestFailed as error:
+        return error.status
+
+
+def test_continuous_admits_at_the_next_tick_and_batched_only_into_an_empty_loop(monkeypatch):
+    async def scenario(mode):
+        engine = await _engine(monkeypatch, batching=mode, max_batch_size=2)
+        first = engine.submit(_request(6))
+        await asyncio.sleep(0.05)                 # first is in the loop by now
+        later = [engine.submit(_request(3, seed)) for seed in (1, 2)]
+        outcomes = await asyncio.gather(*[_outcome(job) for job in [first, *later]])
+        engine.close()
+        joined = {job: tick for tick, (joins, _, _) in enumerate(engine.group.log) for job in joins}
+        return outcomes, joined, [job.id for job in [first, *later]], engine.group.log, engine.group.interrupts
+
+    outcomes, joined, (first, a, b), log, interrupts = asyncio.run(scenario("continuous"))
+    assert outcomes == ["completed"] * 3
+    assert interrupts == 1        # a's arrival ended the ranks' run of ticks; b found the loop full
+    assert joined[a] < 6 and joined[b] >= joined[a] + 3   # a joins mid-flight; b waits for a free slot
+    assert max(len(active) for _, _, active in log) == 2
+    outcomes, joined, (first, a, b), log, interrupts = asyncio.run(scenario("batched"))
+    assert interrupts == 0
+    assert outcomes == ["completed"] * 3
+    assert joined[a] == joined[b] == 6                    # both wait until the first's batch is done
+
+
+def test_a_deleted_or_timed_out_job_leaves_at_the_next_tick_and_the_others_go_on(monkeypatch):
+    async def scenario():
+        engine = await _engine(monkeypatch, batching="continuous", request_timeout_s=0.3)
+        deleted, slow, quick = (engine.submit(_request(steps), kept=True) for steps in (9000, 10_000, 4))
+        await asyncio.sleep(0.05)
+        engine.remove(deleted.id)
+        outcomes = await asyncio.gather(*[_outcome(job) for job in (deleted, slow, quick)])
+        engine.close()
+        return outcomes, str(slow.error), engine.counters
+
+    outcomes, message, counters = asyncio.run(scenario())
+    assert outcomes == [409, 504, "completed"]
+    assert "request_timeout_s" in message and "stopped after step" in message
+    assert counters["cancelled"] == 1 and counters["failed"] == 1 and counters["succeeded"] == 1
+
+
+def test_a_failed_tick_fails_the_jobs_in_the_loop_and_the_queue_then_runs(monkeypatch):
+    async def scenario():
+        engine = await _engine(monkeypatch, fail_at=3, batching="continuous", max_batch_size=2)
+        jobs = [engine.submit(_request(5, seed)) for seed in range(4)]
+        outcomes = await asyncio.gather(*[_outcome(job) for job in jobs])
+        engine.close()
+        return outcomes
+
+    assert asyncio.run(scenario()) == [500, 500, "completed", "completed"]
+
+
+def test_batching_needs_a_wan_model():
+    with pytest.raises(ValueError, match="batching: continuous runs Wan models"):
+        ServeSettings(model="tiny-flux", batching="continuous").check()
+    assert ServeSettings(model="tiny-flux").step_batching is None
+    assert ServeSettings(model="tiny-wan").step_batching == "continuous"
