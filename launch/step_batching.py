@@ -163,6 +163,16 @@ class StepBatcher:
                     finished[active.job] = self._finish(self.active.pop(active.job))
         return finished, block_rows
 
+    def follow_rank_zero(self, wish: bool) -> bool:
+        """Rank 0's ``wish`` on every rank (one broadcast): a decision all ranks must take alike."""
+        if self.rank_pipeline.world_size == 1:
+            return wish
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if wish else 0], dtype=torch.int64, device=self.rank_pipeline.device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
     def _decide(self) -> list[tuple[ActiveRequest, str, bool]]:
         """Every row's decision, each request's from its own Spectrum state."""
         rows = []

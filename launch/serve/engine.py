@@ -3,8 +3,9 @@ results expire, health probes of the ranks while idle, and one of two ways to ru
 
 * sequential: one job at a time, each in the pipeline's own denoising loop;
 * a step loop (``batched`` or ``continuous``): the rank group ticks, one denoising step of every
-  job in the loop per tick (``step_batching``). ``continuous`` lets a queued job join at the next
-  tick; ``batched`` only when the loop is empty, so the jobs that arrived together run together.
+  job in the loop per tick (``step_batching``), many ticks per call. ``continuous`` lets a queued
+  job join at the next tick (it interrupts the ranks' run of ticks); ``batched`` only when the
+  loop is empty, so the jobs that arrived together run together.
   At most ``max_batch_size`` jobs are in the loop. A job asked to stop (deleted, or past
   ``request_timeout_s``) leaves it at the next tick, the others go on.
 
@@ -28,6 +29,9 @@ from .rank_group import GroupUnavailable, RankGroup, RequestFailed
 from .settings import ServeSettings
 
 logger = logging.getLogger("ray.serve")
+# Longest run of ticks the ranks make in one call of the step loop: they return earlier when a job
+# finishes or one waits to join or leave; this bounds how stale progress and timeouts get.
+TICK_RUN_S = 1.0
 
 
 class QueueFull(RuntimeError):
@@ -121,6 +125,9 @@ class Engine:
             self.jobs.evict()
         self._wake.set()
         self.metrics.queue_depth(len(self.pending))
+        if self.step_batching == "continuous" and self.running and (
+                len(self.running) + len(self.pending) <= self.settings.max_batch_size):   # it can join now
+            self._interrupt_ticks()
         return job
 
     def job(self, job_id: str) -> Job:
@@ -146,6 +153,7 @@ class Engine:
             self.counters["cancelled"] += 1
         elif job.status == "in_progress" and self.step_batching:
             self._leaving[job.id] = RequestFailed(409, "the job was cancelled")
+            self._interrupt_ticks()
         elif job.status == "in_progress" and self.group.state == "ready":
             self.group.stop(self.group.current, job.id)
         return job
@@ -222,12 +230,18 @@ class Engine:
             joins = self._admit(generation)
             drops = self._drops()
             try:
-                answer = await self.group.tick(generation, [(job.id, job.request) for job in joins], list(drops))
+                answer = await self.group.tick(generation, [(job.id, job.request) for job in joins], list(drops),
+                                               TICK_RUN_S)
             except Exception as error:  # every job in the loop ends with it; the queue waits
                 for job in list(self.running.values()):
                     self._finish(job, error=error)
                 continue
             self._after_tick(answer, drops)
+
+    def _interrupt_ticks(self) -> None:
+        """A job waits to join or leave the loop: the ranks' run of ticks ends after this tick."""
+        if self.group.state == "ready":
+            self.group.interrupt(self.group.current)
 
     def _admit(self, generation) -> list[Job]:
         """The queued jobs that join at this tick (``batched``: only into an empty loop)."""
@@ -271,11 +285,12 @@ class Engine:
             job = self.running[job_id]
             job.steps_done = job.request.num_inference_steps
             self._finish(job, answer=result)
-        self.counters["ticks"] += 1
-        if answer["block_rows"]:
-            self.counters["block_calls"] += 1
-            self.counters["block_rows"] += answer["block_rows"]
-            self.metrics.block_batch(answer["block_rows"])
+        for rows in answer["block_rows"]:
+            self.counters["ticks"] += 1
+            if rows:
+                self.counters["block_calls"] += 1
+                self.counters["block_rows"] += rows
+                self.metrics.block_batch(rows)
 
     async def _probe(self) -> None:
         while True:

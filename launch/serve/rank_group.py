@@ -207,10 +207,10 @@ class RankGroup:
             raise RequestFailed(409, f"the job was cancelled; it stopped after step {max(stopped)}")
         return results[0]
 
-    async def tick(self, generation: _Generation, joins: list, drops: list) -> dict:
-        """One tick of the step loop on every rank (``RankWorker.tick``); rank 0's answer, or
-        :class:`RequestFailed` as ``run`` raises it, for every job in the loop."""
-        futures = [_wait(worker.tick.remote(joins, drops)) for worker in generation.workers]
+    async def tick(self, generation: _Generation, joins: list, drops: list, max_seconds: float) -> dict:
+        """A run of ticks of the step loop on every rank (``RankWorker.tick``); rank 0's answer,
+        or :class:`RequestFailed` as ``run`` raises it, for every job in the loop."""
+        futures = [_wait(worker.tick.remote(joins, drops, max_seconds)) for worker in generation.workers]
         pending = await self._until_done_or_failed(futures, self.settings.request_timeout_s)
         return self._settle(generation, futures, pending, "a step of the batch", 500)[0]
 
@@ -260,6 +260,10 @@ class RankGroup:
         """Ask every rank to stop ``job`` after its current step; ``run`` then answers 409."""
         for worker in generation.workers:
             worker.stop.remote(job)
+
+    def interrupt(self, generation: _Generation) -> None:
+        """End the ranks' current run of ticks after the tick under way (rank 0 decides it)."""
+        generation.workers[0].interrupt.remote()
 
     async def progress(self, generation: _Generation) -> dict:
         """Rank 0's running job and its denoising steps done (``{}`` if it does not answer soon)."""

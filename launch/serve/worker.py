@@ -5,8 +5,10 @@ It runs with two threads (``max_concurrency=2``): one generates, the other answe
 boundary. A request that raises returns its error instead of raising, so that the replica can see
 that every rank failed alike (a bad request, not a broken group).
 
-With step batching the replica sends every rank the same ``tick`` (which jobs join and leave the
-loop) and each rank runs it in its :class:`~spectrum_xdit.launch.step_batching.StepBatcher`.
+With step batching the replica sends every rank the same ``tick`` call (which jobs join and leave
+the loop) and each rank runs ticks in its :class:`~spectrum_xdit.launch.step_batching.StepBatcher`
+until rank 0 ends the run (a job finished, the replica interrupted it, or time is up): one call
+per run of ticks, not per tick.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import io
 import os
 import socket
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -41,6 +44,7 @@ class RankWorker:
         self._steps = 0
         self._batcher = None
         self._requests: dict = {}          # the step loop's requests by job
+        self._interrupt = threading.Event()
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -116,18 +120,24 @@ class RankWorker:
             return {"rank": self.rank}
         return {"rank": 0, **self._encode(request, result)}
 
-    def tick(self, joins: list, drops: list) -> dict:
-        """One tick of the step loop: the jobs in ``drops`` leave it, each ``(job, request)`` of
-        ``joins`` joins it at its step 0, then every active job does one denoising step. The
-        answer: the jobs that failed to join, the steps each active job has done, the rows that
-        ran the block stack and (rank 0) the finished jobs' media and reports. A tick that
-        raises ends every job in the loop and returns the error."""
+    def interrupt(self) -> None:
+        """Rank 0: end the current run of ticks after this tick (a job waits to join or leave)."""
+        self._interrupt.set()
+
+    def tick(self, joins: list, drops: list, max_seconds: float) -> dict:
+        """A run of ticks of the step loop: the jobs in ``drops`` leave it, each ``(job, request)``
+        of ``joins`` joins it at its step 0, then every active job does one denoising step per
+        tick, until a job finishes, rank 0 is interrupted or ``max_seconds`` have passed (rank 0
+        decides after each tick; every rank follows). The answer: the jobs that failed to join,
+        the steps each active job has done, the rows that ran the block stack at each tick and
+        (rank 0) the finished jobs' media and reports. A tick that raises ends every job in the
+        loop and returns the error."""
         from ..step_batching import StepBatcher
 
         if self._batcher is None:
             self._batcher = StepBatcher(self.rank_pipeline)
         batcher = self._batcher
-        answer = {"rank": self.rank, "dropped": {}, "failed": {}, "finished": {}}
+        answer = {"rank": self.rank, "dropped": {}, "failed": {}, "finished": {}, "block_rows": []}
         for job in drops:
             answer["dropped"][job] = batcher.drop(job)
             self._requests.pop(job, None)
@@ -137,14 +147,26 @@ class RankWorker:
                 self._requests[job] = request
             except Exception as error:  # this request fails alone
                 answer["failed"][job] = _error(error)
+        deadline = time.monotonic() + max_seconds
         try:
-            finished, block_rows = batcher.tick() if batcher.active else ({}, 0)
+            while batcher.active:
+                finished, block_rows = batcher.tick()
+                answer["block_rows"].append(block_rows)
+                self._add_finished(answer, finished)
+                go_on = not finished and not self._interrupt.is_set() and time.monotonic() < deadline
+                if not batcher.follow_rank_zero(go_on):
+                    break
         except Exception as error:  # the state of every job in the loop is now unknown
             answer.update(error=_error(error), jobs=list(batcher.active))
             batcher.active.clear()
             self._requests.clear()
             return answer
-        answer.update(block_rows=block_rows, steps={job: active.step for job, active in batcher.active.items()})
+        finally:
+            self._interrupt.clear()   # what waited is in the replica's next call
+        answer["steps"] = {job: active.step for job, active in batcher.active.items()}
+        return answer
+
+    def _add_finished(self, answer: dict, finished: dict) -> None:
         for job, result in finished.items():
             request = self._requests.pop(job)
             if self.rank == 0:
@@ -153,7 +175,6 @@ class RankWorker:
                 answer["finished"][job] = self._encode(request, result)
             else:
                 answer["finished"][job] = {}
-        return answer
 
     def _encode(self, request, result) -> dict:
         from ..media import write_media
