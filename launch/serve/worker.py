@@ -167,14 +167,19 @@ class RankWorker:
         return answer
 
     def _add_finished(self, answer: dict, finished: dict) -> None:
+        """Rank 0 decodes and encodes each finished job; one that fails there fails alone (the
+        other ranks are already past it)."""
         for job, result in finished.items():
             request = self._requests.pop(job)
-            if self.rank == 0:
+            if self.rank != 0:
+                answer["finished"][job] = {}
+                continue
+            try:
                 if request.output_format != "npy":
                     result.media = self.rank_pipeline.decode(result.latents, request)
                 answer["finished"][job] = self._encode(request, result)
-            else:
-                answer["finished"][job] = {}
+            except Exception as error:
+                answer["failed"][job] = _error(error)
 
     def _encode(self, request, result) -> dict:
         from ..media import write_media
