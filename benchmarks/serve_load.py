@@ -1,0 +1,302 @@
+"""Throughput and latency of `spectrum-xdit serve` under load, for each way a replica runs its jobs.
+
+    python -m benchmarks.serve_load --quick          # ~11 min on 2 cores
+    python -m benchmarks.serve_load                  # the full grid, ~45 min on 2 cores
+    python -m benchmarks.serve_load --modes continuous --caches spectrum --json outputs/load.json
+
+Setup: the trained ``digits-wan`` model (50 UniPC steps, guidance 5.0, 16x16, 9 frames) on one
+replica with two gloo ranks (xDiT Ulysses=2, one thread each), answers as ``npy`` (no media
+encoding). Modes are the server's ``batching`` setting, each with its own server:
+
+* ``sequential``: one job at a time in the pipeline's own loop;
+* ``batched``: jobs that arrive together share the denoising steps, later ones wait for the batch;
+* ``continuous``: a job joins the running steps at the next tick.
+
+Caches are the request's ``cache.method`` (``none``, ``spectrum`` at its defaults). Load:
+
+* closed loop: ``concurrency`` clients, each sending its next request when the last is answered;
+* open loop: Poisson arrivals (seeded) at multiples of the sequential server's one-client rate of
+  the same cache, from below to well past its saturation.
+
+Figures per run: requests per minute (answered / wall time from the first send to the last
+answer), p50/p95/p99 latency (send, or scheduled arrival, to answer), mean queue time (the
+replica's ``queue_seconds``) and the mean block-stack batch (rows per block-stack call, from
+``/healthz``; 1 when sequential). Writes the JSON (``--json``), and beside it a Markdown table and
+a plot (throughput against offered load; latency distribution at the highest concurrency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from spectrum_xdit.parallel.testing import free_port
+
+DEFAULT_JSON = Path("benchmarks/results/serve_load_cpu.json")
+MODES = ("sequential", "batched", "continuous")
+CACHES = ("none", "spectrum")
+PROMPTS = [f"digit {digit} moving {way}" for digit in range(10) for way in ("left", "right")]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="digits-wan")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--caches", nargs="+", choices=CACHES, default=list(CACHES))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8],
+                        help="closed loop: clients (1 is needed for the open loop's rates)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="closed loop: requests per client (at least 2 in all for one client)")
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0],
+                        help="open loop: multiples of the sequential server's one-client rate")
+    parser.add_argument("--poisson_requests", type=int, default=12, help="open loop: requests per rate")
+    parser.add_argument("--max_batch_size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the arrivals and the requests")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 and 8 clients, one round each; rates 0.5, 1, 2, 4 requests per rate")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.rounds, args.rates, args.poisson_requests = [1, 8], 1, [0.5, 1.0, 2.0], 4
+    return args
+
+
+class Client:
+    """Requests to one server: each a different prompt and seed, drawn from ``seed``."""
+
+    def __init__(self, url: str, args, cache: str):
+        self.url, self.args, self.cache = url, args, cache
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def payload(self) -> dict:
+        with self._lock:
+            self._count += 1
+            index = self._count
+        return {"prompt": PROMPTS[(self.args.seed + index) % len(PROMPTS)], "seed": self.args.seed * 1000 + index,
+                "num_inference_steps": self.args.steps, "output_format": "npy", "cache": {"method": self.cache}}
+
+    def send(self, started: float | None = None) -> dict:
+        """One request; its latency from ``started`` (default: now) and the replica's report."""
+        import requests
+
+        started = time.perf_counter() if started is None else started
+        response = requests.post(f"{self.url}/v1/generate", json=self.payload(), timeout=1800)
+        response.raise_for_status()
+        report = json.loads(response.headers["x-spectrum-report"])
+        return {"latency": time.perf_counter() - started, "queue": report["queue_seconds"],
+                "nfe": sum(report["nfe"].values()), "finished": time.perf_counter()}
+
+    def counters(self) -> dict:
+        import requests
+
+        return requests.get(f"{self.url}/healthz", timeout=60).json()["counters"]
+
+
+def closed_loop(client: Client, concurrency: int, rounds: int) -> tuple[list[dict], float]:
+    total = max(concurrency * rounds, 2)
+    budget = iter(range(total))
+    lock = threading.Lock()
+
+    def client_loop() -> list[dict]:
+        answers = []
+        while True:
+            with lock:
+                if next(budget, None) is None:
+                    return answers
+            answers.append(client.send())
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        answers = [answer for part in pool.map(lambda _: client_loop(), range(concurrency)) for answer in part]
+    return answers, time.perf_counter() - start
+
+
+def open_loop(client: Client, per_minute: float, count: int, rng: random.Random) -> tuple[list[dict], float]:
+    gaps = [rng.expovariate(per_minute / 60) for _ in range(count)]
+    start = time.perf_counter()
+    arrivals = [start + sum(gaps[:i]) for i in range(count)]
+
+    def arrive(at: float) -> dict:
+        time.sleep(max(0.0, at - time.perf_counter()))
+        return client.send(started=at)
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        answers = list(pool.map(arrive, arrivals))
+    return answers, max(answer["finished"] for answer in answers) - start
+
+
+def figures(answers: list[dict], wall: float, before: dict, after: dict, mode: str) -> dict:
+    latencies = np.array([answer["latency"] for answer in answers])
+    calls = after["block_calls"] - before["block_calls"]
+    rows = after["block_rows"] - before["block_rows"]
+    return {"requests": len(answers), "wall_s": wall, "requests_per_min": 60 * len(answers) / wall,
+            "p50_s": float(np.percentile(latencies, 50)), "p95_s": float(np.percentile(latencies, 95)),
+            "p99_s": float(np.percentile(latencies, 99)),
+            "mean_queue_s": float(np.mean([answer["queue"] for answer in answers])),
+            "mean_block_batch": 1.0 if mode == "sequential" else (rows / calls if calls else 0.0),
+            "nfe_per_request": float(np.mean([answer["nfe"] for answer in answers])),
+            "latencies_s": sorted(float(v) for v in latencies)}
+
+
+def start_server(args, mode: str, port: int) -> str:
+    from ray import serve
+
+    from spectrum_xdit.launch.serve.app import APP_NAME, build_app
+    from spectrum_xdit.launch.serve.main import wait_until_ready
+
+    settings = {"model": args.model, "ulysses_degree": 2, "device": "cpu", "worker_cpus": 1, "batching": mode,
+                "max_batch_size": args.max_batch_size, "max_queue_size": 256, "num_inference_steps": args.steps}
+    serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_ready(url, timeout=900)
+    return url
+
+
+def run(args) -> dict:
+    import ray
+    from ray import serve
+
+    from spectrum_xdit.launch.serve.app import APP_NAME
+
+    rows, one_client_rate = [], {}
+    modes = sorted(args.modes, key=MODES.index)   # sequential first: the open loop's rates come from it
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        for mode in modes:
+            started = time.perf_counter()
+            url = start_server(args, mode, port)
+            print(f"[{mode}] server ready in {time.perf_counter() - started:.0f} s", flush=True)
+            for cache in args.caches:
+                client = Client(url, args, cache)
+                client.send()   # warm-up
+                rng = random.Random(args.seed)
+                # the open loop's rates once the sequential server's one-client rate is known
+                loads = [*(("closed", c, None) for c in args.concurrency), *(("poisson", None, m) for m in args.rates)]
+                for load, concurrency, multiple in loads:
+                    if load == "poisson" and cache not in one_client_rate:
+                        continue
+                    rate = None if load == "closed" else one_client_rate[cache] * multiple
+                    before = client.counters()
+                    if load == "closed":
+                        answers, wall = closed_loop(client, concurrency, args.rounds)
+                    else:
+                        answers, wall = open_loop(client, rate, args.poisson_requests, rng)
+                    row = {"mode": mode, "cache": cache, "load": load, "concurrency": concurrency,
+                           "offered_per_min": rate, **figures(answers, wall, before, client.counters(), mode)}
+                    rows.append(row)
+                    if mode == "sequential" and load == "closed" and concurrency == 1:
+                        one_client_rate[cache] = row["requests_per_min"]
+                    print(f"[{mode}] {cache:8s} {_load_label(row):12s} {row['requests_per_min']:6.1f} req/min  "
+                          f"p50 {row['p50_s']:5.2f} s  p95 {row['p95_s']:5.2f} s  "
+                          f"block batch {row['mean_block_batch']:.2f}", flush=True)
+            serve.delete(APP_NAME)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "model": args.model, "steps": args.steps,
+            "layout": "one replica, 2 gloo ranks, Ulysses=2, one thread each", "max_batch_size": args.max_batch_size,
+            "grid": {"concurrency": args.concurrency, "rounds": args.rounds, "rates": args.rates,
+                     "poisson_requests": args.poisson_requests},
+            "seed": args.seed, "rows": rows, "goal": goal(rows, max(args.concurrency))}
+
+
+def goal(rows: list[dict], concurrency: int) -> dict | None:
+    """Issue 13's goal: at the highest concurrency with Spectrum, continuous against sequential."""
+    pick = {row["mode"]: row for row in rows
+            if row["cache"] == "spectrum" and row["load"] == "closed" and row["concurrency"] == concurrency}
+    if "sequential" not in pick or "continuous" not in pick:
+        return None
+    sequential, continuous = pick["sequential"], pick["continuous"]
+    speedup = continuous["requests_per_min"] / sequential["requests_per_min"]
+    return {"concurrency": concurrency, "throughput_ratio": speedup,
+            "p95_sequential_s": sequential["p95_s"], "p95_continuous_s": continuous["p95_s"],
+            "met": speedup >= 3 and continuous["p95_s"] < sequential["p95_s"]}
+
+
+def _load_label(row: dict) -> str:
+    return f"c={row['concurrency']}" if row["load"] == "closed" else f"{row['offered_per_min']:.0f}/min"
+
+
+def markdown(results: dict) -> str:
+    lines = [f"{results['model']}, {results['steps']} steps, {results['layout']}, max_batch_size "
+             f"{results['max_batch_size']}, {results['machine']}, {results['date']}", "",
+             "| mode | cache | load | req/min | p50 s | p95 s | p99 s | queue s | block batch | NFE/request |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        lines.append(f"| {row['mode']} | {row['cache']} | {_load_label(row)} | {row['requests_per_min']:.1f} | "
+                     f"{row['p50_s']:.2f} | {row['p95_s']:.2f} | {row['p99_s']:.2f} | {row['mean_queue_s']:.2f} | "
+                     f"{row['mean_block_batch']:.2f} | {row['nfe_per_request']:.0f} |")
+    target = results["goal"]
+    if target is not None:
+        lines += ["", f"Goal (concurrency {target['concurrency']}, Spectrum): continuous serves "
+                  f"{target['throughput_ratio']:.2f}x the sequential server's requests per minute (goal 3x), p95 "
+                  f"{target['p95_continuous_s']:.2f} s against {target['p95_sequential_s']:.2f} s: "
+                  f"{'met' if target['met'] else 'missed'}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    figure, (offered, cdf) = plt.subplots(1, 2, figsize=(12, 4.5))
+    highest = max((row["concurrency"] for row in rows if row["load"] == "closed"), default=None)
+    for mode in MODES:
+        for cache, style in (("none", "--"), ("spectrum", "-")):
+            label = f"{mode}, {cache}"
+            poisson = sorted((row["offered_per_min"], row["requests_per_min"]) for row in rows
+                             if row["mode"] == mode and row["cache"] == cache and row["load"] == "poisson")
+            if poisson:
+                offered.plot(*zip(*poisson), style, marker="o", label=label)
+            for row in rows:
+                if (row["mode"], row["cache"], row["load"], row["concurrency"]) == (mode, cache, "closed", highest):
+                    latencies = row["latencies_s"]
+                    cdf.step(latencies, np.arange(1, len(latencies) + 1) / len(latencies), style, where="post",
+                             label=label)
+    limit = max((row["offered_per_min"] for row in rows if row["load"] == "poisson"), default=0)
+    if limit:
+        offered.plot([0, limit], [0, limit], ":", color="grey", label="served = offered")
+    offered.set(xlabel="offered load (requests/min, Poisson)", ylabel="served (requests/min)",
+                title="throughput against offered load")
+    cdf.set(xlabel="latency (s)", ylabel="fraction of requests", title=f"latency, closed loop, {highest} clients")
+    for axes in (offered, cdf):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.suptitle(f"{results['model']}, {results['steps']} steps, {results['layout']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    results = run(args)
+    table = markdown(results)
+    print(table)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2))
+    args.json.with_suffix(".md").write_text(table)
+    plot(results, args.json.with_suffix(".png"))
+    return results
+
+
+if __name__ == "__main__":
+    main()
