@@ -75,6 +75,7 @@ def tiny_wan():
 
 def test_every_request_of_a_step_batch_equals_its_solo_run(tiny_wan):
     outcome = _compare(tiny_wan, _requests(tiny_wan.spec))
+    print(f"\none process: worst relative error {max(outcome['errors'].values()):.1e}")
     assert sorted(outcome["errors"]) == list(range(len(REQUESTS)))
     for index, error in outcome["errors"].items():
         assert error <= TOLERANCE, (index, error)
@@ -127,6 +128,7 @@ def _ulysses_batch(drop=None) -> dict:
 @pytest.mark.timeout(300)
 def test_step_batches_under_ulysses_2_equal_solo_runs():
     outcome = run_distributed(_ulysses_batch, 2, timeout=280)
+    print(f"\nUlysses=2: worst relative error {max(outcome['errors'].values()):.1e}")
     assert len(outcome["errors"]) == len(REQUESTS)
     for index, error in outcome["errors"].items():
         assert error <= TOLERANCE, (index, error)
