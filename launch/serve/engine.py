@@ -7,7 +7,7 @@ results expire, health probes of the ranks while idle, and one of two ways to ru
   job join at the next tick (it interrupts the ranks' run of ticks); ``batched`` only when the
   loop is empty, so the jobs that arrived together run together.
   At most ``max_batch_size`` jobs are in the loop. A job asked to stop (deleted, or past
-  ``request_timeout_s``) leaves it at the next tick, the others go on.
+  ``request_timeout_s``) leaves it with the next call to the ranks, the others go on.
 
 Its tasks are created with the replica, outside any HTTP request, so the calls they make to the
 ranks belong to no request: a client that hangs up cancels nothing, and its job runs to the end.
