@@ -135,9 +135,9 @@ class StepBatcher:
         active = self.active.pop(job, None)
         return None if active is None else active.step
 
-    def tick(self) -> tuple[dict[str, GenerationResult], int]:
-        """One denoising step of every active request: the results of those it finished (their
-        latents and reports) and how many rows ran the block stack."""
+    def tick(self) -> tuple[dict[str, tuple[GenerationRequest, GenerationResult]], int]:
+        """One denoising step of every active request: those it finished, with their requests and
+        results (latents and reports), and how many rows ran the block stack."""
         rows = self._decide()
         self._verify(rows)
         outputs, block_rows = {}, 0
@@ -160,7 +160,7 @@ class StepBatcher:
                 active.latents = active.scheduler.step(noise, active.timestep, active.latents, return_dict=False)[0]
                 active.step += 1
                 if active.step == active.steps:
-                    finished[active.job] = self._finish(self.active.pop(active.job))
+                    finished[active.job] = active.request, self._finish(self.active.pop(active.job))
         return finished, block_rows
 
     def follow_rank_zero(self, wish: bool) -> bool:

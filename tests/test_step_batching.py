@@ -45,7 +45,7 @@ def _run_batch(rank_pipeline, requests, drop=None):
                     batcher.join(str(index), request)
             finished, block_rows = batcher.tick() if batcher.active else ({}, 0)
             rows.append(block_rows)
-            results.update({int(job): result for job, result in finished.items()})
+            results.update({int(job): result for job, (_, result) in finished.items()})
             tick += 1
     finally:
         batcher.close()

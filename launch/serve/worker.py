@@ -43,7 +43,6 @@ class RankWorker:
         self._job = None
         self._steps = 0
         self._batcher = None
-        self._requests: dict = {}          # the step loop's requests by job
         self._interrupt = threading.Event()
 
     def node(self) -> str:
@@ -140,11 +139,9 @@ class RankWorker:
         answer = {"rank": self.rank, "dropped": {}, "failed": {}, "finished": {}, "block_rows": []}
         for job in drops:
             answer["dropped"][job] = batcher.drop(job)
-            self._requests.pop(job, None)
         for job, request in joins:
             try:
                 batcher.join(job, request)
-                self._requests[job] = request
             except Exception as error:  # this request fails alone
                 answer["failed"][job] = _error(error)
         deadline = time.monotonic() + max_seconds
@@ -157,9 +154,8 @@ class RankWorker:
                 if not batcher.follow_rank_zero(go_on):
                     break
         except Exception as error:  # the state of every job in the loop is now unknown
-            answer.update(error=_error(error), jobs=list(batcher.active))
+            answer["error"] = _error(error)
             batcher.active.clear()
-            self._requests.clear()
             return answer
         finally:
             self._interrupt.clear()   # what waited is in the replica's next call
@@ -169,8 +165,7 @@ class RankWorker:
     def _add_finished(self, answer: dict, finished: dict) -> None:
         """Rank 0 decodes and encodes each finished job; one that fails there fails alone (the
         other ranks are already past it)."""
-        for job, result in finished.items():
-            request = self._requests.pop(job)
+        for job, (request, result) in finished.items():
             if self.rank != 0:
                 answer["finished"][job] = {}
                 continue
