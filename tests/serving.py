@@ -14,6 +14,11 @@ from spectrum_xdit.models import resolve_model
 from spectrum_xdit.parallel.testing import free_port
 
 REQUEST_TIMEOUT = 240
+STEPS = 8
+# The test servers: tiny-wan on two gloo ranks (Ulysses=2), short requests, quick probes.
+TINY_WAN_SERVER = {"model": "tiny-wan", "ulysses_degree": 2, "num_inference_steps": STEPS, "device": "cpu",
+                   "worker_cpus": 1, "max_steps": 100, "setup_timeout_s": 240, "request_timeout_s": 240,
+                   "probe_interval_s": 1.0, "max_queue_size": 10, "debug": True}
 # A request long enough to hang up on, or to be killed half-way: 100 full-compute steps.
 LONG_REQUEST = {"prompt": "x", "num_inference_steps": 100, "height": 64, "width": 64, "num_frames": 9,
                 "cache": {"method": "none"}, "output_format": "npy"}

@@ -25,6 +25,8 @@ requests = pytest.importorskip("requests")
 from serving import (  # noqa: E402
     LONG_REQUEST,
     REQUEST_TIMEOUT,
+    STEPS,
+    TINY_WAN_SERVER,
     create_video,
     fresh_latents,
     healthz,
@@ -45,11 +47,8 @@ from spectrum_xdit.launch.request import (  # noqa: E402
 from spectrum_xdit.models import SizeRules  # noqa: E402
 from spectrum_xdit.parallel.testing import free_port  # noqa: E402
 
-STEPS = 8
-SETTINGS = {"model": "tiny-wan", "ulysses_degree": 2, "num_inference_steps": STEPS, "device": "cpu",
-            "worker_cpus": 1, "max_height": 1024, "max_width": 1024, "max_frames": 129, "max_steps": 100,
-            "max_token_steps": 100_000, "setup_timeout_s": 240, "request_timeout_s": 240, "probe_interval_s": 1.0,
-            "max_queue_size": 10, "debug": True, "batching": "sequential"}
+SETTINGS = {**TINY_WAN_SERVER, "max_height": 1024, "max_width": 1024, "max_frames": 129, "max_token_steps": 100_000,
+            "batching": "sequential"}
 METRICS_PORT: list = []   # where the fixture's Ray exports Prometheus metrics
 
 

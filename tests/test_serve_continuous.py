@@ -18,6 +18,8 @@ pytest.importorskip("ray.serve")
 
 from serving import (  # noqa: E402
     LONG_REQUEST,
+    STEPS,
+    TINY_WAN_SERVER,
     create_video,
     fresh_latents,
     healthz,
@@ -29,11 +31,7 @@ from serving import (  # noqa: E402
     until_idle,
 )
 
-STEPS = 8
-SETTINGS = {"model": "tiny-wan", "ulysses_degree": 2, "num_inference_steps": STEPS, "device": "cpu",
-            "worker_cpus": 1, "max_steps": 100, "setup_timeout_s": 240, "request_timeout_s": 240,
-            "probe_interval_s": 1.0, "max_queue_size": 10, "debug": True, "batching": "continuous",
-            "max_batch_size": 3}
+SETTINGS = {**TINY_WAN_SERVER, "batching": "continuous", "max_batch_size": 3}
 # none, the paper schedule, the adaptive schedule with auto blend, guidance off, another size and
 # another step count, sent at once: they share ticks in every combination.
 MIXED = [
