@@ -1,6 +1,7 @@
 """`spectrum-xdit generate`: one generation, in one process or under torchrun with xDiT's
 parallelism, with or without Spectrum. `spectrum-xdit serve`: the same behind an HTTP API, on
-Ray Serve (launch/serve/).
+Ray Serve (launch/serve/). `spectrum-xdit xdit ARGS`: xDiT's own launcher and runner with
+Spectrum (launch/xdit.py).
 
     spectrum-xdit generate --prompt "digit 7 moving left" --output out.gif --report out.json
     torchrun --nproc_per_node=2 --no-python spectrum-xdit generate --ulysses_degree 2 \\
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -88,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--verbose", action="store_true", help="show the engines' own logs and warnings")
     serve = commands.add_parser("serve", help="serve generation over HTTP with Ray Serve (see the README)")
     add_serve_arguments(serve)
+    commands.add_parser("xdit", help="xDiT's own `xdit` launcher and runner, with --cache_method spectrum and "
+                                     "the embedded models (every argument is xDiT's)", add_help=False)
     return parser
 
 
@@ -161,6 +165,11 @@ def _write_outputs(outputs: OutputPaths, result) -> None:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["xdit"]:   # every other argument is xDiT's, passed on untouched
+        from .xdit import main as xdit_main
+
+        sys.exit(xdit_main(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "generate":

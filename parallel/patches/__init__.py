@@ -6,7 +6,9 @@ docs/xfuser-0.7.0.md):
 - ``cpu_gloo``: xDiT's sequence and pipeline parallelism on CPU processes over gloo (only
   without CUDA, or with ``SPECTRUM_XDIT_CPU=1``; before xfuser is imported);
 - ``padding``: token counts not divisible by the sequence-parallel degree;
-- ``cache_method``: ``spectrum`` in xDiT's ``--cache_method`` and ``apply_cache``.
+- ``cache_method``: ``spectrum`` in xDiT's ``--cache_method`` and ``apply_cache``;
+- ``runner_cpu``: xDiT's model runner in CPU processes (only with ``install(runner=True)``, and
+  only where ``cpu_gloo`` is wanted).
 
 Call :func:`install` before anything imports xfuser (on CPU it must come first).
 """
@@ -26,8 +28,10 @@ CONCERNS = ("cpu_gloo", "padding", "cache_method")
 _record: Optional[dict] = None
 
 
-def install() -> dict:
-    """Install the patches this process needs, once; return :func:`record`.
+def install(runner: bool = False) -> dict:
+    """Install the patches this process needs, once; return :func:`record`. ``runner``: this
+    process runs xDiT's model runner (``spectrum-xdit xdit``), which needs ``runner_cpu`` on CPU;
+    asking for it after a plain install adds it.
 
     With an xfuser other than 0.7.0 (or none) nothing is patched, and a ``RuntimeWarning`` says
     which patches were skipped. Raises ``RuntimeError`` if the CPU patches are needed but xfuser
@@ -35,6 +39,8 @@ def install() -> dict:
     """
     global _record
     if _record is not None:
+        if runner:
+            _install_runner_cpu()
         return record()
     version = installed_xfuser_version()
     concerns = {name: importlib.import_module(f"{__name__}.{name}") for name in CONCERNS}
@@ -62,7 +68,20 @@ def install() -> dict:
     from .importing import patch_on_import
 
     patch_on_import(by_module, _applied)
+    if runner:
+        _install_runner_cpu()
     return record()
+
+
+def _install_runner_cpu() -> None:
+    """The runner's CPU stand-ins, where the CPU patches are installed and these are not yet."""
+    if "cpu_gloo" not in _record["installed"] or "runner_cpu" in _record["installed"]:
+        return
+    from . import runner_cpu
+    from .importing import patch_on_import
+
+    _record["installed"].append("runner_cpu")
+    patch_on_import(runner_cpu.PATCHES, _applied)
 
 
 def record() -> dict:

@@ -1,6 +1,7 @@
 """``spectrum`` as one of xDiT's step-cache methods: ``--cache_method spectrum`` in xDiT's own
-flags and in its ``apply_cache``, with ``--cache_config`` a JSON object of ``SpectrumConfig``
-fields (``num_inference_steps`` comes from xDiT). Every other method is left to xDiT."""
+flags, in its model runner's checks and in its ``apply_cache``, with ``--cache_config`` a JSON
+object of ``SpectrumConfig`` fields (``num_inference_steps`` comes from xDiT). Every other method
+is left to xDiT."""
 
 from __future__ import annotations
 
@@ -12,11 +13,16 @@ from types import ModuleType
 from pydantic import ValidationError
 
 from ...config import SpectrumConfig, validation_problems
-from ...hooks import apply_spectrum
+from ...hooks import apply_spectrum, find_spectrum_stack
 from .importing import Patch, is_marked, mark
 
 CACHE_METHOD = "spectrum"
 _FLAG = "--cache_method"
+# xDiT's runner models (xfuser/model_executor/models/runner_models) whose transformers are
+# diffusers' WanTransformer3DModel or FluxTransformer2DModel, the stacks the hook knows; checked by
+# class name along the MRO, so subclasses (this project's embedded models) count too.
+SUPPORTED_RUNNER_MODELS = ("xFuserWan21T2VModel", "xFuserWan21I2VModel", "xFuserFluxModel",
+                           "xFuserFluxKontextModel")
 
 
 def spectrum_config_from_cache_config(num_steps: int, cache_config: str | None) -> SpectrumConfig:
@@ -51,13 +57,69 @@ def patch_adapters(adapters: ModuleType) -> None:
         arguments = call.arguments
         if arguments["cache_method"] != CACHE_METHOD:
             return xdit_apply_cache(*args, **kwargs)
+        config = spectrum_config_from_cache_config(arguments["num_steps"], arguments["cache_config"])
         target = arguments["transformer"]
         if target is None:
             target = getattr(arguments["pipe"], arguments["transformer_attr"])
-        apply_spectrum(target, spectrum_config_from_cache_config(arguments["num_steps"], arguments["cache_config"]))
+        apply_spectrum(target, config)
         return target
 
     adapters.apply_cache = mark(apply_cache)
+
+
+def patch_model_validation(base_model: ModuleType) -> None:
+    """``xfuser/model_executor/models/runner_models/base_model.py``, ``xFuserModel._validate_config``:
+    ``--cache_method`` must be a key of the model's ``settings.step_cache_config``, a literal dict
+    of xDiT's methods per model. For the supported models ``spectrum`` joins that dict (it takes no
+    preset: ``_apply_step_cache`` then hands ``apply_cache`` the ``--cache_config`` text); any
+    other model is refused with the list of those that are supported."""
+    model_class = base_model.xFuserModel
+    validate = model_class._validate_config
+    if is_marked(validate):
+        return
+
+    @functools.wraps(validate)
+    def _validate_config(self, config):
+        if config.cache_method == CACHE_METHOD:
+            if not supports_spectrum(type(self)):
+                supported = sorted(name for name, cls in base_model.MODEL_REGISTRY.items() if supports_spectrum(cls))
+                raise ValueError(f"--cache_method spectrum: model {config.model} is not supported; supported "
+                                 f"models: {', '.join(supported)}")
+            if getattr(config, "pipefusion_parallel_degree", 1) > 1:
+                raise ValueError("--cache_method spectrum with --pipefusion_parallel_degree > 1: xDiT's runner "
+                                 "builds its own PipeFusion pipeline; use `spectrum-xdit generate` for PipeFusion")
+            self.settings.step_cache_config = {**(self.settings.step_cache_config or {}), CACHE_METHOD: None}
+        return validate(self, config)
+
+    model_class._validate_config = mark(_validate_config)
+
+
+def patch_run_report(base_model: ModuleType) -> None:
+    """``xfuser/model_executor/models/runner_models/base_model.py``, ``xFuserModel._run_timed_pipe``:
+    xDiT's runner reports the time of each pipeline call but nothing of a step cache's decisions.
+    After each call with Spectrum applied, its real steps per guidance branch are logged (through
+    xDiT's ``log``, so on the last rank), which is what the call's time is the price of."""
+    model_class = base_model.xFuserModel
+    run_timed = model_class._run_timed_pipe
+    if is_marked(run_timed):
+        return
+
+    @functools.wraps(run_timed)
+    def _run_timed_pipe(self, input_args):
+        result = run_timed(self, input_args)
+        for name in self.settings.transformer_attr_names:
+            stack = find_spectrum_stack(getattr(self.pipe, name, None))
+            if stack is not None:
+                real = {branch: stats["real_steps"] for branch, stats in stack.stats().items()}
+                base_model.log(f"Spectrum {name}: real steps {real}")
+        return result
+
+    model_class._run_timed_pipe = mark(_run_timed_pipe)
+
+
+def supports_spectrum(model_class: type) -> bool:
+    """Whether an xDiT runner model class loads a transformer the Spectrum hook supports."""
+    return any(cls.__name__ in SUPPORTED_RUNNER_MODELS for cls in model_class.__mro__)
 
 
 def patch_args(args: ModuleType) -> None:
@@ -100,5 +162,6 @@ class _AddingSpectrumChoice:
 
 PATCHES: dict[str, list[Patch]] = {
     "xfuser.model_executor.cache.adapters": [patch_adapters],
+    "xfuser.model_executor.models.runner_models.base_model": [patch_model_validation, patch_run_report],
     "xfuser.config.args": [patch_args],
 }

@@ -1,0 +1,89 @@
+"""The project's embedded models as models of xDiT's runner (``MODEL_REGISTRY``), so that
+``xdit --model digits-wan ...`` runs on CPU with no download.
+
+Each is xDiT's own runner class for its family (``xFuserWan21T2VModel``, ``xFuserFluxModel``):
+flags, checks, default handling, pipeline call, timing and saving are xDiT's; only the loading
+differs, a locally built pipeline whose transformer becomes xDiT's wrapper, as xDiT's loader makes
+it. Import this module only after ``patches.install(runner=True)`` (it imports xfuser).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from xfuser.model_executor.models.runner_models.base_model import (
+    MODEL_REGISTRY,
+    DefaultInputValues,
+    xFuserModel,
+)
+from xfuser.model_executor.models.runner_models.flux import xFuserFluxModel
+from xfuser.model_executor.models.runner_models.wan import _build_attention_kwargs, xFuserWan21T2VModel
+
+from ..models import BUILTIN_MODELS, ModelSpec
+from .xdit_setup import xdit_transformer
+
+FLUX_TEXT_TOKENS = 64   # the tiny FLUX.1 T5 tokenizer's length
+WAN_GUIDANCE = 5.0      # the guidance `spectrum-xdit generate` defaults to for Wan
+FLUX_GUIDANCE = 3.5     # FLUX.1-dev's distilled guidance, diffusers' and xDiT's default
+
+
+class _EmbeddedModel:
+    """Mixin of the embedded runner models: the pipeline comes from the project's builder."""
+
+    spec: ModelSpec
+
+    def _load_model(self):
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        pipe = self.spec.build(torch_dtype=dtype)
+        pipe.transformer = xdit_transformer(pipe.transformer, **self._wrapper_kwargs())
+        return pipe
+
+    def _wrapper_kwargs(self) -> dict:
+        return {}
+
+
+class EmbeddedWanModel(_EmbeddedModel, xFuserWan21T2VModel):
+    """An embedded Wan2.1-architecture model in xDiT's Wan2.1 T2V runner."""
+
+    def _wrapper_kwargs(self) -> dict:
+        return {"attention_kwargs": _build_attention_kwargs(self.config)}
+
+    def _post_load_and_state_initialization(self, input_args: dict) -> None:
+        """xDiT's Wan runner writes ``--flow_shift`` into the scheduler; without the flag the
+        embedded pipeline keeps the shift it was built (and trained) with."""
+        if input_args.get("flow_shift") is None:
+            xFuserModel._post_load_and_state_initialization(self, input_args)
+        else:
+            super()._post_load_and_state_initialization(input_args)
+
+
+class EmbeddedFluxModel(_EmbeddedModel, xFuserFluxModel):
+    """An embedded FLUX.1-architecture model in xDiT's FLUX.1 runner (without PipeFusion, whose
+    pipeline xDiT's runner loads from a checkpoint)."""
+
+    capabilities = replace(xFuserFluxModel.capabilities, pipefusion_parallel_degree=False)
+
+
+def _runner_class(spec: ModelSpec) -> type:
+    """The runner class of one embedded model, with its sizes as xDiT's default inputs."""
+    name = spec.name.replace("-", "_")
+    if spec.family == "wan":
+        base, defaults = EmbeddedWanModel, DefaultInputValues(
+            height=spec.height, width=spec.width, num_frames=spec.num_frames, num_inference_steps=50,
+            guidance_scale=WAN_GUIDANCE)
+    else:
+        base, defaults = EmbeddedFluxModel, DefaultInputValues(
+            height=spec.height, width=spec.width, num_inference_steps=50, guidance_scale=FLUX_GUIDANCE,
+            max_sequence_length=FLUX_TEXT_TOKENS)
+    settings = replace(base.settings, model_name=spec.name, output_name=name, step_cache_config={})
+    return type(f"xFuser_{name}", (base,), {"spec": spec, "settings": settings, "default_input_values": defaults,
+                                             "__doc__": f"{spec.name} in xDiT's runner."})
+
+
+def register_embedded_models() -> list[str]:
+    """Put every embedded model into xDiT's ``MODEL_REGISTRY`` (idempotent); their names."""
+    for name, spec in BUILTIN_MODELS.items():
+        if name not in MODEL_REGISTRY:
+            MODEL_REGISTRY[name] = _runner_class(spec)
+    return list(BUILTIN_MODELS)

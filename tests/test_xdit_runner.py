@@ -1,0 +1,103 @@
+"""Spectrum inside xDiT's own model runner: `spectrum-xdit xdit ARGS` (xDiT's launcher and
+``xfuser/runner.py``) and the Python path (``prepare_runner`` then ``xFuserModelRunner``), on CPU
+over gloo with the embedded models."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from spectrum_xdit.parallel.testing import free_port, run_distributed
+
+
+def _xdit(tmp_path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "spectrum_xdit.launch.cli", "xdit", "--master_port", str(free_port()),
+               "--output_directory", str(tmp_path), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.timeout(400)
+def test_the_issue_command_runs_digits_wan_under_ulysses2(tmp_path):
+    """The command a user of xDiT types, on the embedded model: no download, no extra flag."""
+    result = _xdit(tmp_path, "--model", "digits-wan", "--ulysses_degree", "2", "--cache_method", "spectrum",
+                   "--prompt", "digit 3 moving left", "--num_inference_steps", "20")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "Step cache applied: method=spectrum" in log
+    real = re.search(r"Spectrum transformer: real steps \{'cond': \[([\d, ]+)\], 'uncond': \[([\d, ]+)\]\}", log)
+    assert real, log[-3000:]
+    cond = [int(step) for step in real.group(1).split(",")]
+    assert cond[0] == 0 and len(cond) < 20, cond   # Spectrum skipped evaluations
+    assert (tmp_path / "digits_wan_u2r1_tc_False_16x16_0.mp4").stat().st_size > 0
+    assert (tmp_path / "timings.json").exists()
+
+
+@pytest.mark.timeout(200)
+def test_spectrum_is_refused_for_a_model_it_does_not_support(tmp_path):
+    result = _xdit(tmp_path, "--model", "Wan2.1-VACE-1.3B", "--cache_method", "spectrum", "--prompt", "x",
+                   timeout=180)
+    assert result.returncode != 0
+    message = re.search(r"ValueError: (--cache_method spectrum: model Wan2.1-VACE-1.3B is not supported; "
+                        r"supported models: .*)", result.stderr)
+    assert message, result.stderr[-3000:]
+    supported = message.group(1).split("supported models: ")[1].split(", ")
+    assert {"Wan2.1-T2V", "Wan2.2-T2V", "Wan2.1-I2V", "FLUX.1-dev", "digits-wan", "tiny-wan", "tiny-flux"} <= set(supported)
+    assert not any("VACE" in name for name in supported)
+
+
+def _runner_frames(runner_argv: list[str]):
+    """xDiT's documented Python path on this rank: a fresh torch.distributed world as torchrun
+    leaves it (the runner starts it), then ``xFuserModelRunner``; the frames and real steps."""
+    import torch.distributed as dist
+
+    holder = [free_port()]
+    dist.broadcast_object_list(holder)   # one port for the runner's world, agreed by every rank
+    dist.destroy_process_group()
+    os.environ["MASTER_PORT"] = str(holder[0])
+
+    from spectrum_xdit.launch.xdit import prepare_runner
+
+    prepare_runner()
+    from xfuser.config import FlexibleArgumentParser, xFuserArgs
+    from xfuser.runner import xFuserModelRunner
+
+    from spectrum_xdit.hooks import spectrum_stats
+
+    args = vars(xFuserArgs.add_runner_args(FlexibleArgumentParser()).parse_args(runner_argv))
+    runner = xFuserModelRunner(args)
+    input_args = runner.preprocess_args(args)
+    runner.initialize(input_args)
+    output, timings = runner.run(input_args)
+    real_steps = {branch: stats["real_steps"] for branch, stats in spectrum_stats(runner.model.pipe.transformer).items()}
+    runner.cleanup()
+    return np.asarray(output.videos[0]), real_steps, timings
+
+
+@pytest.mark.timeout(400)
+def test_runner_python_path_equals_generate():
+    """xDiT's runner under Ulysses=2 with `--cache_method spectrum` gives the frames and the real
+    steps of `spectrum-xdit generate` in one process, for the same settings."""
+    from spectrum_xdit.launch.request import GenerationRequest, ParallelLayout
+    from spectrum_xdit.launch.runner import init_rank
+    from spectrum_xdit.models import resolve_model
+
+    argv = ["--model", "tiny-wan", "--ulysses_degree", "2", "--cache_method", "spectrum", "--cache_config",
+            '{"flex_window": 3.0}', "--prompt", "a red square", "--num_inference_steps", "20", "--seed", "3"]
+    frames, real_steps, timings = run_distributed(_runner_frames, world_size=2, args=(argv,), timeout=300.0)
+
+    spec = resolve_model("tiny-wan")
+    request = GenerationRequest(prompt="a red square", seed=3, num_inference_steps=20, height=spec.height,
+                                width=spec.width, num_frames=spec.num_frames, guidance_scale=5.0,
+                                cache={"flex_window": 3.0})
+    result = init_rank(spec, ParallelLayout()).generate(request, decode=True)
+    single = result.media
+    assert frames.shape == single.shape
+    assert np.linalg.norm(frames - single) / np.linalg.norm(single) <= 1e-5
+    assert real_steps == result.report["real_steps"] and len(real_steps["cond"]) < 20
+    assert len(timings) == 1 and timings[0] > 0   # the runner's own timing, on the host clock
