@@ -29,7 +29,7 @@ def prepare_runner() -> list[str]:
     from ..parallel import patches
 
     patches.install(runner=True)
-    from ..parallel.runner_models import register_embedded_models
+    from .runner_models import register_embedded_models
 
     return register_embedded_models()
 

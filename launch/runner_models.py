@@ -21,7 +21,7 @@ from xfuser.model_executor.models.runner_models.flux import xFuserFluxModel
 from xfuser.model_executor.models.runner_models.wan import _build_attention_kwargs, xFuserWan21T2VModel
 
 from ..models import BUILTIN_MODELS, ModelSpec
-from .xdit_setup import xdit_transformer
+from ..parallel.xdit_setup import xdit_transformer
 
 FLUX_TEXT_TOKENS = 64   # the tiny FLUX.1 T5 tokenizer's length
 WAN_GUIDANCE = 5.0      # the guidance `spectrum-xdit generate` defaults to for Wan
