@@ -228,17 +228,22 @@ class SpectrumBlockHook(ModelHook):
         self.context = context
         self._is_stateful = context is not None
 
+    # Eager by design: the run-or-forecast decision reads Python state that changes every step
+    # (step index, branch, schedule, forecaster history), which a compiled graph would guard on
+    # and recompile for at every step. This frame stays eager (recursive=False keeps the block's
+    # own forward compilable, the graph worth having) and so do the policy calls (_eager_policy).
+    @torch.compiler.disable(recursive=False)
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         hidden_states = _block_argument(args, kwargs, "hidden_states", 0)
         if self.is_head:
-            self.policy.begin_call(hidden_states)
+            _eager_policy(self.policy.begin_call, hidden_states)
         if self.policy.run_blocks:
             output = self.fn_ref.original_forward(*args, **kwargs)
             if self.is_tail:
-                self.policy.record(output[1] if self.returns_text else output)
+                _eager_policy(self.policy.record, output[1] if self.returns_text else output)
             return output
         if self.is_tail:
-            hidden_states = self.policy.forecast()
+            hidden_states = _eager_policy(self.policy.forecast)
         if not self.returns_text:
             return hidden_states
         return _block_argument(args, kwargs, "encoder_hidden_states", 1), hidden_states
@@ -246,6 +251,12 @@ class SpectrumBlockHook(ModelHook):
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.policy.reset()
         return module
+
+
+@torch.compiler.disable
+def _eager_policy(method, *args):
+    """A policy call, never traced: its Python state is the step-to-step decision itself."""
+    return method(*args)
 
 
 def _block_argument(args: tuple, kwargs: dict, name: str, position: int):

@@ -69,35 +69,59 @@ def _runner_frames(runner_argv: list[str]):
 
     from spectrum_xdit.hooks import spectrum_stats
 
+    from torch._dynamo.utils import counters
+
     args = vars(xFuserArgs.add_runner_args(FlexibleArgumentParser()).parse_args(runner_argv))
     runner = xFuserModelRunner(args)
     input_args = runner.preprocess_args(args)
-    runner.initialize(input_args)
+    runner.initialize(input_args)   # with --use_torch_compile: compiles and warms up here
+    graphs_before_run = counters["stats"]["unique_graphs"]
     output, timings = runner.run(input_args)
+    graphs = (graphs_before_run, counters["stats"]["unique_graphs"])
     real_steps = {branch: stats["real_steps"] for branch, stats in spectrum_stats(runner.model.pipe.transformer).items()}
     runner.cleanup()
-    return np.asarray(output.videos[0]), real_steps, timings
+    return np.asarray(output.videos[0]), real_steps, timings, graphs
+
+
+def _generate_frames():
+    """`spectrum-xdit generate`'s frames and report in one process, for the runner tests' settings."""
+    from spectrum_xdit.launch.request import GenerationRequest, ParallelLayout
+    from spectrum_xdit.launch.runner import init_rank
+    from spectrum_xdit.models import resolve_model
+
+    spec = resolve_model("tiny-wan")
+    request = GenerationRequest(prompt="a red square", seed=3, num_inference_steps=20, height=spec.height,
+                                width=spec.width, num_frames=spec.num_frames, guidance_scale=5.0,
+                                cache={"flex_window": 3.0})
+    return init_rank(spec, ParallelLayout()).generate(request, decode=True)
+
+
+RUNNER_ARGV = ["--model", "tiny-wan", "--cache_method", "spectrum", "--cache_config", '{"flex_window": 3.0}',
+               "--prompt", "a red square", "--num_inference_steps", "20", "--seed", "3"]
 
 
 @pytest.mark.timeout(400)
 def test_runner_python_path_equals_generate():
     """xDiT's runner under Ulysses=2 with `--cache_method spectrum` gives the frames and the real
     steps of `spectrum-xdit generate` in one process, for the same settings."""
-    from spectrum_xdit.launch.request import GenerationRequest, ParallelLayout
-    from spectrum_xdit.launch.runner import init_rank
-    from spectrum_xdit.models import resolve_model
-
-    argv = ["--model", "tiny-wan", "--ulysses_degree", "2", "--cache_method", "spectrum", "--cache_config",
-            '{"flex_window": 3.0}', "--prompt", "a red square", "--num_inference_steps", "20", "--seed", "3"]
-    frames, real_steps, timings = run_distributed(_runner_frames, world_size=2, args=(argv,), timeout=300.0)
-
-    spec = resolve_model("tiny-wan")
-    request = GenerationRequest(prompt="a red square", seed=3, num_inference_steps=20, height=spec.height,
-                                width=spec.width, num_frames=spec.num_frames, guidance_scale=5.0,
-                                cache={"flex_window": 3.0})
-    result = init_rank(spec, ParallelLayout()).generate(request, decode=True)
+    frames, real_steps, timings, _ = run_distributed(_runner_frames, world_size=2,
+                                                     args=([*RUNNER_ARGV, "--ulysses_degree", "2"],), timeout=300.0)
+    result = _generate_frames()
     single = result.media
     assert frames.shape == single.shape
     assert np.linalg.norm(frames - single) / np.linalg.norm(single) <= 1e-5
     assert real_steps == result.report["real_steps"] and len(real_steps["cond"]) < 20
     assert len(timings) == 1 and timings[0] > 0   # the runner's own timing, on the host clock
+
+
+@pytest.mark.timeout(400)
+def test_runner_use_torch_compile_with_spectrum_equals_eager():
+    """xDiT's `--use_torch_compile`: with a cache method it compiles block by block and warms up
+    before the cache is applied; Spectrum then decides outside the compiled blocks, so the timed
+    run compiles nothing more and stays within tolerance of eager `generate`."""
+    frames, real_steps, _, (graphs_before, graphs_after) = run_distributed(
+        _runner_frames, world_size=1, args=([*RUNNER_ARGV, "--use_torch_compile"],), timeout=300.0)
+    result = _generate_frames()
+    assert np.linalg.norm(frames - result.media) / np.linalg.norm(result.media) <= 1e-5
+    assert real_steps == result.report["real_steps"]
+    assert graphs_before >= 1 and graphs_after == graphs_before
