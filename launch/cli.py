@@ -15,6 +15,7 @@ same message.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ from ..models import DEFAULT_MODEL, resolve_model
 from ..parallel.patches import pads_correctly
 from .quiet import quiet_engines
 from .request import (
+    MAX_IMAGE_BYTES,
     REQUEST_SETTINGS,
     ParallelLayout,
     RequestError,
@@ -85,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=DEFAULT_MODEL,
                      help="tiny-wan, tiny-flux, digits-wan, a local diffusers folder or a hub id")
     add_flags(gen, flag_fields(_GENERATE_SETTINGS), {"prompt": DEFAULT_PROMPT})
+    gen.add_argument("--image", metavar="PATH", default=None,
+                     help="image-to-video models: the first frame, a PNG or JPEG file (resized to height x width)")
     add_flags(gen.add_argument_group("parallel layout"), ParallelLayout.model_fields)
     add_flags(gen.add_argument_group("outputs"), OutputPaths.model_fields)
     gen.add_argument("--verbose", action="store_true", help="show the engines' own logs and warnings")
@@ -111,6 +115,8 @@ def check_arguments(args, parser, world_size: int):
         parser.error(f"{problem.flag}: {problem.message}")
     if outputs.output:
         payload["output_format"] = Path(outputs.output).suffix.lower().removeprefix(".")
+    if args.image is not None:
+        payload["image"] = _read_image(args.image, parser)
     try:
         layout = parse_layout(values_from_flags(args, ParallelLayout.model_fields))
         check_layout(layout, spec, world_size)
@@ -120,6 +126,17 @@ def check_arguments(args, parser, world_size: int):
     except RequestError as error:
         fail(parser, error)
     return spec, layout, request, outputs
+
+
+def _read_image(path: str, parser) -> str:
+    """The file as the request's ``image`` (base64, as over HTTP), so that the request model checks
+    it; one byte past the cap is enough for it to refuse a file that is too large."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_IMAGE_BYTES + 1)
+    except OSError as error:
+        parser.error(f"--image: cannot read {path} ({error.strerror})")
+    return base64.b64encode(data).decode("ascii")
 
 
 def fail(parser, error: RequestError) -> None:

@@ -7,7 +7,10 @@ over HTTP (``cache.degree``), its flag on the command line (``--spectrum_degree`
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import importlib.util
+import io
 import json
 import typing
 from typing import Any, Literal, Optional
@@ -24,6 +27,12 @@ MAX_JSON_DEPTH = 16   # a request is two levels deep
 CONTENT_TYPES = {"mp4": "video/mp4", "gif": "image/gif", "png": "image/png", "npy": "application/x-npy"}
 OUTPUT_FORMATS = {"wan": ("mp4", "gif", "npy"), "flux": ("png", "npy")}
 _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
+# An image-to-video request's first frame: a PNG or JPEG file of at most MAX_IMAGE_BYTES, at most
+# MAX_IMAGE_SIDE pixels on a side (read from the header before any pixel is decoded: a small file
+# may claim a huge image).
+IMAGE_FORMATS = ("PNG", "JPEG")
+MAX_IMAGE_BYTES = 8 << 20
+MAX_IMAGE_SIDE = 4096
 
 
 class RequestError(ValueError):
@@ -74,6 +83,8 @@ class GenerationRequest(BaseModel):
     output_format: Optional[Literal["mp4", "gif", "png", "npy"]] = Field(
         None, description="mp4, gif or npy for video models, png or npy for image models (npy: the final latents)")
     cache: CacheSettings = Field(default_factory=CacheSettings, description="the step cache and its settings")
+    image: Optional[str] = Field(None, description=(
+        "image-to-video models: the first frame, a PNG or JPEG file in base64 (resized to height x width)"))
 
     @model_validator(mode="before")
     @classmethod
@@ -104,6 +115,13 @@ class GenerationRequest(BaseModel):
                 raise ValueError(f"is not valid Unicode text ({error.reason} at character {error.start})") from None
         return value
 
+    @field_validator("image")
+    @classmethod
+    def _an_image(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            decode_image(value)
+        return value
+
     @property
     def spectrum(self) -> Optional[SpectrumConfig]:
         """The Spectrum config of this request, or ``None`` without a cache."""
@@ -112,6 +130,32 @@ class GenerationRequest(BaseModel):
     @property
     def cache_method(self) -> str:
         return self.cache.method
+
+
+def decode_image(text: str):
+    """The RGB Pillow image of a request's ``image``; ``ValueError`` saying why it is not a PNG or
+    JPEG file in base64 within the size caps. Whitespace is ignored (``base64`` wraps its lines)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ValueError(f"is not valid base64 ({error})") from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"is a file of {len(data)} bytes, more than the {MAX_IMAGE_BYTES} an image may have")
+    try:
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:
+        raise ValueError(f"is not a {' or '.join(IMAGE_FORMATS)} image ({len(data)} bytes)") from None
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"is too large an image ({error})") from None
+    width, height = image.size
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise ValueError(f"is {width}x{height} pixels, more than {MAX_IMAGE_SIDE} on a side")
+    try:
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as error:   # Pillow's errors for damaged image data
+        raise ValueError(f"is a damaged {image.format} image ({error})") from None
 
 
 class ParallelLayout(BaseModel):
@@ -277,6 +321,11 @@ def check_layout(layout: ParallelLayout, spec: ModelSpec, world_size: Optional[i
 def check_request(request: GenerationRequest, spec: ModelSpec, layout: ParallelLayout,
                   limits: Optional[Limits] = None) -> None:
     """The rules between a request, the model, the parallel layout and a server's limits."""
+    if spec.needs_image and request.image is None:
+        raise RequestError("image", f"{spec.name} makes videos from an image: give the first frame (a PNG or "
+                           "JPEG file, base64 over HTTP)")
+    if not spec.needs_image and request.image is not None:
+        raise RequestError("image", f"{spec.name} takes no image (an image-to-video model does)")
     formats = OUTPUT_FORMATS[spec.family]
     if request.output_format is not None and request.output_format not in formats:
         raise RequestError("output_format", f"must be one of {', '.join(formats)} for {spec.name}, "

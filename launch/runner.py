@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ..hooks import apply_spectrum, remove_spectrum, spectrum_stats
 from ..models import ModelSpec, SizeRules, size_rules
 from ..parallel import patches
-from .request import GenerationRequest, ParallelLayout
+from .request import GenerationRequest, ParallelLayout, decode_image
 
 FLUX_TEXT_TOKENS = 64   # max_sequence_length of FLUX.1 requests
 
@@ -100,6 +100,8 @@ class RankPipeline:
                     generator=torch.Generator().manual_seed(request.seed))
         if request.negative_prompt is not None:
             call["negative_prompt"] = request.negative_prompt
+        if self.spec.needs_image:   # WanImageToVideoPipeline resizes it to height x width itself
+            call["image"] = decode_image(request.image)
         if self.spec.family == "wan":
             call.update(num_frames=request.num_frames, guidance_scale=request.guidance_scale)
             return call

@@ -1,7 +1,8 @@
 """Step-level batching on one rank: each tick advances every active request by one denoising step,
 and only the requests whose step is real go through the block stack, as one batch.
 
-A request keeps its own prompt embeddings, noise, scheduler, guidance scale and Spectrum state (a
+A request keeps its own prompt embeddings (and, image-to-video, its first frame's image embeddings
+and VAE condition), noise, scheduler, guidance scale and Spectrum state (a
 :class:`SpectrumStack` of its own, with its controller and forecasters), so rows of different
 requests share no fit and no decision; batching only stacks their rows into one transformer call.
 Per latent shape, a tick makes at most two calls: one whose blocks run (the real rows) and one whose
@@ -24,7 +25,7 @@ import torch
 from diffusers.hooks.hooks import CacheContext
 
 from ..hooks import SpectrumStack, block_stack, hook_blocks, unhook_blocks
-from .request import GenerationRequest
+from .request import GenerationRequest, decode_image
 from .runner import GenerationResult, RankPipeline, text_length
 
 
@@ -41,6 +42,8 @@ class ActiveRequest:
     joined: float = field(default_factory=time.perf_counter)
     step: int = 0
     block_rows: int = 0                   # rows it sent through the block stack
+    condition: Optional[torch.Tensor] = None     # image-to-video: the first frame's mask and latents
+    image_embeds: Optional[torch.Tensor] = None  # image-to-video: its CLIP tokens, for both branches
 
     @property
     def steps(self) -> int:
@@ -49,6 +52,11 @@ class ActiveRequest:
     @property
     def timestep(self) -> torch.Tensor:
         return self.scheduler.timesteps[self.step]
+
+    @property
+    def model_input(self) -> torch.Tensor:
+        """The transformer's input, as WanImageToVideoPipeline's loop joins noise and condition."""
+        return self.latents if self.condition is None else torch.cat([self.latents, self.condition], dim=1)
 
 
 class RowsPolicy:
@@ -124,11 +132,22 @@ class StepBatcher:
         scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
         scheduler.set_timesteps(request.num_inference_steps, device=device)
         scheduler.set_begin_index(0)
-        latents = pipe.prepare_latents(1, pipe.transformer.config.in_channels, request.height, request.width,
-                                       request.num_frames, torch.float32, device,
-                                       torch.Generator().manual_seed(request.seed), None)
+        generator = torch.Generator().manual_seed(request.seed)
+        condition = image_embeds = None
+        if rp.spec.needs_image:
+            with torch.no_grad():
+                image = decode_image(request.image)
+                image_embeds = pipe.encode_image(image, device).to(dtype)
+                frame = pipe.video_processor.preprocess(image, height=request.height, width=request.width)
+                latents, condition = pipe.prepare_latents(frame.to(device, torch.float32), 1, pipe.vae.config.z_dim,
+                                                          request.height, request.width, request.num_frames,
+                                                          torch.float32, device, generator, None)
+        else:
+            latents = pipe.prepare_latents(1, pipe.transformer.config.in_channels, request.height, request.width,
+                                           request.num_frames, torch.float32, device, generator, None)
         stack = SpectrumStack(request.spectrum) if request.spectrum is not None else None
-        self.active[job] = ActiveRequest(job, request, latents, embeds, scheduler, stack)
+        self.active[job] = ActiveRequest(job, request, latents, embeds, scheduler, stack, condition=condition,
+                                         image_embeds=image_embeds)
 
     def drop(self, job: str) -> Optional[int]:
         """Remove ``job`` from the loop; the steps it had done (``None`` if it was not in it)."""
@@ -201,11 +220,14 @@ class StepBatcher:
         transformer = self.rank_pipeline.pipe.transformer
         self.policy.rows = [(active.stack, branch) for active, branch, _ in group]
         self.policy.run_blocks = real
+        images = None   # one model in the loop: every request has image embeddings or none does
+        if group[0][0].image_embeds is not None:
+            images = torch.cat([active.image_embeds for active, _, _ in group])
         return transformer(
-            hidden_states=torch.cat([active.latents for active, _, _ in group]).to(transformer.dtype),
+            hidden_states=torch.cat([active.model_input for active, _, _ in group]).to(transformer.dtype),
             timestep=torch.stack([active.timestep for active, _, _ in group]),
             encoder_hidden_states=torch.cat([active.embeds[branch] for active, branch, _ in group]),
-            return_dict=False)[0]
+            encoder_hidden_states_image=images, return_dict=False)[0]
 
     def _finish(self, active: ActiveRequest) -> GenerationResult:
         rp = self.rank_pipeline

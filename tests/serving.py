@@ -1,5 +1,6 @@
 """Helpers of the tests that drive a real local Ray Serve instance over HTTP (`test_serve*.py`)."""
 
+import base64
 import io
 import json
 import time
@@ -22,6 +23,22 @@ TINY_WAN_SERVER = {"model": "tiny-wan", "ulysses_degree": 2, "num_inference_step
 # A request long enough to hang up on, or to be killed half-way: 100 full-compute steps.
 LONG_REQUEST = {"prompt": "x", "num_inference_steps": 100, "height": 64, "width": 64, "num_frames": 9,
                 "cache": {"method": "none"}, "output_format": "npy"}
+
+
+def image_file(seed: int = 0, size: tuple[int, int] = (40, 48), format: str = "PNG") -> bytes:
+    """An image file of seeded random pixels, ``size`` (height, width): the first frame of an
+    image-to-video request; its size differs from the requests' so that resizing is exercised."""
+    from PIL import Image
+
+    pixels = (np.random.default_rng(seed).random((*size, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def image_base64(seed: int = 0, size: tuple[int, int] = (40, 48), format: str = "PNG") -> str:
+    """:func:`image_file` as a request's ``image`` field."""
+    return base64.b64encode(image_file(seed, size, format)).decode("ascii")
 
 
 def serve_app(settings: dict, metrics_port: list):

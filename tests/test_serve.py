@@ -30,6 +30,7 @@ from serving import (  # noqa: E402
     create_video,
     fresh_latents,
     healthz,
+    image_base64,
     npy,
     poll_video,
     post,
@@ -298,6 +299,8 @@ BAD_REQUESTS = [
     ("a body over max_body_bytes", b'{"prompt": "' + b"x" * (2 << 20) + b'"}', 413, "body"),
     ("a body that is not UTF-8", b"\xff\xfe{}", 400, "body"),
     ("a JSON null", b"null", 400, "body"),
+    ("an image for a text-to-video model", {"prompt": "x", "image": image_base64(0)}, 422, "image"),
+    ("an image that is not base64", {"prompt": "x", "image": "%%%"}, 422, "image"),
 ]
 
 

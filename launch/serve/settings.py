@@ -152,7 +152,10 @@ class ServeSettings(BaseModel):
                              "batching sequential (or auto)")
         try:
             check_layout(self.layout, spec)
-            check_request(self.default_request(spec), spec, self.layout, self.limits)
+            defaults = self.default_request(spec)
+            if spec.needs_image:   # checked as a request that gives its first frame, as each must
+                defaults = defaults.model_copy(update={"image": "the request's own"})
+            check_request(defaults, spec, self.layout, self.limits)
         except RequestError as error:
             if error.field in ParallelLayout.model_fields:
                 raise ValueError(str(error)) from None

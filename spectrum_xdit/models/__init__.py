@@ -53,6 +53,7 @@ class ModelSpec:
     num_frames: int                  # 1 for image models
     build: Callable[..., Any]        # (torch_dtype=None) -> a diffusers pipeline
     sizes: SizeRules                 # read from the configs where they are at hand, else the family's
+    needs_image: bool = False        # image-to-video: every request gives the first frame
 
     @property
     def is_video(self) -> bool:
@@ -73,6 +74,12 @@ def _build_tiny_wan(torch_dtype=None):
     from .tiny import build_tiny_wan_pipeline
 
     return build_tiny_wan_pipeline()
+
+
+def _build_tiny_wan_i2v(torch_dtype=None):
+    from .tiny import build_tiny_wan_i2v_pipeline
+
+    return build_tiny_wan_i2v_pipeline()
 
 
 def _build_tiny_flux(torch_dtype=None):
@@ -103,17 +110,21 @@ BUILTIN_MODELS = {
     "tiny-wan": ModelSpec("tiny-wan", "wan", 2, 32, 32, 5, _build_tiny_wan, SizeRules("wan", 16, 4, 1, 32)),
     "tiny-flux": ModelSpec("tiny-flux", "flux", 2, 32, 32, 1, _build_tiny_flux, SizeRules("flux", 4)),
     "digits-wan": ModelSpec("digits-wan", "wan", 6, 16, 16, 9, _build_digits_wan, _digits_wan_sizes()),
+    "tiny-wan-i2v": ModelSpec("tiny-wan-i2v", "wan", 2, 32, 32, 5, _build_tiny_wan_i2v, SizeRules("wan", 16, 4, 1, 32),
+                              needs_image=True),
 }
 # Wan2.1 (VAE 8 x patch 2, 4x in time, rotary table 1024) and FLUX.1 (VAE 8 x packing 2).
 _FAMILY_SIZES = {"wan": SizeRules("wan", 16, 4, 1, 1024), "flux": SizeRules("flux", 16)}
 DEFAULT_MODEL = "digits-wan"
-_PIPELINE_FAMILIES = {"WanPipeline": "wan", "FluxPipeline": "flux"}
+_PIPELINE_FAMILIES = {"WanPipeline": "wan", "FluxPipeline": "flux", "WanImageToVideoPipeline": "wan"}
+_IMAGE_PIPELINES = {"WanImageToVideoPipeline"}
 # Heads of public checkpoints, for checking the Ulysses degree before any download.
-_KNOWN_HEADS = {"wan2.1-t2v-14b": 40, "wan2.1-t2v-1.3b": 12, "flux.1-dev": 24, "flux.1-schnell": 24}
+_KNOWN_HEADS = {"wan2.1-t2v-14b": 40, "wan2.1-t2v-1.3b": 12, "flux.1-dev": 24, "flux.1-schnell": 24,
+                "wan2.1-i2v-14b": 40}
 
 
 def resolve_model(name_or_path: str) -> ModelSpec:
-    """A built-in model name, a local diffusers folder, or a hub id of Wan2.1-T2V / FLUX.1."""
+    """A built-in model name, a local diffusers folder, or a hub id of Wan2.1-T2V / -I2V / FLUX.1."""
     if name_or_path in BUILTIN_MODELS:
         return BUILTIN_MODELS[name_or_path]
     path = Path(name_or_path)
@@ -124,6 +135,7 @@ def resolve_model(name_or_path: str) -> ModelSpec:
                              "folder with model_index.json")
         pipeline_class = json.loads(index.read_text()).get("_class_name")
         family = _PIPELINE_FAMILIES.get(pipeline_class)
+        needs_image = pipeline_class in _IMAGE_PIPELINES
         if family is None:
             raise ValueError(f"--model {name_or_path}: {pipeline_class} is not supported; "
                              f"supported pipelines: {', '.join(_PIPELINE_FAMILIES)}")
@@ -138,10 +150,14 @@ def resolve_model(name_or_path: str) -> ModelSpec:
         if "/" not in name_or_path or not ("wan" in lowered or "flux" in lowered):
             raise ValueError(
                 f"unknown model {name_or_path!r}: use one of {', '.join(BUILTIN_MODELS)}, a local "
-                "diffusers folder, or a hub id of Wan2.1-T2V or FLUX.1 (e.g. "
-                "Wan-AI/Wan2.1-T2V-14B-Diffusers, black-forest-labs/FLUX.1-dev)")
+                "diffusers folder, or a hub id of Wan2.1-T2V, Wan2.1-I2V or FLUX.1 (e.g. "
+                "Wan-AI/Wan2.1-T2V-14B-Diffusers, Wan-AI/Wan2.1-I2V-14B-480P-Diffusers, black-forest-labs/FLUX.1-dev)")
         family = "wan" if "wan" in lowered else "flux"
+        needs_image = family == "wan" and "i2v" in lowered
         heads = next((h for key, h in _KNOWN_HEADS.items() if key in lowered), None)
         sizes = _FAMILY_SIZES[family]
     height, width, frames = (480, 832, 81) if family == "wan" else (1024, 1024, 1)
-    return ModelSpec(name_or_path, family, heads, height, width, frames, _from_pretrained(name_or_path), sizes)
+    if needs_image and "720p" in name_or_path.lower():   # Wan2.1-I2V-14B-720P
+        height, width = 720, 1280
+    return ModelSpec(name_or_path, family, heads, height, width, frames, _from_pretrained(name_or_path), sizes,
+                     needs_image=needs_image)

@@ -1,6 +1,6 @@
 """Tiny Wan2.1- and FLUX.1-architecture pipelines for tests and quick runs.
 
-Every component (transformer, text encoders, tokenizers, VAE, scheduler) is built from a config
+Every component (transformer, text encoders, tokenizers, image encoder, VAE, scheduler) is built from a config
 with seeded random weights; nothing is fetched from a model hub. The shapes follow the real
 models' structure at toy width and depth.
 """
@@ -15,13 +15,17 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
     UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
 )
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    CLIPImageProcessorPil,
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
     PreTrainedTokenizerFast,
     T5Config,
     T5EncoderModel,
@@ -97,3 +101,32 @@ def build_tiny_flux_pipeline(seed: int = 0, num_single_layers: int = 2) -> FluxP
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=byte_tokenizer(77),
                         text_encoder_2=t5, tokenizer_2=byte_tokenizer(64),
                         transformer=tiny_flux_transformer(seed, num_single_layers=num_single_layers))
+
+
+IMAGE_DIM = 32   # the tiny CLIP vision encoder's width, the I2V transformer's image_dim
+
+
+def build_tiny_wan_i2v_pipeline(seed: int = 0, num_layers: int = 2) -> WanImageToVideoPipeline:
+    """A complete Wan2.1 ``WanImageToVideoPipeline``: the tiny T2V pipeline's text encoder, VAE and
+    scheduler, a tiny CLIP vision encoder with its (PIL) image processor, and a transformer that
+    takes the noise, the VAE-encoded first frame and its mask (in_channels = 2 x latent + the
+    VAE's 4x temporal factor) and attends to the image tokens through added key/value
+    projections in its cross-attention."""
+    t2v = build_tiny_wan_pipeline(seed, num_layers=num_layers)
+    torch.manual_seed(seed + 1)
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=IMAGE_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8, projection_dim=IMAGE_DIM)).eval()
+    # the PIL backend: the same preprocessing with or without torchvision installed
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    latent = t2v.vae.config.z_dim
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+        in_channels=2 * latent + t2v.vae_scale_factor_temporal, out_channels=latent, text_dim=TEXT_DIM,
+        freq_dim=32, ffn_dim=64, num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32, image_dim=IMAGE_DIM, added_kv_proj_dim=2 * 16,
+    ).eval()
+    return WanImageToVideoPipeline(tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, vae=t2v.vae,
+                                   scheduler=t2v.scheduler, transformer=transformer,
+                                   image_encoder=image_encoder, image_processor=image_processor)
