@@ -1,7 +1,8 @@
 """The project's embedded models as models of xDiT's runner (``MODEL_REGISTRY``), so that
 ``xdit --model digits-wan ...`` runs on CPU with no download.
 
-Each is xDiT's own runner class for its family (``xFuserWan21T2VModel``, ``xFuserFluxModel``):
+Each is xDiT's own runner class for its family (``xFuserWan21T2VModel``, ``xFuserWan21I2VModel``
+with ``--input_images``, ``xFuserFluxModel``):
 flags, checks, default handling, pipeline call, timing and saving are xDiT's; only the loading
 differs, a locally built pipeline whose transformer becomes xDiT's wrapper, as xDiT's loader makes
 it. Import this module only after ``patches.install(runner=True)`` (it imports xfuser).
@@ -18,7 +19,11 @@ from xfuser.model_executor.models.runner_models.base_model import (
     xFuserModel,
 )
 from xfuser.model_executor.models.runner_models.flux import xFuserFluxModel
-from xfuser.model_executor.models.runner_models.wan import _build_attention_kwargs, xFuserWan21T2VModel
+from xfuser.model_executor.models.runner_models.wan import (
+    _build_attention_kwargs,
+    xFuserWan21I2VModel,
+    xFuserWan21T2VModel,
+)
 
 from ..models import BUILTIN_MODELS, ModelSpec
 from ..parallel.xdit_setup import xdit_transformer
@@ -43,19 +48,28 @@ class _EmbeddedModel:
         return {}
 
 
-class EmbeddedWanModel(_EmbeddedModel, xFuserWan21T2VModel):
-    """An embedded Wan2.1-architecture model in xDiT's Wan2.1 T2V runner."""
+class _EmbeddedWan(_EmbeddedModel):
+    """Mixin of the embedded Wan models: xDiT's attention options, the pipeline's own shift."""
 
     def _wrapper_kwargs(self) -> dict:
         return {"attention_kwargs": _build_attention_kwargs(self.config)}
 
     def _post_load_and_state_initialization(self, input_args: dict) -> None:
-        """xDiT's Wan runner writes ``--flow_shift`` into the scheduler; without the flag the
+        """xDiT's Wan runners write ``--flow_shift`` into the scheduler; without the flag the
         embedded pipeline keeps the shift it was built (and trained) with."""
         if input_args.get("flow_shift") is None:
             xFuserModel._post_load_and_state_initialization(self, input_args)
         else:
             super()._post_load_and_state_initialization(input_args)
+
+
+class EmbeddedWanModel(_EmbeddedWan, xFuserWan21T2VModel):
+    """An embedded Wan2.1-architecture text-to-video model in xDiT's Wan2.1 T2V runner."""
+
+
+class EmbeddedWanI2VModel(_EmbeddedWan, xFuserWan21I2VModel):
+    """An embedded Wan2.1-architecture image-to-video model in xDiT's Wan2.1 I2V runner (the first
+    frame from ``--input_images``, fitted to the default area as xDiT does)."""
 
 
 class EmbeddedFluxModel(_EmbeddedModel, xFuserFluxModel):
@@ -69,7 +83,7 @@ def _runner_class(spec: ModelSpec) -> type:
     """The runner class of one embedded model, with its sizes as xDiT's default inputs."""
     name = spec.name.replace("-", "_")
     if spec.family == "wan":
-        base, defaults = EmbeddedWanModel, DefaultInputValues(
+        base, defaults = EmbeddedWanI2VModel if spec.needs_image else EmbeddedWanModel, DefaultInputValues(
             height=spec.height, width=spec.width, num_frames=spec.num_frames, num_inference_steps=50,
             guidance_scale=WAN_GUIDANCE)
     else:

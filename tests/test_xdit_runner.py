@@ -38,6 +38,22 @@ def test_the_issue_command_runs_digits_wan_under_ulysses2(tmp_path):
     assert (tmp_path / "timings.json").exists()
 
 
+@pytest.mark.timeout(300)
+def test_the_runner_takes_the_embedded_image_to_video_model(tmp_path):
+    """xDiT's Wan2.1 I2V runner, its first frame from `--input_images`, with Spectrum."""
+    from PIL import Image
+
+    image = tmp_path / "first_frame.png"
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)).save(image)
+    result = _xdit(tmp_path, "--model", "tiny-wan-i2v", "--cache_method", "spectrum", "--prompt", "a cat",
+                   "--input_images", str(image), "--num_inference_steps", "20")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    real = re.search(r"Spectrum transformer: real steps \{'cond': \[([\d, ]+)\]", log)
+    assert real and len(real.group(1).split(",")) < 20, log[-3000:]
+    assert (tmp_path / "tiny_wan_i2v_u1r1_tc_False_32x32_0.mp4").stat().st_size > 0
+
+
 @pytest.mark.timeout(200)
 def test_spectrum_is_refused_for_a_model_it_does_not_support(tmp_path):
     result = _xdit(tmp_path, "--model", "Wan2.1-VACE-1.3B", "--cache_method", "spectrum", "--prompt", "x",
@@ -47,7 +63,8 @@ def test_spectrum_is_refused_for_a_model_it_does_not_support(tmp_path):
                         r"supported models: .*)", result.stderr)
     assert message, result.stderr[-3000:]
     supported = message.group(1).split("supported models: ")[1].split(", ")
-    assert {"Wan2.1-T2V", "Wan2.2-T2V", "Wan2.1-I2V", "FLUX.1-dev", "digits-wan", "tiny-wan", "tiny-flux"} <= set(supported)
+    assert {"Wan2.1-T2V", "Wan2.2-T2V", "Wan2.1-I2V", "FLUX.1-dev", "digits-wan", "tiny-wan", "tiny-flux",
+            "tiny-wan-i2v"} <= set(supported)
     assert not any("VACE" in name for name in supported)
 
 
