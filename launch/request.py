@@ -22,10 +22,15 @@ from ..config import SETTINGS, SettingError, SpectrumConfig, validation_problems
 from ..models import ModelSpec, SizeRules
 
 MAX_SEED = 2**63 - 1
-MAX_GUIDANCE = 50.0   # classifier-free guidance far beyond any model's range gives NaN or noise
+MAX_GUIDANCE = 50.0   # guidance far beyond any model's range gives NaN or noise
 MAX_JSON_DEPTH = 16   # a request is two levels deep
 CONTENT_TYPES = {"mp4": "video/mp4", "gif": "image/gif", "png": "image/png", "npy": "application/x-npy"}
 OUTPUT_FORMATS = {"wan": ("mp4", "gif", "npy"), "flux": ("png", "npy")}
+# guidance_scale per family, as diffusers' pipelines name and default it: Wan2.1's classifier-free
+# guidance (WanPipeline, 5.0), FLUX.1's distilled guidance, which the transformer embeds in one call
+# per step (FluxPipeline, 3.5). FLUX.1's classifier-free guidance is true_cfg_scale.
+GUIDANCE_DEFAULTS = {"wan": 5.0, "flux": 3.5}
+CFG_FIELDS = {"wan": "guidance_scale", "flux": "true_cfg_scale"}
 _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
 # An image-to-video request's first frame: a PNG or JPEG file of at most MAX_IMAGE_BYTES, at most
 # MAX_IMAGE_SIDE pixels on a side (read from the header before any pixel is decoded: a small file
@@ -72,14 +77,19 @@ class GenerationRequest(BaseModel):
     model_config = _STRICT
 
     prompt: str = Field(description="what to generate")
-    negative_prompt: Optional[str] = Field(None, description="the unconditional branch's prompt (default: the pipeline's)")
+    negative_prompt: Optional[str] = Field(None, description=(
+        "the unconditional branch's prompt under classifier-free guidance (default: the pipeline's; FLUX.1: empty)"))
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the initial noise")
     num_inference_steps: int = Field(50, ge=1, description="denoising steps")
     height: int = Field(ge=1, description="pixels (default: the model's)")
     width: int = Field(ge=1, description="pixels (default: the model's)")
     num_frames: int = Field(ge=1, description="frames of a video (default: the model's)")
-    guidance_scale: float = Field(5.0, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False,
-                                  description="classifier-free guidance (1: off)")
+    guidance_scale: float = Field(ge=0, le=MAX_GUIDANCE, allow_inf_nan=False, description=(
+        "Wan2.1: classifier-free guidance (1: off); FLUX.1: distilled guidance, embedded in one transformer call "
+        "(default: the model family's, 5.0 for Wan2.1, 3.5 for FLUX.1)"))
+    true_cfg_scale: float = Field(1.0, ge=1, le=MAX_GUIDANCE, allow_inf_nan=False, description=(
+        "FLUX.1: true classifier-free guidance, a second transformer call per step with the negative prompt "
+        "(1: off)"))
     output_format: Optional[Literal["mp4", "gif", "png", "npy"]] = Field(
         None, description="mp4, gif or npy for video models, png or npy for image models (npy: the final latents)")
     cache: CacheSettings = Field(default_factory=CacheSettings, description="the step cache and its settings")
@@ -297,8 +307,16 @@ def parse_layout(values: dict) -> ParallelLayout:
 
 
 def model_defaults(spec: ModelSpec) -> dict:
-    """The sizes a request for ``spec`` takes when it gives none."""
-    return {"height": spec.height, "width": spec.width, "num_frames": spec.num_frames if spec.is_video else 1}
+    """The sizes and guidance a request for ``spec`` takes when it gives none."""
+    return {"height": spec.height, "width": spec.width, "num_frames": spec.num_frames if spec.is_video else 1,
+            "guidance_scale": GUIDANCE_DEFAULTS[spec.family]}
+
+
+def guidance_branches(request: GenerationRequest, family: str) -> tuple[str, ...]:
+    """The transformer calls of one denoising step, by diffusers' ``cache_context`` names: ``uncond``
+    too under classifier-free guidance (the family's field in ``CFG_FIELDS`` above 1, as diffusers
+    decides; FLUX.1's negative prompt is then the empty one by default)."""
+    return ("cond", "uncond") if getattr(request, CFG_FIELDS[family]) > 1 else ("cond",)
 
 
 def check_layout(layout: ParallelLayout, spec: ModelSpec, world_size: Optional[int] = None) -> None:
@@ -345,12 +363,18 @@ def check_request(request: GenerationRequest, spec: ModelSpec, layout: ParallelL
             if text is not None and len(text) > limits.max_prompt_chars:
                 raise RequestError(name, f"must be at most {limits.max_prompt_chars} characters (the server's "
                                    f"max_prompt_chars), got {len(text)}")
-    if layout.use_cfg_parallel and request.guidance_scale <= 1:
-        raise RequestError("guidance_scale", "CFG parallelism (use_cfg_parallel) needs guidance: guidance_scale > 1")
+    if spec.family == "wan" and request.true_cfg_scale != 1:
+        raise RequestError("true_cfg_scale", f"is FLUX.1's true classifier-free guidance; {spec.name} takes its "
+                           "classifier-free guidance as guidance_scale: leave true_cfg_scale at 1")
+    cfg_field = CFG_FIELDS[spec.family]
+    if layout.use_cfg_parallel and len(guidance_branches(request, spec.family)) == 1:
+        raise RequestError(cfg_field, f"CFG parallelism (use_cfg_parallel) needs classifier-free guidance: "
+                           f"{cfg_field} > 1")
     if layout.pipefusion_parallel_degree > 1:
-        if request.guidance_scale > 1:
-            raise RequestError("guidance_scale", "PipeFusion runs xDiT's FLUX.1 pipeline, which has no "
-                               "classifier-free guidance: use guidance_scale 1")
+        if len(guidance_branches(request, spec.family)) > 1:
+            raise RequestError(cfg_field, "PipeFusion runs xDiT's FLUX.1 pipeline, which has no true "
+                               f"classifier-free guidance: use {cfg_field} 1 (guidance_scale, the distilled "
+                               "guidance, is passed on)")
         from ..parallel.pipefusion import require_pipefusion_support
 
         try:
@@ -403,7 +427,7 @@ def check_sizes(request: GenerationRequest, rules: SizeRules, layout: ParallelLa
 # ---- flags: one per field, with the same names in the Serve YAML ------------------------------
 
 _REQUEST_FLAGS = ("negative_prompt", "seed", "num_inference_steps", "height", "width", "num_frames",
-                  "guidance_scale")
+                  "guidance_scale", "true_cfg_scale")
 REQUEST_SETTINGS = (*_REQUEST_FLAGS, "output_format", "cache_method", *(f"spectrum_{name}" for name in SETTINGS))
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ..hooks import apply_spectrum, remove_spectrum, spectrum_stats
 from ..models import ModelSpec, SizeRules, size_rules
 from ..parallel import patches
-from .request import GenerationRequest, ParallelLayout, decode_image
+from .request import GenerationRequest, ParallelLayout, decode_image, guidance_branches
 
 FLUX_TEXT_TOKENS = 64   # max_sequence_length of FLUX.1 requests
 
@@ -96,17 +96,18 @@ class RankPipeline:
 
     def _pipeline_call(self, request: GenerationRequest) -> dict:
         call = dict(prompt=request.prompt, num_inference_steps=request.num_inference_steps, height=request.height,
-                    width=request.width, output_type="latent",
+                    width=request.width, guidance_scale=request.guidance_scale, output_type="latent",
                     generator=torch.Generator().manual_seed(request.seed))
         if request.negative_prompt is not None:
             call["negative_prompt"] = request.negative_prompt
         if self.spec.needs_image:   # WanImageToVideoPipeline resizes it to height x width itself
             call["image"] = decode_image(request.image)
         if self.spec.family == "wan":
-            call.update(num_frames=request.num_frames, guidance_scale=request.guidance_scale)
+            call.update(num_frames=request.num_frames)
             return call
-        call.update(true_cfg_scale=request.guidance_scale, max_sequence_length=FLUX_TEXT_TOKENS)
-        call.setdefault("negative_prompt", "")
+        call.update(true_cfg_scale=request.true_cfg_scale, max_sequence_length=FLUX_TEXT_TOKENS)
+        if "uncond" in guidance_branches(request, "flux"):   # FluxPipeline runs true CFG only with a negative prompt
+            call.setdefault("negative_prompt", "")
         if self.world_size > 1:
             from ..parallel.xdit_setup import set_flux_input_parameters
 
@@ -144,6 +145,8 @@ class RankPipeline:
             "parallel": {"ulysses_degree": layout.ulysses_degree, "ring_degree": layout.ring_degree,
                          "cfg_degree": layout.cfg_degree,
                          "pipefusion_parallel_degree": layout.pipefusion_parallel_degree},
+            "guidance_scale": request.guidance_scale,
+            "true_cfg_scale": request.true_cfg_scale,
             "cache_method": request.cache_method,
             "spectrum": config.model_dump() if config is not None else None,
             "real_steps": {b: s["real_steps"] for b, s in stats.items()},
@@ -159,7 +162,7 @@ class RankPipeline:
             report.update(validation=first["validation"], plan=first["plan"],
                           validation_seconds=first["validation_seconds"])
         if config is None:
-            branches = ["cond", "uncond"] if request.guidance_scale > 1 else ["cond"]
+            branches = guidance_branches(request, self.spec.family)
             report["real_steps"] = {b: list(range(steps)) for b in branches}
             report["nfe"] = {b: steps for b in branches}
         return report
@@ -198,8 +201,8 @@ class CfgParallelRankPipeline(RankPipeline):
 
 
 class PipeFusionRankPipeline(RankPipeline):
-    """FLUX.1 under xDiT's PipeFusion (``spectrum_xdit.parallel.pipefusion``; no true CFG): the
-    last stage's latents reach rank 0."""
+    """FLUX.1 under xDiT's PipeFusion (``spectrum_xdit.parallel.pipefusion``; distilled guidance,
+    no true CFG): the last stage's latents reach rank 0."""
 
     pipefusion: Any = None
 
@@ -214,7 +217,8 @@ class PipeFusionRankPipeline(RankPipeline):
         denoise_start = time.perf_counter()
         with torch.no_grad():
             output = self.pipefusion(prompt=request.prompt, height=request.height, width=request.width,
-                                     num_inference_steps=request.num_inference_steps, output_type="latent",
+                                     num_inference_steps=request.num_inference_steps,
+                                     guidance_scale=request.guidance_scale, output_type="latent",
                                      max_sequence_length=FLUX_TEXT_TOKENS,
                                      generator=torch.Generator().manual_seed(request.seed))
             holder = [None if output is None else output.images.cpu()]

@@ -63,8 +63,9 @@ def pipefusion_flux_pipeline(pipeline, engine_config, spectrum: Optional[Spectru
 
     The pipeline's transformer is converted in place (each rank keeps only its stage's blocks),
     so compute anything that needs the whole model first. Call the result like xDiT's
-    ``xFuserFluxPipeline`` (no negative prompt: xDiT's FLUX.1 pipeline has no true CFG); it
-    returns the output on the last stage and ``None`` on the others.
+    ``xFuserFluxPipeline`` (``guidance_scale``: FLUX.1's distilled guidance; no negative prompt:
+    xDiT's FLUX.1 pipeline has no true CFG); it returns the output on the last stage and ``None``
+    on the others.
     """
     return pipefusion_flux_pipeline_class()(pipeline, engine_config, spectrum)
 
@@ -255,7 +256,7 @@ class SpectrumPipeFusion:
 
     def spectrum_stats(self) -> dict:
         """This stage's view of the last generation (one branch: xDiT's FLUX.1 pipeline has no
-        classifier-free guidance): the steps that ran its blocks (``real_steps``, ``nfe`` of
+        true classifier-free guidance): the steps that ran its blocks (``real_steps``, ``nfe`` of
         them), the others (``forecast_steps``, ``forecasts``), the ``(step, patch)`` of every
         call that ran them (``block_calls``) and the peak forecaster state (``state_bytes``,
         0 except on the last stage)."""

@@ -24,7 +24,8 @@ ENGINE_NOISE = ("DEBUG ", "INFO ", "WARNING ", "[transformers]", "FutureWarning"
     (["--model", "tiny-wan", "--ulysses_degree", "4"], 4, "--ulysses_degree: tiny-wan has 2 attention heads, not divisible"),
     (["--model", "sd-xl"], 1, "unknown model 'sd-xl'"),
     (["--model", "tiny-flux", "--use_cfg_parallel"], 2, "--use_cfg_parallel: is supported for Wan2.1 only, not tiny-flux"),
-    (["--model", "tiny-wan", "--use_cfg_parallel", "--guidance_scale", "1"], 2, "--guidance_scale: .* needs guidance"),
+    (["--model", "tiny-wan", "--use_cfg_parallel", "--guidance_scale", "1"], 2,
+     "--guidance_scale: CFG parallelism .* needs classifier-free guidance: guidance_scale > 1"),
     (["--model", "tiny-wan", "--use_cfg_parallel"], 1, "x cfg 2 x pipefusion 1 = 2, but the world size is 1"),
     (["--output", "x.png"], 1, "--output: must be one of mp4, gif, npy for digits-wan"),
     (["--output", "x.webm"], 1, "--output: input should be 'mp4', 'gif', 'png' or 'npy'"),
@@ -35,9 +36,14 @@ ENGINE_NOISE = ("DEBUG ", "INFO ", "WARNING ", "[transformers]", "FutureWarning"
     (["--ring_degree", "0"], 1, "--ring_degree: input should be greater than or equal to 1"),
     (["--seed", "x"], 1, "--seed: input should be a valid integer"),
     (["--model", "tiny-wan", "--pipefusion_parallel_degree", "2"], 2, "FLUX.1 only"),
-    (["--model", "tiny-flux", "--pipefusion_parallel_degree", "2"], 2, "--guidance_scale: .*use guidance_scale 1"),
-    (["--model", "tiny-flux", "--pipefusion_parallel_degree", "2", "--guidance_scale", "1",
-      "--spectrum_schedule", "adaptive"], 2, "--spectrum_schedule: PipeFusion supports the paper schedule"),
+    (["--model", "tiny-flux", "--pipefusion_parallel_degree", "2", "--true_cfg_scale", "4"], 2,
+     "--true_cfg_scale: PipeFusion .* no true classifier-free guidance: use true_cfg_scale 1"),
+    (["--model", "tiny-flux", "--pipefusion_parallel_degree", "2", "--spectrum_schedule", "adaptive"], 2,
+     "--spectrum_schedule: PipeFusion supports the paper schedule"),
+    (["--model", "tiny-wan", "--true_cfg_scale", "4"], 1,
+     "--true_cfg_scale: is FLUX.1's true classifier-free guidance; tiny-wan takes .* as guidance_scale"),
+    (["--model", "tiny-flux", "--true_cfg_scale", "0.5"], 1,
+     "--true_cfg_scale: input should be greater than or equal to 1"),
     (["--model", "tiny-flux", "--pipefusion_parallel_degree", "2"], 4, "= 2, but the world size is 4"),
     (["--spectrum_schedule", "fast"], 1, "--spectrum_schedule: input should be 'paper' or 'adaptive'"),
     (["--spectrum_min_gap", "5", "--spectrum_max_gap", "3"], 1, "--spectrum_max_gap: must be at least min_gap 5"),
@@ -88,6 +94,26 @@ def test_flags_are_read_by_the_request_model():
     assert (request.height, request.width, request.num_frames) == (spec.height, spec.width, spec.num_frames)
 
 
+@pytest.mark.parametrize("model,guidance", [("digits-wan", 5.0), ("tiny-wan", 5.0), ("tiny-flux", 3.5)])
+def test_guidance_scale_defaults_to_the_model_family_s(model, guidance):
+    """Wan2.1's classifier-free guidance 5.0, FLUX.1's distilled guidance 3.5 (diffusers' defaults);
+    true CFG off."""
+    parser = build_parser()
+    _, _, request, _ = check_arguments(parser.parse_args(["generate", "--model", model]), parser, 1)
+    assert (request.guidance_scale, request.true_cfg_scale) == (guidance, 1.0)
+    _, _, given, _ = check_arguments(parser.parse_args(["generate", "--model", model, "--guidance_scale", "2"]),
+                                     parser, 1)
+    assert given.guidance_scale == 2.0
+
+
+@pytest.mark.parametrize("flags", [["--guidance_scale", "3.5"], ["--guidance_scale", "1"], []])
+def test_pipefusion_takes_flux_distilled_guidance(flags):
+    parser = build_parser()
+    args = parser.parse_args(["generate", "--model", "tiny-flux", "--pipefusion_parallel_degree", "2", *flags])
+    _, layout, request, _ = check_arguments(args, parser, 2)
+    assert layout.pipefusion_parallel_degree == 2 and request.guidance_scale == float((flags or [0, 3.5])[1])
+
+
 def _generate(tmp_path, name, nproc, extra):
     latents, report = tmp_path / f"{name}.npy", tmp_path / f"{name}.json"
     launcher = [sys.executable, "-m", "spectrum_xdit.launch.cli"]
@@ -116,7 +142,8 @@ def test_torchrun_ulysses2_equals_single_process(tmp_path, model):
     assert REPORT_KEYS <= set(sharded_report)
     assert sharded_report["world_size"] == 2 and sharded_report["parallel"]["ulysses_degree"] == 2
     assert sharded_report["real_steps"] == single_report["real_steps"]
-    assert sharded_report["nfe"] == {"cond": 9, "uncond": 9}
+    # Wan2.1 guides with CFG by default, FLUX.1 with its distilled guidance in one call
+    assert sharded_report["nfe"] == ({"cond": 9, "uncond": 9} if model == "tiny-wan" else {"cond": 9})
     assert sharded_report["state_bytes_per_rank"] * 2 == single_report["state_bytes_per_rank"]
     # one process runs no xDiT, so patches nothing; the ranks record what they patched
     assert single_report["xfuser_patches"]["installed"] == [] and not single_report["xfuser_patches"]["applied"]
@@ -164,17 +191,19 @@ def test_cfg_parallel_wan_equals_single_process(tmp_path, layout):
 
 @pytest.mark.timeout(600)
 def test_torchrun_pipefusion_spectrum(tmp_path):
-    """`--pipefusion_parallel_degree 2`: xDiT's PipeFusion FLUX.1 pipeline with Spectrum. With the
-    synchronous warm-up covering every step PipeFusion is exact, so it equals one process; the
+    """`--pipefusion_parallel_degree 2`: xDiT's PipeFusion FLUX.1 pipeline with Spectrum and distilled
+    guidance (not the default 3.5 of both pipelines, so that equality shows it is passed on). With
+    the synchronous warm-up covering every step PipeFusion is exact, so it equals one process; the
     forecaster state lives on the last stage only."""
-    flags = ["--model", "tiny-flux", "--prompt", "a red square", "--cache_method", "spectrum", "--guidance_scale", "1"]
+    flags = ["--model", "tiny-flux", "--prompt", "a red square", "--cache_method", "spectrum", "--guidance_scale", "2"]
     single, single_report = _generate(tmp_path, "single", 1, flags)
     piped, report = _generate(tmp_path, "pipefusion", 2, [*flags, "--pipefusion_parallel_degree", "2",
                                                           "--num_pipeline_patch", "2", "--warmup_steps", "20"])
     error = np.linalg.norm(piped - single) / np.linalg.norm(single)
     assert error <= 1e-5, error
     assert report["parallel"]["pipefusion_parallel_degree"] == 2
-    assert report["real_steps"] == single_report["real_steps"]
+    assert report["real_steps"] == single_report["real_steps"] and set(report["nfe"]) == {"cond"}
+    assert report["guidance_scale"] == 2.0
     assert report["state_bytes_by_rank"] == [0, single_report["state_bytes_per_rank"]]
 
 

@@ -44,7 +44,8 @@ pytestmark = pytest.mark.timeout(240)
 STEPS = 20
 TEXT_TOKENS = 16
 HEIGHT = WIDTH = 16  # 4 x 4 packed latents: 16 image tokens in 4 rows
-CALL = dict(prompt="a red square", height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
+GUIDANCE = 2.5       # FLUX.1's distilled guidance; not the pipelines' default 3.5, so that the reference checks it
+CALL = dict(prompt="a red square", height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
             max_sequence_length=TEXT_TOKENS, output_type="latent")
 # name: (Ulysses degree, pipeline patches, PipeFusion warm-up steps); PipeFusion degree 2
 LAUNCHES = {"pipefusion2_patches4_warmup2": (1, 4, 2), "pipefusion2_x_ulysses2_patches2_warmup1": (2, 2, 1)}
@@ -128,6 +129,7 @@ def _pipefusion_reference(pipe, num_patches: int, warmup_steps: int, config=None
     rows_per_patch = math.ceil(rows / num_patches)
     patches = [(r * columns, min(r + rows_per_patch, rows) * columns) for r in range(0, rows, rows_per_patch)]
 
+    guidance = torch.full([1], GUIDANCE, dtype=latents.dtype) * 1000   # as the transformer scales it
     real = set(range(STEPS)) if config is None else set(
         paper_schedule(STEPS, config.warmup_steps, config.window_size, config.flex_window))
     forecaster = None if config is None else SpectrumForecaster(config)
@@ -144,7 +146,7 @@ def _pipefusion_reference(pipe, num_patches: int, warmup_steps: int, config=None
     with torch.no_grad():
         for step, t in enumerate(timesteps):
             timestep = t.expand(1).to(latents.dtype) / 1000
-            temb = transformer.time_text_embed(timestep.to(latents.dtype) * 1000, pooled)
+            temb = transformer.time_text_embed(timestep.to(latents.dtype) * 1000, guidance, pooled)
             if step not in real:
                 noise = transformer.proj_out(transformer.norm_out(forecaster.forecast(step), temb))
                 latents = scheduler_step(step, noise, latents)

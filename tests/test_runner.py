@@ -1,5 +1,5 @@
-"""The runner: size rules of the built models, and stopping a generation at a step boundary on
-which every rank agrees (gloo processes on CPU)."""
+"""The runner: size rules of the built models, stopping a generation at a step boundary on
+which every rank agrees (gloo processes on CPU), and FLUX.1's guidance conventions."""
 
 import pytest
 import torch
@@ -53,3 +53,48 @@ def test_every_rank_stops_after_the_step_any_rank_asks_for():
         assert all(max(real) <= 3 for real in report["real_steps"].values()), report["real_steps"]
     assert "stopped_after_step" not in result["full_report"] and result["full_equals_plain"]
     assert not torch.equal(result["stopped_latents"], result["full_latents"])
+
+
+@pytest.fixture(scope="module")
+def tiny_flux():
+    rank_pipeline = init_rank(resolve_model("tiny-flux"), ParallelLayout())
+    rank_pipeline.pipe.set_progress_bar_config(disable=True)
+    return rank_pipeline
+
+
+def _flux_run(rank_pipeline, **body) -> tuple:
+    """The latents, the report and the ``guidance`` of every transformer call of one generation."""
+    guidance = []
+    handle = rank_pipeline.pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: guidance.append(kwargs["guidance"].tolist()), with_kwargs=True)
+    try:
+        result = rank_pipeline.generate(parse_request({"prompt": "a red square", "num_inference_steps": STEPS,
+                                                       **body}, model_defaults(rank_pipeline.spec)))
+    finally:
+        handle.remove()
+    return result.latents, result.report, guidance
+
+
+@pytest.mark.parametrize("cache", ["none", "spectrum"])
+def test_flux_distilled_guidance_runs_one_branch_and_true_cfg_two(tiny_flux, cache):
+    """FLUX.1-dev's conventions: guidance_scale is embedded in the one call of a step (3.5 unless
+    given), true_cfg_scale above 1 adds the unconditional call."""
+    _, distilled, calls = _flux_run(tiny_flux, guidance_scale=3.5, cache={"method": cache})
+    assert calls == [[3.5]] * STEPS
+    assert set(distilled["nfe"]) == {"cond"} and distilled["true_cfg_scale"] == 1
+    _, default, calls = _flux_run(tiny_flux, cache={"method": cache})
+    assert default["guidance_scale"] == 3.5 and calls == [[3.5]] * STEPS
+    _, true_cfg, calls = _flux_run(tiny_flux, true_cfg_scale=4, cache={"method": cache})
+    assert len(calls) == 2 * STEPS and set(true_cfg["nfe"]) == {"cond", "uncond"}
+    assert true_cfg["real_steps"]["cond"] == true_cfg["real_steps"]["uncond"] == distilled["real_steps"]["cond"]
+    if cache == "none":
+        assert distilled["nfe"] == {"cond": STEPS}
+
+
+def test_distilled_guidance_conditions_tiny_flux(tiny_flux):
+    assert tiny_flux.pipe.transformer.config.guidance_embeds
+    low, _, _ = _flux_run(tiny_flux, guidance_scale=1.5)
+    default, _, _ = _flux_run(tiny_flux)
+    again, _, _ = _flux_run(tiny_flux, guidance_scale=3.5)
+    assert torch.equal(default, again)
+    assert (low - default).norm() / default.norm() > 1e-3

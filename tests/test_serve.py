@@ -43,9 +43,10 @@ from spectrum_xdit.launch.request import (  # noqa: E402
     ParallelLayout,
     RequestError,
     check_sizes,
+    model_defaults,
     parse_request,
 )
-from spectrum_xdit.models import SizeRules  # noqa: E402
+from spectrum_xdit.models import SizeRules, resolve_model  # noqa: E402
 from spectrum_xdit.parallel.testing import free_port  # noqa: E402
 
 SETTINGS = {**TINY_WAN_SERVER, "max_height": 1024, "max_width": 1024, "max_frames": 129, "max_token_steps": 100_000,
@@ -76,12 +77,26 @@ def _rss_bytes(pid: int) -> int:
     ({"model": "tiny-wan", "device": "tpu"}, "device: input should be 'auto', 'cpu' or 'cuda'"),
     ({"model": "sd-xl"}, "unknown model 'sd-xl'"),
     ({"model": "tiny-wan", "colour": "red"}, "unknown serve setting 'colour'"),
+    ({"model": "tiny-wan", "true_cfg_scale": 4}, "the default true_cfg_scale: is FLUX.1's true classifier-free"),
 ])
 def test_bad_server_settings_fail_before_anything_starts(settings, message):
     from spectrum_xdit.launch.serve.settings import ServeSettings
 
     with pytest.raises(ValueError, match=re.escape(message)):
         ServeSettings.from_flat(settings).check()
+
+
+@pytest.mark.parametrize("model,given,expected", [
+    ("tiny-wan", {}, (5.0, 1.0)), ("tiny-flux", {}, (3.5, 1.0)),
+    ("tiny-flux", {"guidance_scale": 2, "true_cfg_scale": 4}, (2.0, 4.0))])
+def test_served_guidance_defaults_to_the_model_family_s(model, given, expected):
+    """What /v1/config shows and a body without guidance gets: the server's setting, else the
+    family's (Wan2.1's CFG 5.0, FLUX.1's distilled 3.5)."""
+    from spectrum_xdit.launch.serve.settings import ServeSettings
+
+    settings = ServeSettings.from_flat({"model": model, **given})
+    request = settings.default_request(settings.check())
+    assert (request.guidance_scale, request.true_cfg_scale) == expected
 
 
 def test_serve_yaml_goes_through_the_same_settings():
@@ -119,6 +134,7 @@ def test_health_and_config(server):
                                   "backend": "gloo", "device": "cpu", "num_replicas": 1}
     assert config["limits"]["max_height"] == 1024 and config["limits"]["max_steps"] == 100
     assert config["defaults"]["num_inference_steps"] == STEPS and config["defaults"]["cache"]["method"] == "spectrum"
+    assert (config["defaults"]["guidance_scale"], config["defaults"]["true_cfg_scale"]) == (5.0, 1.0)
     # the built model's size rules are the ones its spec gave before anything was built
     assert config["sizes"] == {"family": "wan", "spatial_multiple": 16, "temporal_multiple": 4, "temporal_patch": 1,
                                "max_positions": 32}
@@ -182,7 +198,8 @@ def _varied_requests(count: int, sizes: dict) -> list[dict]:
         height, width = (int(v) for v in rng.choice([16, 32, 48], size=2))
         frames = int(rng.choice([1, 5, 9]))
         try:
-            check_sizes(parse_request({"prompt": "x", "height": height, "width": width, "num_frames": frames}, {}),
+            check_sizes(parse_request({"prompt": "x", "height": height, "width": width, "num_frames": frames},
+                                      model_defaults(resolve_model("tiny-wan"))),
                         SizeRules(**sizes), ParallelLayout(ulysses_degree=2), padded=True)
         except RequestError:
             continue  # a 422, tested with the bad requests
@@ -277,6 +294,8 @@ BAD_REQUESTS = [
     ("guidance NaN", b'{"prompt": "x", "guidance_scale": NaN}', 422, "guidance_scale"),
     ("guidance 1e30", {"prompt": "x", "guidance_scale": 1e30}, 422, "guidance_scale"),
     ("negative guidance", {"prompt": "x", "guidance_scale": -1}, 422, "guidance_scale"),
+    ("FLUX.1's true CFG for a Wan model", {"prompt": "x", "true_cfg_scale": 4}, 422, "true_cfg_scale"),
+    ("true CFG below 1", {"prompt": "x", "true_cfg_scale": 0.5}, 422, "true_cfg_scale"),
     ("a lone surrogate in the prompt", b'{"prompt": "a\\ud800b"}', 422, "prompt"),
     ("a lone surrogate in the negative prompt", b'{"prompt": "a", "negative_prompt": "\\udfff"}', 422,
      "negative_prompt"),

@@ -89,7 +89,8 @@ def test_a_local_server_listens_on_loopback_only_and_stops_a_runaway_at_a_step_b
 
 @pytest.mark.timeout(400)
 def test_openai_image_generations_on_an_image_model(tmp_path):
-    """tiny-flux in one process: ``n`` PNGs of consecutive seeds, as ``b64_json``."""
+    """tiny-flux in one process: ``n`` PNGs of consecutive seeds, as ``b64_json``; FLUX.1's guidance
+    conventions over HTTP (distilled 3.5 by default, one branch; true CFG on request, two)."""
     import base64
     import io
 
@@ -99,8 +100,7 @@ def test_openai_image_generations_on_an_image_model(tmp_path):
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "spectrum_xdit.launch.cli", "serve", "--model", "tiny-flux", "--port", str(port),
-         "--num_cpus", "2", "--device", "cpu", "--num_inference_steps", "6", "--guidance_scale", "1",
-         "--setup_timeout_s", "300"], stdout=log, stderr=subprocess.STDOUT)
+         "--num_cpus", "2", "--device", "cpu", "--num_inference_steps", "6", "--setup_timeout_s", "300"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(url, timeout=300, interval=0.5)
@@ -112,6 +112,14 @@ def test_openai_image_generations_on_an_image_model(tmp_path):
         images = [iio.imread(io.BytesIO(base64.b64decode(item["b64_json"]))) for item in body["data"]]
         assert len(images) == 2 and images[0].shape == (32, 32, 3) and not (images[0] == images[1]).all()
         assert [report["seed"] for report in body["reports"]] == [5, 6] and isinstance(body["created"], int)
+        defaults = requests.get(f"{url}/v1/config", timeout=30).json()["defaults"]
+        assert (defaults["guidance_scale"], defaults["true_cfg_scale"]) == (3.5, 1.0)
+        for report in body["reports"]:
+            assert (report["guidance_scale"], report["true_cfg_scale"]) == (3.5, 1.0) and set(report["nfe"]) == {"cond"}
+        true_cfg = requests.post(f"{url}/v1/images/generations", timeout=120,
+                                 json={"prompt": "a red square", "size": "32x32", "true_cfg_scale": 4})
+        assert true_cfg.status_code == 200, true_cfg.text
+        assert set(true_cfg.json()["reports"][0]["nfe"]) == {"cond", "uncond"}
         for bad, field in (({"prompt": "x", "response_format": "url"}, "response_format"),
                            ({"prompt": "x", "n": 5}, "n"), ({"prompt": "x", "n": 0}, "n"),
                            ({"prompt": "x", "size": "32"}, "size"), ({"prompt": "x", "output_format": "npy"},

@@ -63,6 +63,7 @@ def _inputs(kind: str, batch: int = 1, shared_pooled: bool = False, **size) -> d
         encoder_hidden_states=randn(batch, TEXT_TOKENS, 32),
         pooled_projections=randn(1 if shared_pooled else batch, 32),
         timestep=torch.full((batch,), 0.5),
+        guidance=torch.full((1 if shared_pooled else batch,), 3.5),   # FLUX.1-dev's distilled guidance
         img_ids=img_ids,
         txt_ids=torch.zeros(TEXT_TOKENS, 3),
         return_dict=False,

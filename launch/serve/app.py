@@ -243,8 +243,8 @@ class SpectrumServer:
     def _report(self, job) -> dict:
         request = job.request
         return dict(job.answer["report"], seed=request.seed, height=request.height, width=request.width,
-                    num_frames=request.num_frames, guidance_scale=request.guidance_scale,
-                    output_format=request.output_format, queue_seconds=job.queue_seconds, replica=self.replica)
+                    num_frames=request.num_frames, output_format=request.output_format,
+                    queue_seconds=job.queue_seconds, replica=self.replica)
 
     @api.get("/healthz")
     async def healthz(self):

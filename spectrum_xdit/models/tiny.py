@@ -59,11 +59,12 @@ def tiny_wan_transformer(seed: int = 0, num_layers: int = 2, in_channels: int = 
 
 def tiny_flux_transformer(seed: int = 0, num_layers: int = 1, num_single_layers: int = 2,
                           in_channels: int = 16) -> FluxTransformer2DModel:
+    """FLUX.1-dev's kind: guidance-distilled (``guidance_embeds``), so ``guidance_scale`` conditions it."""
     torch.manual_seed(seed)
     return FluxTransformer2DModel(
         patch_size=1, in_channels=in_channels, num_layers=num_layers, num_single_layers=num_single_layers,
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
-        pooled_projection_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6),
+        pooled_projection_dim=TEXT_DIM, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
     ).eval()
 
 
