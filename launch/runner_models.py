@@ -27,10 +27,8 @@ from xfuser.model_executor.models.runner_models.wan import (
 
 from ..models import BUILTIN_MODELS, ModelSpec
 from ..parallel.xdit_setup import xdit_transformer
-
-FLUX_TEXT_TOKENS = 64   # the tiny FLUX.1 T5 tokenizer's length
-WAN_GUIDANCE = 5.0      # the guidance `spectrum-xdit generate` defaults to for Wan
-FLUX_GUIDANCE = 3.5     # FLUX.1-dev's distilled guidance, diffusers' and xDiT's default
+from .request import GUIDANCE_DEFAULTS
+from .runner import FLUX_TEXT_TOKENS
 
 
 class _EmbeddedModel:
@@ -85,10 +83,10 @@ def _runner_class(spec: ModelSpec) -> type:
     if spec.family == "wan":
         base, defaults = EmbeddedWanI2VModel if spec.needs_image else EmbeddedWanModel, DefaultInputValues(
             height=spec.height, width=spec.width, num_frames=spec.num_frames, num_inference_steps=50,
-            guidance_scale=WAN_GUIDANCE)
+            guidance_scale=GUIDANCE_DEFAULTS["wan"])
     else:
         base, defaults = EmbeddedFluxModel, DefaultInputValues(
-            height=spec.height, width=spec.width, num_inference_steps=50, guidance_scale=FLUX_GUIDANCE,
+            height=spec.height, width=spec.width, num_inference_steps=50, guidance_scale=GUIDANCE_DEFAULTS["flux"],
             max_sequence_length=FLUX_TEXT_TOKENS)
     settings = replace(base.settings, model_name=spec.name, output_name=name, step_cache_config={})
     return type(f"xFuser_{name}", (base,), {"spec": spec, "settings": settings, "default_input_values": defaults,
