@@ -53,10 +53,16 @@ class ModelSpec:
     num_frames: int                  # 1 for image models
     build: Callable[..., Any]        # (torch_dtype=None) -> a diffusers pipeline
     sizes: SizeRules                 # read from the configs where they are at hand, else the family's
+    experts: tuple[str, ...] = ("transformer",)   # Wan2.2 A14B: ("transformer", "transformer_2")
 
     @property
     def is_video(self) -> bool:
         return self.family == "wan"
+
+    @property
+    def step_batchable(self) -> bool:
+        """Whether the serve step loop (``launch/step_batching.py``: one transformer) can run it."""
+        return self.family == "wan" and self.experts == ("transformer",)
 
 
 # Builders import their model code when called, so that resolving a name stays cheap.
@@ -73,6 +79,12 @@ def _build_tiny_wan(torch_dtype=None):
     from .tiny import build_tiny_wan_pipeline
 
     return build_tiny_wan_pipeline()
+
+
+def _build_tiny_wan22(torch_dtype=None):
+    from .tiny import build_tiny_wan22_pipeline
+
+    return build_tiny_wan22_pipeline()
 
 
 def _build_tiny_flux(torch_dtype=None):
@@ -97,23 +109,31 @@ def _digits_wan_sizes() -> SizeRules:
                       json.loads((assets / "vae_config.json").read_text()))
 
 
+# WanPipeline's experts of Wan2.2 A14B (high noise, low noise), as spectrum_xdit.experts names them.
+TWO_EXPERTS = ("transformer", "transformer_2")
 # The tiny models' rules as their builders (tiny.py) configure them; tests compare every built
 # model's rules with its spec's.
 BUILTIN_MODELS = {
     "tiny-wan": ModelSpec("tiny-wan", "wan", 2, 32, 32, 5, _build_tiny_wan, SizeRules("wan", 16, 4, 1, 32)),
     "tiny-flux": ModelSpec("tiny-flux", "flux", 2, 32, 32, 1, _build_tiny_flux, SizeRules("flux", 4)),
     "digits-wan": ModelSpec("digits-wan", "wan", 6, 16, 16, 9, _build_digits_wan, _digits_wan_sizes()),
+    "tiny-wan22": ModelSpec("tiny-wan22", "wan", 2, 32, 32, 5, _build_tiny_wan22, SizeRules("wan", 16, 4, 1, 32),
+                            experts=TWO_EXPERTS),
 }
 # Wan2.1 (VAE 8 x patch 2, 4x in time, rotary table 1024) and FLUX.1 (VAE 8 x packing 2).
 _FAMILY_SIZES = {"wan": SizeRules("wan", 16, 4, 1, 1024), "flux": SizeRules("flux", 16)}
 DEFAULT_MODEL = "digits-wan"
 _PIPELINE_FAMILIES = {"WanPipeline": "wan", "FluxPipeline": "flux"}
 # Heads of public checkpoints, for checking the Ulysses degree before any download.
-_KNOWN_HEADS = {"wan2.1-t2v-14b": 40, "wan2.1-t2v-1.3b": 12, "flux.1-dev": 24, "flux.1-schnell": 24}
+_KNOWN_HEADS = {"wan2.1-t2v-14b": 40, "wan2.1-t2v-1.3b": 12, "flux.1-dev": 24, "flux.1-schnell": 24,
+                "wan2.2-t2v-a14b": 40}
+# Hub ids of Wan2.2's two-expert (mixture-of-experts) checkpoints contain this.
+_TWO_EXPERT_HUB_MARK = "a14b"
 
 
 def resolve_model(name_or_path: str) -> ModelSpec:
-    """A built-in model name, a local diffusers folder, or a hub id of Wan2.1-T2V / FLUX.1."""
+    """A built-in model name, a local diffusers folder, or a hub id of Wan2.1-T2V, Wan2.2-T2V-A14B
+    (two experts) or FLUX.1."""
     if name_or_path in BUILTIN_MODELS:
         return BUILTIN_MODELS[name_or_path]
     path = Path(name_or_path)
@@ -122,7 +142,8 @@ def resolve_model(name_or_path: str) -> ModelSpec:
         if not index.exists():
             raise ValueError(f"--model {name_or_path}: a local folder must be a diffusers pipeline "
                              "folder with model_index.json")
-        pipeline_class = json.loads(index.read_text()).get("_class_name")
+        model_index = json.loads(index.read_text())
+        pipeline_class = model_index.get("_class_name")
         family = _PIPELINE_FAMILIES.get(pipeline_class)
         if family is None:
             raise ValueError(f"--model {name_or_path}: {pipeline_class} is not supported; "
@@ -133,15 +154,19 @@ def resolve_model(name_or_path: str) -> ModelSpec:
         vae = path / "vae" / "config.json"
         sizes = size_rules(family, transformer_config, json.loads(vae.read_text())) \
             if config.exists() and vae.exists() else _FAMILY_SIZES[family]
+        # diffusers writes an absent optional component as [null, null]
+        two_experts = (model_index.get("transformer_2") or [None])[0] is not None
     else:
         lowered = name_or_path.lower()
         if "/" not in name_or_path or not ("wan" in lowered or "flux" in lowered):
             raise ValueError(
                 f"unknown model {name_or_path!r}: use one of {', '.join(BUILTIN_MODELS)}, a local "
-                "diffusers folder, or a hub id of Wan2.1-T2V or FLUX.1 (e.g. "
-                "Wan-AI/Wan2.1-T2V-14B-Diffusers, black-forest-labs/FLUX.1-dev)")
+                "diffusers folder, or a hub id of Wan2.1-T2V, Wan2.2-T2V-A14B or FLUX.1 (e.g. "
+                "Wan-AI/Wan2.1-T2V-14B-Diffusers, Wan-AI/Wan2.2-T2V-A14B-Diffusers, black-forest-labs/FLUX.1-dev)")
         family = "wan" if "wan" in lowered else "flux"
         heads = next((h for key, h in _KNOWN_HEADS.items() if key in lowered), None)
         sizes = _FAMILY_SIZES[family]
+        two_experts = family == "wan" and _TWO_EXPERT_HUB_MARK in lowered
     height, width, frames = (480, 832, 81) if family == "wan" else (1024, 1024, 1)
-    return ModelSpec(name_or_path, family, heads, height, width, frames, _from_pretrained(name_or_path), sizes)
+    return ModelSpec(name_or_path, family, heads, height, width, frames, _from_pretrained(name_or_path), sizes,
+                     TWO_EXPERTS if two_experts else ("transformer",))

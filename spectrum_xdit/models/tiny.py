@@ -97,3 +97,27 @@ def build_tiny_flux_pipeline(seed: int = 0, num_single_layers: int = 2) -> FluxP
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=byte_tokenizer(77),
                         text_encoder_2=t5, tokenizer_2=byte_tokenizer(64),
                         transformer=tiny_flux_transformer(seed, num_single_layers=num_single_layers))
+
+
+# Added to every feature of transformer_2's block stack (see build_tiny_wan22_pipeline).
+WAN22_EXPERT_2_OFFSET = 10.0
+WAN22_BOUNDARY_RATIO = 0.75   # 20 UniPC steps at flow_shift 3.0: steps 0-10 high noise, 11-19 low noise
+
+
+def build_tiny_wan22_pipeline(seed: int = 0, num_layers: int = 2,
+                              boundary_ratio: float = WAN22_BOUNDARY_RATIO) -> WanPipeline:
+    """A Wan2.2-style two-expert ``WanPipeline``: ``transformer`` (the tiny Wan's) on high noise,
+    ``transformer_2`` (other weights) on low noise, switching at ``boundary_ratio``.
+
+    transformer_2's last block adds ``WAN22_EXPERT_2_OFFSET`` to every element of its output
+    (the bias of its cross-attention projection, whose output Wan's block adds ungated), so a
+    forecast of it that used any feature of the other expert would be far from the offset. The
+    output norm (a LayerNorm without affine) removes a uniform offset again, so the samples stay
+    those of the weights."""
+    base = build_tiny_wan_pipeline(seed, num_layers=num_layers)
+    low_noise = tiny_wan_transformer(seed + 1, num_layers=num_layers, in_channels=4)
+    with torch.no_grad():
+        low_noise.blocks[-1].attn2.to_out[0].bias.add_(WAN22_EXPERT_2_OFFSET)
+    return WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+                       scheduler=base.scheduler, transformer=base.transformer, transformer_2=low_noise,
+                       boundary_ratio=boundary_ratio)
