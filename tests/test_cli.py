@@ -163,6 +163,25 @@ def test_cfg_parallel_wan_equals_single_process(tmp_path, layout):
 
 
 @pytest.mark.timeout(600)
+def test_wan22_two_experts_under_ulysses2_and_cfg_parallel_equal_single_process(tmp_path):
+    """tiny-wan22: each layout wraps or splits both experts; each expert keeps its own schedule and
+    forecasters of its own shard (or branch), so the per-rank peak is one expert's, halved."""
+    flags = ["--model", "tiny-wan22", "--prompt", "a red square", "--cache_method", "spectrum"]
+    single, single_report = _generate(tmp_path, "single", 1, flags)
+    real = {"transformer": [0, 1, 2, 3, 4, 6, 8], "transformer_2": [11, 12, 13, 14, 15, 17, 19]}
+    assert single_report["experts"] == {
+        name: {"steps": steps, "real_steps": {"cond": real[name], "uncond": real[name]}, "nfe": {"cond": 7, "uncond": 7}}
+        for name, steps in (("transformer", [0, 11]), ("transformer_2", [11, 20]))}
+    assert single_report["nfe"] == {"cond": 14, "uncond": 14}
+    for name, layout in (("ulysses2", ["--ulysses_degree", "2"]), ("cfg2", ["--use_cfg_parallel"])):
+        parallel, report = _generate(tmp_path, name, 2, [*flags, *layout])
+        error = np.linalg.norm(parallel - single) / np.linalg.norm(single)
+        assert error <= 1e-5, (name, error)
+        assert report["experts"] == single_report["experts"] and report["real_steps"] == single_report["real_steps"]
+        assert report["state_bytes_per_rank"] * 2 == single_report["state_bytes_per_rank"], name
+
+
+@pytest.mark.timeout(600)
 def test_torchrun_pipefusion_spectrum(tmp_path):
     """`--pipefusion_parallel_degree 2`: xDiT's PipeFusion FLUX.1 pipeline with Spectrum. With the
     synchronous warm-up covering every step PipeFusion is exact, so it equals one process; the
