@@ -214,7 +214,7 @@ def test_cfg_parallel_adaptive_spectrum_equals_single_process(tmp_path):
         assert mine["blend"] == pytest.approx(theirs["blend"], rel=1e-4)
 
 
-def _xdit_cache_method_latents(generate_kwargs: dict, cache_config: str):
+def _xdit_cache_method_latents(generate_kwargs: dict, cache_config: str, model: str = "tiny-wan"):
     """`--cache_method spectrum` parsed by xDiT's own flags and applied by xDiT's `apply_cache`."""
     from spectrum_xdit.parallel import patches
 
@@ -223,11 +223,11 @@ def _xdit_cache_method_latents(generate_kwargs: dict, cache_config: str):
     import xfuser.model_executor.cache.adapters as adapters
     from xfuser.config import FlexibleArgumentParser, xFuserArgs
 
-    from spectrum_xdit.models.tiny import build_tiny_wan_pipeline
+    from spectrum_xdit.models import resolve_model
 
     args = xFuserArgs.add_cli_args(FlexibleArgumentParser()).parse_args(
-        ["--model", "tiny-wan", "--cache_method", "spectrum", "--cache_config", cache_config])
-    pipe = build_tiny_wan_pipeline()
+        ["--model", model, "--cache_method", "spectrum", "--cache_config", cache_config])
+    pipe = resolve_model(model).build()
     pipe.set_progress_bar_config(disable=True)
     adapters.apply_cache(args.cache_method, generate_kwargs["num_inference_steps"], pipe,
                          cache_config=args.cache_config)
@@ -235,16 +235,18 @@ def _xdit_cache_method_latents(generate_kwargs: dict, cache_config: str):
 
 
 @pytest.mark.timeout(300)
-def test_xdit_cache_method_spectrum_equals_generate(tmp_path):
+@pytest.mark.parametrize("model", ["tiny-wan", "tiny-wan22"])
+def test_xdit_cache_method_spectrum_equals_generate(tmp_path, model):
+    """tiny-wan22: xDiT's apply_cache is given the pipeline and applies Spectrum to both experts."""
     from spectrum_xdit.parallel.testing import run_distributed
 
-    cli_latents, _ = _generate(tmp_path, "cli", 1, ["--model", "tiny-wan", "--prompt", "a red square",
+    cli_latents, _ = _generate(tmp_path, "cli", 1, ["--model", model, "--prompt", "a red square",
                                                     "--spectrum_flex_window", "3.0"])
     call = dict(prompt="a red square", num_inference_steps=20, height=32, width=32, num_frames=5,
                 guidance_scale=5.0, output_type="latent")
     # A fresh process: xDiT must be imported after the CPU patches are installed.
     xdit_latents = run_distributed(_xdit_cache_method_latents, world_size=1,
-                                   args=(call, '{"flex_window": 3.0}'), timeout=200.0)
+                                   args=(call, '{"flex_window": 3.0}', model), timeout=200.0)
     assert np.array_equal(cli_latents, xdit_latents)
 
 
