@@ -163,7 +163,7 @@ def test_cfg_parallel_wan_equals_single_process(tmp_path, layout):
 
 
 @pytest.mark.timeout(600)
-def test_wan22_two_experts_under_ulysses2_and_cfg_parallel_equal_single_process(tmp_path):
+def test_wan22_two_experts_under_sequence_and_cfg_parallel_equal_single_process(tmp_path):
     """tiny-wan22: each layout wraps or splits both experts; each expert keeps its own schedule and
     forecasters of its own shard (or branch), so the per-rank peak is one expert's, halved."""
     flags = ["--model", "tiny-wan22", "--prompt", "a red square", "--cache_method", "spectrum"]
@@ -173,7 +173,8 @@ def test_wan22_two_experts_under_ulysses2_and_cfg_parallel_equal_single_process(
         name: {"steps": steps, "real_steps": {"cond": real[name], "uncond": real[name]}, "nfe": {"cond": 7, "uncond": 7}}
         for name, steps in (("transformer", [0, 11]), ("transformer_2", [11, 20]))}
     assert single_report["nfe"] == {"cond": 14, "uncond": 14}
-    for name, layout in (("ulysses2", ["--ulysses_degree", "2"]), ("cfg2", ["--use_cfg_parallel"])):
+    for name, layout in (("ulysses2", ["--ulysses_degree", "2"]), ("ring2", ["--ring_degree", "2"]),
+                         ("cfg2", ["--use_cfg_parallel"])):
         parallel, report = _generate(tmp_path, name, 2, [*flags, *layout])
         error = np.linalg.norm(parallel - single) / np.linalg.norm(single)
         assert error <= 1e-5, (name, error)

@@ -89,8 +89,8 @@ def test_each_expert_runs_the_paper_schedule_over_its_own_steps_and_its_own_feat
         forecasts[name] = [step - own.start for step in stats[name]["cond"]["forecast_steps"]]
     assert forecasts == {"transformer": [5, 7, 9, 10], "transformer_2": [5, 7]}
     # Every feature of transformer_2, its forecasts too, carries its offset; transformer's does not.
-    # A forecast that had used a feature of transformer (one stack over both experts) is off by
-    # 2.1 to 7.5 at steps 12-14 and 17-19 of this run.
+    # With one stack over both experts (a fit that sees transformer's features) transformer_2's
+    # outputs in this run are up to 7.4 off the offset, more than 1.5 at steps 12, 13, 14, 18, 19.
     means = {name: [f.mean().item() for f in features[::2]] for name, features in outputs.items()}
     assert len(means["transformer"]) == 11 and len(means["transformer_2"]) == 9
     assert all(abs(m) < 0.2 for m in means["transformer"]), means["transformer"]
