@@ -160,8 +160,11 @@ def generate(args, parser) -> dict:
     report = result.report
     if rank_pipeline.rank == 0:
         _write_outputs(outputs, result)
-        print(json.dumps({k: report[k] for k in ("model", "cache_method", "nfe", "denoise_seconds",
-                                                  "total_seconds", "state_bytes_per_rank")}))
+        shown = {k: report[k] for k in ("model", "cache_method", "nfe", "denoise_seconds", "total_seconds",
+                                         "state_bytes_per_rank")}
+        if "experts" in report:
+            shown["nfe_by_expert"] = {name: expert["nfe"] for name, expert in report["experts"].items()}
+        print(json.dumps(shown))
     finish_rank(rank_pipeline)
     return report
 

@@ -20,7 +20,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..hooks import apply_spectrum, remove_spectrum, spectrum_stats
+from ..experts import (
+    apply_spectrum_to_pipeline,
+    expert_steps,
+    pipeline_experts,
+    pipeline_spectrum_stats,
+    remove_spectrum_from_pipeline,
+)
 from ..models import ModelSpec, SizeRules, size_rules
 from ..parallel import patches
 from .request import GenerationRequest, ParallelLayout, decode_image, guidance_branches
@@ -67,11 +73,13 @@ class RankPipeline:
         started = time.perf_counter() if started is None else started
         pipe, config = self.pipe, request.spectrum
         if config is not None:
-            apply_spectrum(pipe.transformer, config)
+            split = apply_spectrum_to_pipeline(pipe, config)
             if self.world_size > 1:
                 from ..parallel.consistency import enable_schedule_check
 
-                enable_schedule_check(pipe.transformer)
+                for name, steps in split.items():
+                    if steps:
+                        enable_schedule_check(getattr(pipe, name))
         call = self._pipeline_call(request)
         boundary = None
         if stop is not None:
@@ -86,9 +94,12 @@ class RankPipeline:
                 media = self.decode(latents, request) if decode and self.rank == 0 else None
         finally:
             if config is not None:
-                stats = spectrum_stats(pipe.transformer)
-                remove_spectrum(pipe.transformer)
-        own_state_bytes = sum(s["state_bytes"] for s in stats.values())
+                stats = pipeline_spectrum_stats(pipe)
+                remove_spectrum_from_pipeline(pipe)
+        # an expert frees its forecasters after its last step (spectrum_xdit.hooks), so the peak
+        # is one expert's
+        own_state_bytes = max((sum(s["state_bytes"] for s in branches.values()) for branches in stats.values()),
+                              default=0)
         report = self.report(request, self._job_stats(stats), own_state_bytes, denoise_seconds, started)
         if boundary is not None and boundary.stopped_after is not None:
             report["stopped_after_step"] = boundary.stopped_after
@@ -115,7 +126,7 @@ class RankPipeline:
         return call
 
     def _job_stats(self, stats: dict) -> dict:
-        """The Spectrum stats of the whole job, per branch (here: this rank's)."""
+        """The Spectrum stats of the whole job, per expert and branch (here: this rank's)."""
         return stats
 
     @torch.no_grad()
@@ -135,9 +146,24 @@ class RankPipeline:
 
     def report(self, request: GenerationRequest, stats: dict, own_state_bytes: int, denoise_seconds: float,
                 started: float) -> dict:
+        """The run report; ``stats``: the job's Spectrum stats per expert (``transformer``, and
+        ``transformer_2`` of Wan2.2) and guidance branch, empty without Spectrum. ``real_steps`` and
+        ``nfe`` are per branch over the whole call; a two-expert pipeline's report adds ``experts``:
+        per expert its steps ``[first, end)`` and its own ``real_steps`` and ``nfe`` per branch."""
         config = request.spectrum
         steps = request.num_inference_steps
         layout = self.layout
+        split = expert_steps(self.pipe, steps)
+        if config is None:
+            branches = guidance_branches(request, self.spec.family)
+            stats = {name: {b: {"real_steps": list(own), "nfe": len(own)} for b in branches}
+                     for name, own in split.items() if own}
+        real_steps: dict = {}
+        nfe: dict = {}
+        for branches in stats.values():
+            for branch, s in branches.items():
+                real_steps.setdefault(branch, []).extend(s["real_steps"])
+                nfe[branch] = nfe.get(branch, 0) + s["nfe"]
         report = {
             "model": self.spec.name,
             "num_inference_steps": steps,
@@ -149,22 +175,24 @@ class RankPipeline:
             "true_cfg_scale": request.true_cfg_scale,
             "cache_method": request.cache_method,
             "spectrum": config.model_dump() if config is not None else None,
-            "real_steps": {b: s["real_steps"] for b, s in stats.items()},
-            "nfe": {b: s["nfe"] for b, s in stats.items()},
+            "real_steps": real_steps,
+            "nfe": nfe,
             "denoise_seconds": denoise_seconds,
             "total_seconds": time.perf_counter() - started,
             "state_bytes_per_rank": own_state_bytes,
             "xfuser_patches": patches.record(),
         }
         if config is not None and config.validates and stats:
-            # job-wide numbers, identical on every rank (spectrum_xdit.control)
-            first = next(iter(stats.values()))
-            report.update(validation=first["validation"], plan=first["plan"],
-                          validation_seconds=first["validation_seconds"])
-        if config is None:
-            branches = guidance_branches(request, self.spec.family)
-            report["real_steps"] = {b: list(range(steps)) for b in branches}
-            report["nfe"] = {b: steps for b in branches}
+            # job-wide numbers, identical on every rank (spectrum_xdit.control), one expert after the other
+            shared = [next(iter(branches.values())) for branches in stats.values() if branches]
+            report.update(validation=[entry for s in shared for entry in s["validation"]],
+                          plan=[entry for s in shared for entry in s["plan"]],
+                          validation_seconds=sum(s["validation_seconds"] for s in shared))
+        if len(split) > 1:
+            report["experts"] = {name: {"steps": [own.start, own.stop],
+                                        "real_steps": {b: s["real_steps"] for b, s in stats.get(name, {}).items()},
+                                        "nfe": {b: s["nfe"] for b, s in stats.get(name, {}).items()}}
+                                 for name, own in split.items()}
         return report
 
 
@@ -189,15 +217,19 @@ class CfgParallelRankPipeline(RankPipeline):
         call.pop("prompt")
         call.pop("negative_prompt", None)
         call.update(prompt_embeds=positive, negative_prompt_embeds=negative)
-        guidance_split(self.pipe.transformer).set_negative_embeddings(negative)
+        for expert in pipeline_experts(self.pipe).values():
+            guidance_split(expert).set_negative_embeddings(negative)
         return call
 
     def _job_stats(self, stats: dict) -> dict:
-        """Each half of the job holds one branch: both, gathered."""
+        """Each half of the job holds one branch of each expert: both, gathered."""
         gathered: list = [None] * self.world_size
         dist.all_gather_object(gathered, stats)
-        stats = {branch: s for part in gathered for branch, s in part.items()}
-        return {branch: stats[branch] for branch in ("cond", "uncond") if branch in stats}
+        job = {}
+        for name in stats:
+            branches = {branch: s for part in gathered for branch, s in part[name].items()}
+            job[name] = {branch: branches[branch] for branch in ("cond", "uncond") if branch in branches}
+        return job
 
 
 class PipeFusionRankPipeline(RankPipeline):
@@ -227,7 +259,8 @@ class PipeFusionRankPipeline(RankPipeline):
             denoise_seconds = time.perf_counter() - denoise_start
             media = self.decode(latents, request) if decode and self.rank == 0 else None
         stats = {"cond": self.pipefusion.spectrum_stats()} if config is not None else {}
-        report = self.report(request, stats, stats["cond"]["state_bytes"] if stats else 0, denoise_seconds, started)
+        report = self.report(request, {"transformer": stats} if stats else {},
+                             stats["cond"]["state_bytes"] if stats else 0, denoise_seconds, started)
         by_rank: list = [None] * self.world_size
         dist.all_gather_object(by_rank, report["state_bytes_per_rank"])
         report["state_bytes_by_rank"] = by_rank    # only the last stage holds forecaster state
@@ -303,7 +336,8 @@ def _build_cfg_parallel(spec, layout, rank, device, dtype) -> RankPipeline:
 
     pipe = spec.build(torch_dtype=dtype)
     _into_xdit(pipe, layout)
-    enable_guidance_split(pipe.transformer)
+    for expert in pipeline_experts(pipe).values():
+        enable_guidance_split(expert)
     _finish(pipe, device, rank)
     return CfgParallelRankPipeline(spec, pipe, rank, layout, device)
 
@@ -323,12 +357,13 @@ def _build_pipefusion(spec, layout, rank, device, dtype) -> RankPipeline:
 
 
 def _into_xdit(pipe, layout: ParallelLayout) -> None:
-    """xDiT's groups for the layout, and its transformer wrapper in the pipeline."""
+    """xDiT's groups for the layout, and its transformer wrapper on each expert of the pipeline."""
     from ..parallel.xdit_setup import init_xdit_runtime, setup_xdit_parallel, xdit_transformer
 
     engine_config = setup_xdit_parallel(ulysses_degree=layout.ulysses_degree, ring_degree=layout.ring_degree,
                                         cfg_degree=layout.cfg_degree)
-    pipe.transformer = xdit_transformer(pipe.transformer)
+    for name, expert in pipeline_experts(pipe).items():
+        setattr(pipe, name, xdit_transformer(expert))
     init_xdit_runtime(pipe, engine_config)
 
 

@@ -236,7 +236,7 @@ class StepBatcher:
             stats = active.stack.stats()
             active.stack.reset()
         denoise_seconds = time.perf_counter() - active.joined
-        report = rp.report(active.request, stats, sum(s["state_bytes"] for s in stats.values()), denoise_seconds,
-                           active.joined)
+        report = rp.report(active.request, {"transformer": stats} if stats else {},
+                           sum(s["state_bytes"] for s in stats.values()), denoise_seconds, active.joined)
         report["block_stack_rows"] = active.block_rows
         return GenerationResult(active.latents, None, report)

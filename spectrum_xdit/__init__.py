@@ -10,8 +10,12 @@ _EXPORTS = {
     "SpectrumConfig": "config",
     "SpectrumForecaster": "forecaster",
     "apply_spectrum": "hooks",
+    "apply_spectrum_to_pipeline": "experts",
+    "expert_steps": "experts",
     "paper_schedule": "schedule",
+    "pipeline_spectrum_stats": "experts",
     "remove_spectrum": "hooks",
+    "remove_spectrum_from_pipeline": "experts",
     "spectrum_stats": "hooks",
 }
 __all__ = sorted(_EXPORTS)

@@ -89,10 +89,22 @@ class BranchState:
 
 
 class SpectrumStack:
-    """The :class:`BlockStackPolicy` of one transformer: config, controller, branch states, stats."""
+    """The :class:`BlockStackPolicy` of one transformer: config, controller, branch states, stats.
 
-    def __init__(self, config: SpectrumConfig):
+    ``first_step`` and ``total_steps``: the transformer runs the pipeline's steps ``first_step ..
+    first_step + config.num_inference_steps - 1`` of ``total_steps`` (an expert of a two-expert
+    pipeline, ``spectrum_xdit.experts``); the schedule, the controller and the fit count the
+    transformer's own steps from 0, the stats name the pipeline's."""
+
+    def __init__(self, config: SpectrumConfig, first_step: int = 0, total_steps: Optional[int] = None):
+        own_end = first_step + config.num_inference_steps
+        total_steps = own_end if total_steps is None else total_steps
+        if first_step < 0 or own_end > total_steps:
+            raise ValueError(f"first_step {first_step} + num_inference_steps {config.num_inference_steps} must lie "
+                             f"within total_steps {total_steps}")
         self.config = config
+        self.first_step = first_step
+        self.total_steps = total_steps
         # Decides run-or-forecast and the blend weight for every branch (control.py).
         self.controller = SpectrumController(config)
         self.context = CacheContextReceiver()
@@ -117,11 +129,12 @@ class SpectrumStack:
         """Fix the step of this call for its branch and decide whether the blocks run."""
         context = self.context.current
         steps = self.config.num_inference_steps
-        if context is not None and context.num_inference_steps not in (None, steps):
+        if context is not None and context.num_inference_steps not in (None, self.total_steps):
+            how = ("apply_spectrum_to_pipeline(pipe, SpectrumConfig(num_inference_steps=...))" if steps != self.total_steps
+                   else f"SpectrumConfig(num_inference_steps={context.num_inference_steps})")
             raise ValueError(
                 f"the pipeline runs {context.num_inference_steps} denoising steps but Spectrum was "
-                f"configured for {steps}; apply it with SpectrumConfig(num_inference_steps="
-                f"{context.num_inference_steps})")
+                f"configured for {self.total_steps}; apply it with {how}")
         if self._finished is not None:
             self._finished = None
             self.branches.clear()
@@ -130,15 +143,17 @@ class SpectrumStack:
             state = self.branches[self.branch] = BranchState(SpectrumForecaster(self.config))
         key = (tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device)
         if context is not None and context.step_index is not None:
-            step = int(context.step_index)
+            step = int(context.step_index) - self.first_step
         elif key != state.input_key:
             step = 0
         else:
             # No step index from the caller: count this branch's calls; a new feature shape or
             # the call after the last step starts a new generation.
             step = state.next_step % steps
-        if step >= steps:
-            raise ValueError(f"step index {step} is outside the {steps} steps Spectrum was configured for")
+        if not 0 <= step < steps:
+            first = self.first_step
+            raise ValueError(f"step index {step + first} is outside the steps {first} .. {first + steps - 1} "
+                             "Spectrum was configured for")
         if step == 0 or key != state.input_key:
             state.start()
             for callback in self.generation_start_callbacks:
@@ -151,7 +166,7 @@ class SpectrumStack:
         state.run_blocks = self.controller.is_real(step) or not state.forecaster.real_steps
         if state.run_blocks:
             self.controller.mark_real(step)
-        state.stats["real_steps" if state.run_blocks else "forecast_steps"].append(step)
+        state.stats["real_steps" if state.run_blocks else "forecast_steps"].append(step + self.first_step)
         self.active = state
 
     def select(self, branch: str) -> None:
@@ -171,11 +186,20 @@ class SpectrumStack:
                                         seconds=time.perf_counter() - t0)
         forecaster.update(state.step, features)
         state.stats["state_bytes"] = max(state.stats["state_bytes"], forecaster.nbytes)
+        self._release_after_last_step(state)
 
     def forecast(self) -> torch.Tensor:
         weight = self.controller.weight
         self.active.stats["blend_weights"].append(weight)
-        return self.active.forecaster.forecast(self.active.step, blend_weight=weight)
+        features = self.active.forecaster.forecast(self.active.step, blend_weight=weight)
+        self._release_after_last_step(self.active)
+        return features
+
+    def _release_after_last_step(self, state: BranchState) -> None:
+        """No forecast reads a branch's features after its last step: free them there, so that the
+        forecasters of a pipeline's two experts never hold memory at the same time."""
+        if state.step == self.config.num_inference_steps - 1:
+            state.forecaster.reset()
 
     def reset(self) -> None:
         """End of a generation: drop every branch's features; the stats stay readable until the
@@ -205,8 +229,9 @@ class SpectrumStack:
                 "state_bytes": record["state_bytes"],
             }
             if self.config.validates:
-                result[branch].update(validation=[dict(entry) for entry in shared["log"]],
-                                      plan=[dict(entry) for entry in shared["plan"]],
+                first = self.first_step
+                result[branch].update(validation=[{**entry, "step": entry["step"] + first} for entry in shared["log"]],
+                                      plan=[{**entry, "after": entry["after"] + first} for entry in shared["plan"]],
                                       validation_seconds=shared["validation_seconds"])
         return result
 
@@ -292,12 +317,15 @@ def unhook_blocks(blocks: list[torch.nn.Module]) -> None:
         HookRegistry.check_if_exists_or_initialize(block).remove_hook(SPECTRUM_BLOCK_HOOK, recurse=False)
 
 
-def apply_spectrum(transformer: torch.nn.Module, config: Optional[SpectrumConfig] = None) -> None:
+def apply_spectrum(transformer: torch.nn.Module, config: Optional[SpectrumConfig] = None, first_step: int = 0,
+                   total_steps: Optional[int] = None) -> None:
     """Make ``transformer`` forecast its block stack's output at the steps the schedule skips.
 
     State is kept per guidance branch (the pipeline's ``cache_context`` name) and cleared at the
     end of every pipeline call, at step 0 of every generation and whenever the feature shape,
-    dtype or device changes.
+    dtype or device changes. ``first_step``, ``total_steps``: the transformer runs only the
+    pipeline's steps from ``first_step`` on, ``config.num_inference_steps`` of them, of
+    ``total_steps`` (default: all of them; see :class:`SpectrumStack`).
     """
     config = config if config is not None else SpectrumConfig()
     if not isinstance(config, SpectrumConfig):
@@ -305,7 +333,7 @@ def apply_spectrum(transformer: torch.nn.Module, config: Optional[SpectrumConfig
     if hasattr(transformer, _STACK_ATTRIBUTE):
         raise ValueError("Spectrum is already applied to this transformer; call remove_spectrum first")
     blocks, returns_text = block_stack(transformer)
-    stack = SpectrumStack(config)
+    stack = SpectrumStack(config, first_step, total_steps)
     hook_blocks(blocks, stack, returns_text, context=stack.context)
     setattr(transformer, _STACK_ATTRIBUTE, stack)
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()

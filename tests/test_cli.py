@@ -190,6 +190,26 @@ def test_cfg_parallel_wan_equals_single_process(tmp_path, layout):
 
 
 @pytest.mark.timeout(600)
+def test_wan22_two_experts_under_sequence_and_cfg_parallel_equal_single_process(tmp_path):
+    """tiny-wan22: each layout wraps or splits both experts; each expert keeps its own schedule and
+    forecasters of its own shard (or branch), so the per-rank peak is one expert's, halved."""
+    flags = ["--model", "tiny-wan22", "--prompt", "a red square", "--cache_method", "spectrum"]
+    single, single_report = _generate(tmp_path, "single", 1, flags)
+    real = {"transformer": [0, 1, 2, 3, 4, 6, 8], "transformer_2": [11, 12, 13, 14, 15, 17, 19]}
+    assert single_report["experts"] == {
+        name: {"steps": steps, "real_steps": {"cond": real[name], "uncond": real[name]}, "nfe": {"cond": 7, "uncond": 7}}
+        for name, steps in (("transformer", [0, 11]), ("transformer_2", [11, 20]))}
+    assert single_report["nfe"] == {"cond": 14, "uncond": 14}
+    for name, layout in (("ulysses2", ["--ulysses_degree", "2"]), ("ring2", ["--ring_degree", "2"]),
+                         ("cfg2", ["--use_cfg_parallel"])):
+        parallel, report = _generate(tmp_path, name, 2, [*flags, *layout])
+        error = np.linalg.norm(parallel - single) / np.linalg.norm(single)
+        assert error <= 1e-5, (name, error)
+        assert report["experts"] == single_report["experts"] and report["real_steps"] == single_report["real_steps"]
+        assert report["state_bytes_per_rank"] * 2 == single_report["state_bytes_per_rank"], name
+
+
+@pytest.mark.timeout(600)
 def test_torchrun_pipefusion_spectrum(tmp_path):
     """`--pipefusion_parallel_degree 2`: xDiT's PipeFusion FLUX.1 pipeline with Spectrum and distilled
     guidance (not the default 3.5 of both pipelines, so that equality shows it is passed on). With
@@ -224,7 +244,7 @@ def test_cfg_parallel_adaptive_spectrum_equals_single_process(tmp_path):
         assert mine["blend"] == pytest.approx(theirs["blend"], rel=1e-4)
 
 
-def _xdit_cache_method_latents(generate_kwargs: dict, cache_config: str):
+def _xdit_cache_method_latents(generate_kwargs: dict, cache_config: str, model: str = "tiny-wan"):
     """`--cache_method spectrum` parsed by xDiT's own flags and applied by xDiT's `apply_cache`."""
     from spectrum_xdit.parallel import patches
 
@@ -233,11 +253,11 @@ def _xdit_cache_method_latents(generate_kwargs: dict, cache_config: str):
     import xfuser.model_executor.cache.adapters as adapters
     from xfuser.config import FlexibleArgumentParser, xFuserArgs
 
-    from spectrum_xdit.models.tiny import build_tiny_wan_pipeline
+    from spectrum_xdit.models import resolve_model
 
     args = xFuserArgs.add_cli_args(FlexibleArgumentParser()).parse_args(
-        ["--model", "tiny-wan", "--cache_method", "spectrum", "--cache_config", cache_config])
-    pipe = build_tiny_wan_pipeline()
+        ["--model", model, "--cache_method", "spectrum", "--cache_config", cache_config])
+    pipe = resolve_model(model).build()
     pipe.set_progress_bar_config(disable=True)
     adapters.apply_cache(args.cache_method, generate_kwargs["num_inference_steps"], pipe,
                          cache_config=args.cache_config)
@@ -245,16 +265,18 @@ def _xdit_cache_method_latents(generate_kwargs: dict, cache_config: str):
 
 
 @pytest.mark.timeout(300)
-def test_xdit_cache_method_spectrum_equals_generate(tmp_path):
+@pytest.mark.parametrize("model", ["tiny-wan", "tiny-wan22"])
+def test_xdit_cache_method_spectrum_equals_generate(tmp_path, model):
+    """tiny-wan22: xDiT's apply_cache is given the pipeline and applies Spectrum to both experts."""
     from spectrum_xdit.parallel.testing import run_distributed
 
-    cli_latents, _ = _generate(tmp_path, "cli", 1, ["--model", "tiny-wan", "--prompt", "a red square",
+    cli_latents, _ = _generate(tmp_path, "cli", 1, ["--model", model, "--prompt", "a red square",
                                                     "--spectrum_flex_window", "3.0"])
     call = dict(prompt="a red square", num_inference_steps=20, height=32, width=32, num_frames=5,
                 guidance_scale=5.0, output_type="latent")
     # A fresh process: xDiT must be imported after the CPU patches are installed.
     xdit_latents = run_distributed(_xdit_cache_method_latents, world_size=1,
-                                   args=(call, '{"flex_window": 3.0}'), timeout=200.0)
+                                   args=(call, '{"flex_window": 3.0}', model), timeout=200.0)
     assert np.array_equal(cli_latents, xdit_latents)
 
 

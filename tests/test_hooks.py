@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from spectrum_xdit import SpectrumConfig, apply_spectrum, paper_schedule, remove_spectrum, spectrum_stats
+from spectrum_xdit.hooks import spectrum_stack
 from spectrum_xdit.models.tiny import build_tiny_flux_pipeline, build_tiny_wan_pipeline, tiny_wan_transformer
 
 STEPS = 50
@@ -215,3 +216,32 @@ def test_misuse_raises_clear_errors():
         apply_spectrum(torch.nn.Linear(2, 2), SpectrumConfig())
     with pytest.raises(TypeError, match="SpectrumConfig"):
         apply_spectrum(pipe.vae, {"degree": 4})
+
+
+def test_a_transformer_that_runs_part_of_the_steps_counts_its_own():
+    """An expert of a two-expert pipeline: steps 3-7 of 8 run its own 5-step schedule (warm-up
+    first), the stats name the pipeline's steps, and its state is freed after its last step."""
+    transformer = tiny_wan_transformer(seed=5)
+    apply_spectrum(transformer, SpectrumConfig(num_inference_steps=5, warmup_steps=2), first_step=3, total_steps=8)
+    stack = spectrum_stack(transformer)
+    latents, text = torch.randn(1, 4, 1, 8, 8), torch.randn(1, 6, 32)
+
+    def call(step, total=8):
+        with transformer.cache_context("cond", step_index=step, num_inference_steps=total):
+            return transformer(hidden_states=latents, timestep=torch.tensor([900 - 100 * step]),
+                               encoder_hidden_states=text, return_dict=False)[0]
+
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"step index 2 is outside the steps 3 \.\. 7"):
+            call(2)
+        for step in range(3, 8):
+            call(step)
+            held = stack.branches["cond"].forecaster.nbytes
+            assert (held == 0) == (step == 7), (step, held)
+        with pytest.raises(ValueError, match=r"runs 9 denoising steps .* configured for 8.*apply_spectrum_to_pipeline"):
+            call(3, total=9)
+    stats = spectrum_stats(transformer)["cond"]
+    assert stats["real_steps"] == [3 + s for s in paper_schedule(5, 2, 2, 0.75)] == [3, 4, 6]
+    assert stats["forecast_steps"] == [5, 7] and stats["state_bytes"] > 0
+    with pytest.raises(ValueError, match="must lie within total_steps 6"):
+        apply_spectrum(tiny_wan_transformer(seed=5), SpectrumConfig(num_inference_steps=5), first_step=3, total_steps=6)

@@ -60,7 +60,7 @@ class ServeSettings(BaseModel):
     batching: Literal["auto", "sequential", "batched", "continuous"] = Field("auto", description=(
         "sequential: one request at a time; batched: requests that arrive together share the denoising "
         "steps; continuous: a request joins the running steps at once; auto: continuous for Wan models, "
-        "sequential for FLUX.1"))
+        "sequential for FLUX.1 and Wan2.2's two experts"))
     max_batch_size: int = Field(8, ge=1, le=256, description=(
         "most requests in a replica's batch (their block-stack rows are at most this, twice with guidance)"))
     debug: bool = Field(False, description="show PIDs, node addresses and model paths in /healthz and /v1/config")
@@ -111,7 +111,7 @@ class ServeSettings(BaseModel):
     def step_batching(self) -> Optional[str]:
         """``"batched"`` or ``"continuous"`` when the replicas run a step loop, else ``None``."""
         if self.batching == "auto":
-            return "continuous" if resolve_model(self.model).family == "wan" else None
+            return "continuous" if resolve_model(self.model).step_batchable else None
         return None if self.batching == "sequential" else self.batching
 
     @classmethod
@@ -147,9 +147,10 @@ class ServeSettings(BaseModel):
     def check(self) -> ModelSpec:
         """Raise ``ValueError`` on settings no request could run with; return the model spec."""
         spec = resolve_model(self.model)
-        if self.batching in ("batched", "continuous") and spec.family != "wan":
-            raise ValueError(f"batching: {self.batching} runs Wan models; serve {spec.family} models with "
-                             "batching sequential (or auto)")
+        if self.batching in ("batched", "continuous") and not spec.step_batchable:
+            kind = "two-expert (Wan2.2)" if spec.family == "wan" else spec.family
+            raise ValueError(f"batching: {self.batching} runs Wan models with one transformer; serve {kind} "
+                             "models with batching sequential (or auto)")
         try:
             check_layout(self.layout, spec)
             defaults = self.default_request(spec)

@@ -13,6 +13,7 @@ from types import ModuleType
 from pydantic import ValidationError
 
 from ...config import SpectrumConfig, validation_problems
+from ...experts import apply_spectrum_to_pipeline, pipeline_experts
 from ...hooks import apply_spectrum, find_spectrum_stack
 from .importing import Patch, is_marked, mark
 
@@ -58,11 +59,15 @@ def patch_adapters(adapters: ModuleType) -> None:
         if arguments["cache_method"] != CACHE_METHOD:
             return xdit_apply_cache(*args, **kwargs)
         config = spectrum_config_from_cache_config(arguments["num_steps"], arguments["cache_config"])
-        target = arguments["transformer"]
-        if target is None:
-            target = getattr(arguments["pipe"], arguments["transformer_attr"])
-        apply_spectrum(target, config)
-        return target
+        target, pipe = arguments["transformer"], arguments["pipe"]
+        if target is not None:
+            apply_spectrum(target, config)
+            return target
+        if len(pipeline_experts(pipe)) > 1:   # Wan2.2: every expert, each over its own steps
+            apply_spectrum_to_pipeline(pipe, config)
+        else:
+            apply_spectrum(getattr(pipe, arguments["transformer_attr"]), config)
+        return getattr(pipe, arguments["transformer_attr"])
 
     adapters.apply_cache = mark(apply_cache)
 

@@ -54,10 +54,16 @@ class ModelSpec:
     build: Callable[..., Any]        # (torch_dtype=None) -> a diffusers pipeline
     sizes: SizeRules                 # read from the configs where they are at hand, else the family's
     needs_image: bool = False        # image-to-video: every request gives the first frame
+    experts: tuple[str, ...] = ("transformer",)   # Wan2.2 A14B: ("transformer", "transformer_2")
 
     @property
     def is_video(self) -> bool:
         return self.family == "wan"
+
+    @property
+    def step_batchable(self) -> bool:
+        """Whether the serve step loop (``launch/step_batching.py``: one transformer) can run it."""
+        return self.family == "wan" and self.experts == ("transformer",)
 
 
 # Builders import their model code when called, so that resolving a name stays cheap.
@@ -82,6 +88,12 @@ def _build_tiny_wan_i2v(torch_dtype=None):
     return build_tiny_wan_i2v_pipeline()
 
 
+def _build_tiny_wan22(torch_dtype=None):
+    from .tiny import build_tiny_wan22_pipeline
+
+    return build_tiny_wan22_pipeline()
+
+
 def _build_tiny_flux(torch_dtype=None):
     from .tiny import build_tiny_flux_pipeline
 
@@ -104,6 +116,8 @@ def _digits_wan_sizes() -> SizeRules:
                       json.loads((assets / "vae_config.json").read_text()))
 
 
+# WanPipeline's experts of Wan2.2 A14B (high noise, low noise), as spectrum_xdit.experts names them.
+TWO_EXPERTS = ("transformer", "transformer_2")
 # The tiny models' rules as their builders (tiny.py) configure them; tests compare every built
 # model's rules with its spec's.
 BUILTIN_MODELS = {
@@ -112,6 +126,8 @@ BUILTIN_MODELS = {
     "digits-wan": ModelSpec("digits-wan", "wan", 6, 16, 16, 9, _build_digits_wan, _digits_wan_sizes()),
     "tiny-wan-i2v": ModelSpec("tiny-wan-i2v", "wan", 2, 32, 32, 5, _build_tiny_wan_i2v, SizeRules("wan", 16, 4, 1, 32),
                               needs_image=True),
+    "tiny-wan22": ModelSpec("tiny-wan22", "wan", 2, 32, 32, 5, _build_tiny_wan22, SizeRules("wan", 16, 4, 1, 32),
+                            experts=TWO_EXPERTS),
 }
 # Wan2.1 (VAE 8 x patch 2, 4x in time, rotary table 1024) and FLUX.1 (VAE 8 x packing 2).
 _FAMILY_SIZES = {"wan": SizeRules("wan", 16, 4, 1, 1024), "flux": SizeRules("flux", 16)}
@@ -120,11 +136,14 @@ _PIPELINE_FAMILIES = {"WanPipeline": "wan", "FluxPipeline": "flux", "WanImageToV
 _IMAGE_PIPELINES = {"WanImageToVideoPipeline"}
 # Heads of public checkpoints, for checking the Ulysses degree before any download.
 _KNOWN_HEADS = {"wan2.1-t2v-14b": 40, "wan2.1-t2v-1.3b": 12, "flux.1-dev": 24, "flux.1-schnell": 24,
-                "wan2.1-i2v-14b": 40}
+                "wan2.1-i2v-14b": 40, "wan2.2-t2v-a14b": 40}
+# Hub ids of Wan2.2's two-expert (mixture-of-experts) checkpoints contain this.
+_TWO_EXPERT_HUB_MARK = "a14b"
 
 
 def resolve_model(name_or_path: str) -> ModelSpec:
-    """A built-in model name, a local diffusers folder, or a hub id of Wan2.1-T2V / -I2V / FLUX.1."""
+    """A built-in model name, a local diffusers folder, or a hub id of Wan2.1-T2V / -I2V,
+    Wan2.2-T2V-A14B (two experts) or FLUX.1."""
     if name_or_path in BUILTIN_MODELS:
         return BUILTIN_MODELS[name_or_path]
     path = Path(name_or_path)
@@ -133,7 +152,8 @@ def resolve_model(name_or_path: str) -> ModelSpec:
         if not index.exists():
             raise ValueError(f"--model {name_or_path}: a local folder must be a diffusers pipeline "
                              "folder with model_index.json")
-        pipeline_class = json.loads(index.read_text()).get("_class_name")
+        model_index = json.loads(index.read_text())
+        pipeline_class = model_index.get("_class_name")
         family = _PIPELINE_FAMILIES.get(pipeline_class)
         needs_image = pipeline_class in _IMAGE_PIPELINES
         if family is None:
@@ -145,19 +165,23 @@ def resolve_model(name_or_path: str) -> ModelSpec:
         vae = path / "vae" / "config.json"
         sizes = size_rules(family, transformer_config, json.loads(vae.read_text())) \
             if config.exists() and vae.exists() else _FAMILY_SIZES[family]
+        # diffusers writes an absent optional component as [null, null]
+        two_experts = (model_index.get("transformer_2") or [None])[0] is not None
     else:
         lowered = name_or_path.lower()
         if "/" not in name_or_path or not ("wan" in lowered or "flux" in lowered):
             raise ValueError(
                 f"unknown model {name_or_path!r}: use one of {', '.join(BUILTIN_MODELS)}, a local "
-                "diffusers folder, or a hub id of Wan2.1-T2V, Wan2.1-I2V or FLUX.1 (e.g. "
-                "Wan-AI/Wan2.1-T2V-14B-Diffusers, Wan-AI/Wan2.1-I2V-14B-480P-Diffusers, black-forest-labs/FLUX.1-dev)")
+                "diffusers folder, or a hub id of Wan2.1-T2V, Wan2.1-I2V, Wan2.2-T2V-A14B or FLUX.1 (e.g. "
+                "Wan-AI/Wan2.1-T2V-14B-Diffusers, Wan-AI/Wan2.1-I2V-14B-480P-Diffusers, "
+                "Wan-AI/Wan2.2-T2V-A14B-Diffusers, black-forest-labs/FLUX.1-dev)")
         family = "wan" if "wan" in lowered else "flux"
         needs_image = family == "wan" and "i2v" in lowered
         heads = next((h for key, h in _KNOWN_HEADS.items() if key in lowered), None)
         sizes = _FAMILY_SIZES[family]
+        two_experts = family == "wan" and _TWO_EXPERT_HUB_MARK in lowered
     height, width, frames = (480, 832, 81) if family == "wan" else (1024, 1024, 1)
     if needs_image and "720p" in name_or_path.lower():   # Wan2.1-I2V-14B-720P
         height, width = 720, 1280
     return ModelSpec(name_or_path, family, heads, height, width, frames, _from_pretrained(name_or_path), sizes,
-                     needs_image=needs_image)
+                     TWO_EXPERTS if two_experts else ("transformer",), needs_image=needs_image)

@@ -131,3 +131,27 @@ def build_tiny_wan_i2v_pipeline(seed: int = 0, num_layers: int = 2) -> WanImageT
     return WanImageToVideoPipeline(tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, vae=t2v.vae,
                                    scheduler=t2v.scheduler, transformer=transformer,
                                    image_encoder=image_encoder, image_processor=image_processor)
+
+
+# Added to every feature of transformer_2's block stack (see build_tiny_wan22_pipeline).
+WAN22_EXPERT_2_OFFSET = 10.0
+WAN22_BOUNDARY_RATIO = 0.75   # 20 UniPC steps at flow_shift 3.0: steps 0-10 high noise, 11-19 low noise
+
+
+def build_tiny_wan22_pipeline(seed: int = 0, num_layers: int = 2,
+                              boundary_ratio: float = WAN22_BOUNDARY_RATIO) -> WanPipeline:
+    """A Wan2.2-style two-expert ``WanPipeline``: ``transformer`` (the tiny Wan's) on high noise,
+    ``transformer_2`` (other weights) on low noise, switching at ``boundary_ratio``.
+
+    transformer_2's last block adds ``WAN22_EXPERT_2_OFFSET`` to every element of its output
+    (the bias of its cross-attention projection, whose output Wan's block adds ungated), so a
+    forecast of it that used any feature of the other expert would be far from the offset. The
+    output norm (a LayerNorm without affine) removes a uniform offset again, so the samples stay
+    those of the weights."""
+    base = build_tiny_wan_pipeline(seed, num_layers=num_layers)
+    low_noise = tiny_wan_transformer(seed + 1, num_layers=num_layers, in_channels=4)
+    with torch.no_grad():
+        low_noise.blocks[-1].attn2.to_out[0].bias.add_(WAN22_EXPERT_2_OFFSET)
+    return WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+                       scheduler=base.scheduler, transformer=base.transformer, transformer_2=low_noise,
+                       boundary_ratio=boundary_ratio)

@@ -1,0 +1,77 @@
+"""The support matrix of the README, cell by cell: each embedded model under each parallel layout
+it supports, with the paper schedule and the adaptive one, against the same request in one
+process (2 gloo ranks per launch; both schedules in one launch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serving import image_base64
+from spectrum_xdit.launch.request import ParallelLayout, check_layout, check_request, model_defaults, parse_request
+from spectrum_xdit.models import resolve_model
+from spectrum_xdit.parallel.testing import run_distributed
+
+STEPS = 14
+# The adaptive schedule with a budget a random-weight model can meet (its features are rougher
+# than a trained model's) and the auto blend, so that it skips steps here too.
+SCHEDULES = {"paper": {}, "adaptive": {"schedule": "adaptive", "blend_weight": "auto", "warmup_steps": 3,
+                                       "error_budget": 0.3, "max_gap": 4}}
+LAYOUTS = {
+    "ulysses2": dict(ulysses_degree=2),
+    "ring2": dict(ring_degree=2),
+    "cfg2": dict(use_cfg_parallel=True),
+    "pipefusion2": dict(pipefusion_parallel_degree=2, num_pipeline_patch=2),
+}
+# (model, layout, schedules): every layout each model's family has, every schedule it takes.
+# PipeFusion is FLUX.1-only and refuses the adaptive schedule; CFG parallel is Wan-only.
+CELLS = [
+    *((model, layout, schedule) for model in ("tiny-wan", "tiny-wan-i2v")
+      for layout in ("ulysses2", "ring2", "cfg2") for schedule in SCHEDULES),
+    *(("tiny-flux", layout, schedule) for layout in ("ulysses2", "ring2") for schedule in SCHEDULES),
+    ("tiny-flux", "pipefusion2", "paper"),
+]
+# PipeFusion's stale patches after its warm-up are the only semantic difference from one process
+# (README, PipeFusion); everything else is numerics.
+TOLERANCE = {"pipefusion2": 2e-3}
+DEFAULT_TOLERANCE = 1e-5
+
+
+def _requests(model: str, schedules: list[str]) -> list:
+    spec = resolve_model(model)
+    body = {"prompt": "a red square", "seed": 1, "num_inference_steps": STEPS}
+    if spec.family == "flux":
+        body["height"] = body["width"] = 16
+    if spec.needs_image:
+        body["image"] = image_base64(0)
+    return [parse_request({**body, "cache": SCHEDULES[name]}, {**model_defaults(spec)}) for name in schedules]
+
+
+def _sharded(model: str, layout: dict, schedules: list[str]) -> list:
+    from spectrum_xdit.launch.runner import init_rank
+
+    rank_pipeline = init_rank(resolve_model(model), ParallelLayout(**layout))
+    results = [rank_pipeline.generate(request) for request in _requests(model, schedules)]
+    return [(result.latents, result.report["real_steps"]) for result in results]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("model,layout", sorted({(model, layout) for model, layout, _ in CELLS}))
+def test_every_cell_equals_one_process(model, layout):
+    from spectrum_xdit.launch.runner import init_rank
+
+    spec = resolve_model(model)
+    schedules = [schedule for m, l, schedule in CELLS if (m, l) == (model, layout)]
+    parallel = ParallelLayout(**LAYOUTS[layout])
+    check_layout(parallel, spec, 2)
+    requests = _requests(model, schedules)
+    for request in requests:   # the rules every launch of this cell passes
+        check_request(request, spec, parallel)
+    single = init_rank(spec, ParallelLayout())
+    expected = [single.generate(request) for request in requests]
+    sharded = run_distributed(_sharded, 2, args=(model, LAYOUTS[layout], schedules), timeout=280)
+    for schedule, reference, (latents, real_steps) in zip(schedules, expected, sharded):
+        error = float((latents.double() - reference.latents.double()).norm() / reference.latents.double().norm())
+        assert error <= TOLERANCE.get(layout, DEFAULT_TOLERANCE), (schedule, error)
+        assert real_steps == reference.report["real_steps"], schedule
+        assert all(len(steps) < STEPS for steps in real_steps.values()), (schedule, real_steps)
