@@ -2,7 +2,7 @@
 ``xdit --model digits-wan ...`` runs on CPU with no download.
 
 Each is xDiT's own runner class for its family (``xFuserWan21T2VModel``, ``xFuserWan21I2VModel``
-with ``--input_images``, ``xFuserFluxModel``):
+with ``--input_images``, ``xFuserWan22T2VModel`` for two experts, ``xFuserFluxModel``):
 flags, checks, default handling, pipeline call, timing and saving are xDiT's; only the loading
 differs, a locally built pipeline whose transformer becomes xDiT's wrapper, as xDiT's loader makes
 it. Import this module only after ``patches.install(runner=True)`` (it imports xfuser).
@@ -23,8 +23,10 @@ from xfuser.model_executor.models.runner_models.wan import (
     _build_attention_kwargs,
     xFuserWan21I2VModel,
     xFuserWan21T2VModel,
+    xFuserWan22T2VModel,
 )
 
+from ..experts import pipeline_experts
 from ..models import BUILTIN_MODELS, ModelSpec
 from ..parallel.xdit_setup import xdit_transformer
 from .request import GUIDANCE_DEFAULTS
@@ -36,10 +38,17 @@ class _EmbeddedModel:
 
     spec: ModelSpec
 
+    def _customize_settings(self, config) -> None:
+        """xDiT's Wan2.2 runner names its checkpoint here; the embedded model keeps its own name."""
+        super()._customize_settings(config)
+        self.settings.model_name = self.spec.name
+        self.settings.output_name = self.spec.name.replace("-", "_")
+
     def _load_model(self):
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         pipe = self.spec.build(torch_dtype=dtype)
-        pipe.transformer = xdit_transformer(pipe.transformer, **self._wrapper_kwargs())
+        for name, transformer in pipeline_experts(pipe).items():
+            setattr(pipe, name, xdit_transformer(transformer, **self._wrapper_kwargs()))
         return pipe
 
     def _wrapper_kwargs(self) -> dict:
@@ -65,6 +74,10 @@ class EmbeddedWanModel(_EmbeddedWan, xFuserWan21T2VModel):
     """An embedded Wan2.1-architecture text-to-video model in xDiT's Wan2.1 T2V runner."""
 
 
+class EmbeddedWan22Model(_EmbeddedWan, xFuserWan22T2VModel):
+    """An embedded Wan2.2-architecture two-expert model in xDiT's Wan2.2 T2V runner."""
+
+
 class EmbeddedWanI2VModel(_EmbeddedWan, xFuserWan21I2VModel):
     """An embedded Wan2.1-architecture image-to-video model in xDiT's Wan2.1 I2V runner (the first
     frame from ``--input_images``, fitted to the default area as xDiT does)."""
@@ -81,15 +94,16 @@ def _runner_class(spec: ModelSpec) -> type:
     """The runner class of one embedded model, with its sizes as xDiT's default inputs."""
     name = spec.name.replace("-", "_")
     if spec.family == "wan":
-        base, defaults = EmbeddedWanI2VModel if spec.needs_image else EmbeddedWanModel, DefaultInputValues(
+        base = EmbeddedWanI2VModel if spec.needs_image else EmbeddedWan22Model if len(spec.experts) > 1 \
+            else EmbeddedWanModel
+        defaults = DefaultInputValues(
             height=spec.height, width=spec.width, num_frames=spec.num_frames, num_inference_steps=50,
             guidance_scale=GUIDANCE_DEFAULTS["wan"])
     else:
         base, defaults = EmbeddedFluxModel, DefaultInputValues(
             height=spec.height, width=spec.width, num_inference_steps=50, guidance_scale=GUIDANCE_DEFAULTS["flux"],
             max_sequence_length=FLUX_TEXT_TOKENS)
-    settings = replace(base.settings, model_name=spec.name, output_name=name, step_cache_config={})
-    return type(f"xFuser_{name}", (base,), {"spec": spec, "settings": settings, "default_input_values": defaults,
+    return type(f"xFuser_{name}", (base,), {"spec": spec, "default_input_values": defaults,
                                              "__doc__": f"{spec.name} in xDiT's runner."})
 
 

@@ -26,7 +26,7 @@ LAYOUTS = {
 # (model, layout, schedules): every layout each model's family has, every schedule it takes.
 # PipeFusion is FLUX.1-only and refuses the adaptive schedule; CFG parallel is Wan-only.
 CELLS = [
-    *((model, layout, schedule) for model in ("tiny-wan", "tiny-wan-i2v")
+    *((model, layout, schedule) for model in ("tiny-wan", "tiny-wan-i2v", "tiny-wan22")
       for layout in ("ulysses2", "ring2", "cfg2") for schedule in SCHEDULES),
     *(("tiny-flux", layout, schedule) for layout in ("ulysses2", "ring2") for schedule in SCHEDULES),
     ("tiny-flux", "pipefusion2", "paper"),

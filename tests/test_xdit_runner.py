@@ -64,7 +64,7 @@ def test_spectrum_is_refused_for_a_model_it_does_not_support(tmp_path):
     assert message, result.stderr[-3000:]
     supported = message.group(1).split("supported models: ")[1].split(", ")
     assert {"Wan2.1-T2V", "Wan2.2-T2V", "Wan2.1-I2V", "FLUX.1-dev", "digits-wan", "tiny-wan", "tiny-flux",
-            "tiny-wan-i2v"} <= set(supported)
+            "tiny-wan-i2v", "tiny-wan22"} <= set(supported)
     assert not any("VACE" in name for name in supported)
 
 
@@ -84,7 +84,7 @@ def _runner_frames(runner_argv: list[str]):
     from xfuser.config import FlexibleArgumentParser, xFuserArgs
     from xfuser.runner import xFuserModelRunner
 
-    from spectrum_xdit.hooks import spectrum_stats
+    from spectrum_xdit.experts import pipeline_spectrum_stats
 
     from torch._dynamo.utils import counters
 
@@ -95,39 +95,48 @@ def _runner_frames(runner_argv: list[str]):
     graphs_before_run = counters["stats"]["unique_graphs"]
     output, timings = runner.run(input_args)
     graphs = (graphs_before_run, counters["stats"]["unique_graphs"])
-    real_steps = {branch: stats["real_steps"] for branch, stats in spectrum_stats(runner.model.pipe.transformer).items()}
+    real_steps = {expert: {branch: stats["real_steps"] for branch, stats in branches.items()}
+                  for expert, branches in pipeline_spectrum_stats(runner.model.pipe).items()}
     runner.cleanup()
     return np.asarray(output.videos[0]), real_steps, timings, graphs
 
 
-def _generate_frames():
+def _generate_frames(model: str = "tiny-wan"):
     """`spectrum-xdit generate`'s frames and report in one process, for the runner tests' settings."""
     from spectrum_xdit.launch.request import GenerationRequest, ParallelLayout
     from spectrum_xdit.launch.runner import init_rank
     from spectrum_xdit.models import resolve_model
 
-    spec = resolve_model("tiny-wan")
+    spec = resolve_model(model)
     request = GenerationRequest(prompt="a red square", seed=3, num_inference_steps=20, height=spec.height,
                                 width=spec.width, num_frames=spec.num_frames, guidance_scale=5.0,
                                 cache={"flex_window": 3.0})
     return init_rank(spec, ParallelLayout()).generate(request, decode=True)
 
 
-RUNNER_ARGV = ["--model", "tiny-wan", "--cache_method", "spectrum", "--cache_config", '{"flex_window": 3.0}',
+RUNNER_ARGV = ["--cache_method", "spectrum", "--cache_config", '{"flex_window": 3.0}',
                "--prompt", "a red square", "--num_inference_steps", "20", "--seed", "3"]
 
 
 @pytest.mark.timeout(400)
-def test_runner_python_path_equals_generate():
+@pytest.mark.parametrize("model", ["tiny-wan", "tiny-wan22"])
+def test_runner_python_path_equals_generate(model):
     """xDiT's runner under Ulysses=2 with `--cache_method spectrum` gives the frames and the real
-    steps of `spectrum-xdit generate` in one process, for the same settings."""
-    frames, real_steps, timings, _ = run_distributed(_runner_frames, world_size=2,
-                                                     args=([*RUNNER_ARGV, "--ulysses_degree", "2"],), timeout=300.0)
-    result = _generate_frames()
+    steps of `spectrum-xdit generate` in one process, for the same settings; for Wan2.2 (xDiT's
+    two-expert runner) per expert."""
+    frames, real_steps, timings, _ = run_distributed(
+        _runner_frames, world_size=2, args=(["--model", model, *RUNNER_ARGV, "--ulysses_degree", "2"],),
+        timeout=300.0)
+    result = _generate_frames(model)
     single = result.media
     assert frames.shape == single.shape
     assert np.linalg.norm(frames - single) / np.linalg.norm(single) <= 1e-5
-    assert real_steps == result.report["real_steps"] and len(real_steps["cond"]) < 20
+    expected = {name: expert["real_steps"] for name, expert in result.report.get("experts", {}).items()} \
+        or {"transformer": result.report["real_steps"]}
+    assert real_steps == expected
+    assert sum(len(steps["cond"]) for steps in real_steps.values()) < 20
+    if model == "tiny-wan22":
+        assert set(real_steps) == {"transformer", "transformer_2"}
     assert len(timings) == 1 and timings[0] > 0   # the runner's own timing, on the host clock
 
 
@@ -137,8 +146,9 @@ def test_runner_use_torch_compile_with_spectrum_equals_eager():
     before the cache is applied; Spectrum then decides outside the compiled blocks, so the timed
     run compiles nothing more and stays within tolerance of eager `generate`."""
     frames, real_steps, _, (graphs_before, graphs_after) = run_distributed(
-        _runner_frames, world_size=1, args=([*RUNNER_ARGV, "--use_torch_compile"],), timeout=300.0)
+        _runner_frames, world_size=1, args=(["--model", "tiny-wan", *RUNNER_ARGV, "--use_torch_compile"],),
+        timeout=300.0)
     result = _generate_frames()
     assert np.linalg.norm(frames - result.media) / np.linalg.norm(result.media) <= 1e-5
-    assert real_steps == result.report["real_steps"]
+    assert real_steps == {"transformer": result.report["real_steps"]}
     assert graphs_before >= 1 and graphs_after == graphs_before
