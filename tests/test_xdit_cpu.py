@@ -334,13 +334,15 @@ def test_patches_are_installed_once_and_recorded():
 
 def test_another_xfuser_version_is_left_untouched_with_a_warning(monkeypatch):
     from spectrum_xdit.parallel import patches
+    from spectrum_xdit.parallel.patches.importing import _PatchOnImport
 
     monkeypatch.setattr(patches, "_record", None)
     monkeypatch.setattr(patches, "installed_xfuser_version", lambda: "0.8.0")
     meta_path = list(sys.meta_path)
     with pytest.warns(RuntimeWarning, match="xfuser 0.8.0 is installed.*skipped: cpu_gloo, padding, cache_method"):
         record = patches.install()
-    assert sys.meta_path == meta_path
+    # no import hook of ours (importing the concerns may load libraries that add their own)
+    assert not [finder for finder in sys.meta_path if finder not in meta_path and isinstance(finder, _PatchOnImport)]
     assert record["installed"] == [] and set(record["skipped"]) == {"cpu_gloo", "padding", "cache_method"}
     assert patches.install() == record   # once per process
 
