@@ -78,13 +78,8 @@ def patch_model_validation(base_model: ModuleType) -> None:
     of xDiT's methods per model. For the supported models ``spectrum`` joins that dict (it takes no
     preset: ``_apply_step_cache`` then hands ``apply_cache`` the ``--cache_config`` text); any
     other model is refused with the list of those that are supported."""
-    model_class = base_model.xFuserModel
-    validate = model_class._validate_config
-    if is_marked(validate):
-        return
 
-    @functools.wraps(validate)
-    def _validate_config(self, config):
+    def _validate_config(validate, self, config):
         if config.cache_method == CACHE_METHOD:
             if not supports_spectrum(type(self)):
                 supported = sorted(name for name, cls in base_model.MODEL_REGISTRY.items() if supports_spectrum(cls))
@@ -96,7 +91,7 @@ def patch_model_validation(base_model: ModuleType) -> None:
             self.settings.step_cache_config = {**(self.settings.step_cache_config or {}), CACHE_METHOD: None}
         return validate(self, config)
 
-    model_class._validate_config = mark(_validate_config)
+    _wrap_method(base_model.xFuserModel, "_validate_config", _validate_config)
 
 
 def patch_run_report(base_model: ModuleType) -> None:
@@ -104,13 +99,8 @@ def patch_run_report(base_model: ModuleType) -> None:
     xDiT's runner reports the time of each pipeline call but nothing of a step cache's decisions.
     After each call with Spectrum applied, its real steps per guidance branch are logged (through
     xDiT's ``log``, so on the last rank), which is what the call's time is the price of."""
-    model_class = base_model.xFuserModel
-    run_timed = model_class._run_timed_pipe
-    if is_marked(run_timed):
-        return
 
-    @functools.wraps(run_timed)
-    def _run_timed_pipe(self, input_args):
+    def _run_timed_pipe(run_timed, self, input_args):
         result = run_timed(self, input_args)
         for name in self.settings.transformer_attr_names:
             stack = find_spectrum_stack(getattr(self.pipe, name, None))
@@ -119,7 +109,20 @@ def patch_run_report(base_model: ModuleType) -> None:
                 base_model.log(f"Spectrum {name}: real steps {real}")
         return result
 
-    model_class._run_timed_pipe = mark(_run_timed_pipe)
+    _wrap_method(base_model.xFuserModel, "_run_timed_pipe", _run_timed_pipe)
+
+
+def _wrap_method(cls: type, name: str, replacement) -> None:
+    """``cls.name`` becomes ``replacement(original, self, ...)``, once."""
+    original = getattr(cls, name)
+    if is_marked(original):
+        return
+
+    @functools.wraps(original)
+    def method(self, *args, **kwargs):
+        return replacement(original, self, *args, **kwargs)
+
+    setattr(cls, name, mark(method))
 
 
 def supports_spectrum(model_class: type) -> bool:
