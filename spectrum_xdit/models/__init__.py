@@ -184,4 +184,4 @@ def resolve_model(name_or_path: str) -> ModelSpec:
     if needs_image and "720p" in name_or_path.lower():   # Wan2.1-I2V-14B-720P
         height, width = 720, 1280
     return ModelSpec(name_or_path, family, heads, height, width, frames, _from_pretrained(name_or_path), sizes,
-                     TWO_EXPERTS if two_experts else ("transformer",), needs_image=needs_image)
+                     experts=TWO_EXPERTS if two_experts else ("transformer",), needs_image=needs_image)
