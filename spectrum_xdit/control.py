@@ -27,6 +27,22 @@ largest ``g`` in ``[min_gap, max_gap]`` with ``k g^2 <= error_budget`` (``min_ga
 first validation). Because a real step's own validation is at the gap ``g`` that was chosen, the
 forecasts in between (gaps ``1 .. g-1``) are predicted to be within the budget too. The first
 ``warmup_steps`` steps are always real.
+
+Budget. For ``"budget"`` the user gives the number ``B`` of real steps (``target_nfe``), not an
+error level. The first ``min(warmup_steps, B)`` steps are real. After real step ``s``, with ``R``
+real steps left and ``L`` steps after ``s``: if ``R = 0`` no step is real any more; if ``R >= L``
+every remaining step is; if ``R = 1`` the last step is (the end of the trajectory, where it bends
+and where an extrapolation's error lands in the output, gets the last real evaluation). Otherwise
+the error at gap ``g`` is ``k(t) g^2`` with ``k`` varying along the trajectory; spreading ``R``
+real steps so that every forecast has the same error ``E`` needs gaps ``g(t) = sqrt(E / k(t))``,
+and with the rest of the trajectory as hard as the mean ``k_ref`` of the validations so far the
+next gap is ``g = (L / R) sqrt(k_ref / k)``, ``k`` the smoothed current one: a step harder than
+the generation's average gets real steps closer together, an easier one further apart (the factor
+kept within ``[1/2, 2]``, ``MAX_BUDGET_STRETCH``). ``g`` is rounded and kept in ``[1, L - R + 1]``, so the ``R - 1`` real steps after the next one still fit
+(the last of them at the final step): the generation uses exactly ``B`` real steps (``B`` per
+branch; fewer only if warm-up and the steps left are shorter) and never more, whatever the model
+does. Every input (the all-reduced sums and the step counts) is the same on every rank, so every
+rank takes the same decisions.
 """
 
 from __future__ import annotations
@@ -41,6 +57,9 @@ from .config import SpectrumConfig
 from .schedule import fixed_real_steps
 
 DEFAULT_AUTO_WEIGHT = 0.5
+# The budget schedule moves a gap at most this factor from the even spread of the budget left, so
+# that one validation (noisy, or of a stretch unlike the rest) cannot spend or hoard the budget.
+MAX_BUDGET_STRETCH = 2.0
 
 
 def all_reduce_over_job(sums: torch.Tensor) -> torch.Tensor:
@@ -58,7 +77,8 @@ class SpectrumController:
     def __init__(self, config: SpectrumConfig, reducer: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.config = config
         self.reducer = reducer if reducer is not None else all_reduce_over_job
-        self.adaptive = config.schedule == "adaptive"
+        self.adaptive = config.schedule != "paper"     # the controller chooses the real steps
+        self.budget = config.nfe_budget
         self.auto_blend = config.blend_weight == "auto"
         self.fixed_steps = fixed_real_steps(config)
         self.start()
@@ -72,6 +92,8 @@ class SpectrumController:
         self._pending: tuple[int, int, torch.Tensor] | None = None
         self._averages: tuple[float, float, float] | None = None   # A, B, X
         self._scale: float | None = None                            # k: error / gap^2
+        self._scale_sum, self._scale_count = 0.0, 0                 # for k_ref, the mean k
+        self.real_count = 0
         self.weight = DEFAULT_AUTO_WEIGHT if self.auto_blend else self.config.blend_weight
         self.log: list[dict] = []
         self.plan: list[dict] = []
@@ -100,6 +122,7 @@ class SpectrumController:
     def mark_real(self, step: int) -> None:
         if self.last_real is None or step > self.last_real:
             self.last_real = step
+            self.real_count += 1
 
     def observe(self, step: int, gap: int, sums: torch.Tensor, seconds: float = 0.0) -> None:
         """Add one branch's validation sums of real step ``step`` (scored at ``gap``)."""
@@ -133,13 +156,17 @@ class SpectrumController:
         error = blend_error(self.weight, *new)
         self._scale = error / gap ** 2 if self._scale is None else (
             alpha * error / gap ** 2 + (1 - alpha) * self._scale)
+        self._scale_sum += error / gap ** 2
+        self._scale_count += 1
         self.log.append({"step": step, "gap": gap, "linear": math.sqrt(max(new[0], 0.0)),
                          "chebyshev": math.sqrt(max(new[1], 0.0)), "blend": error, "blend_weight": self.weight})
 
     def _plan(self) -> None:
         s = self.last_real
         cfg = self.config
-        if s + 1 < cfg.warmup_steps:
+        if self.budget is not None:
+            gap = self._budget_gap(s)
+        elif s + 1 < cfg.warmup_steps:
             gap = 1
         elif self._scale is None:
             gap = cfg.min_gap
@@ -147,10 +174,27 @@ class SpectrumController:
             gap = cfg.max_gap
         else:
             gap = min(cfg.max_gap, max(cfg.min_gap, math.floor(math.sqrt(cfg.error_budget / self._scale))))
-        self.next_real = s + gap
+        self.next_real = cfg.num_inference_steps if gap is None else s + gap
         self._planned_from = s
         self.plan.append({"after": s, "gap": gap,
-                          "predicted_error": None if self._scale is None else self._scale * gap ** 2})
+                          "predicted_error": None if self._scale is None or gap is None else self._scale * gap ** 2})
+
+    def _budget_gap(self, s: int) -> int | None:
+        """The gap to the next real step under the budget (module docstring), ``None`` for none."""
+        remaining = self.budget - self.real_count
+        left = self.config.num_inference_steps - 1 - s
+        if remaining <= 0 or left <= 0:
+            return None
+        if s + 1 < self.config.warmup_steps or remaining >= left:
+            return 1
+        if remaining == 1:
+            return left
+        largest = left - remaining + 1
+        factor = 1.0
+        if self._scale is not None and self._scale_sum > 0:
+            ratio = math.inf if self._scale == 0 else self._scale_sum / self._scale_count / self._scale
+            factor = min(MAX_BUDGET_STRETCH, max(1 / MAX_BUDGET_STRETCH, math.sqrt(ratio)))
+        return max(1, min(largest, round(left / remaining * factor)))
 
 
 def blend_error(w: float, a: float, b: float, c: float) -> float:
