@@ -60,6 +60,10 @@ class SpectrumConfig(BaseModel):
         "weight of the newest validation in the controller's exponentially weighted averages (1: the "
         "latest alone)"))
 
+    reuse: bool = Field(False, description=(
+        'with blend_weight "auto": also validate the last real feature (zero-order reuse) as a third '
+        "predictor, and forecast with the affine combination of the three of least validation error"))
+
     @field_validator("blend_weight", mode="plain")
     @classmethod
     def _blend_weight(cls, value):
@@ -101,6 +105,14 @@ class SpectrumConfig(BaseModel):
             raise ValueError(f"must be at most num_inference_steps {steps}, got {value}")
         return value
 
+    @field_validator("reuse")
+    @classmethod
+    def _reuse(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("blend_weight", AUTO) != AUTO:
+            raise ValueError(f'needs blend_weight "auto" (the weights come from validation), got blend_weight '
+                             f'{info.data["blend_weight"]}')
+        return value
+
     @field_validator("max_gap")
     @classmethod
     def _max_gap(cls, value: int, info: ValidationInfo) -> int:
@@ -123,6 +135,12 @@ class SpectrumConfig(BaseModel):
         if self.speedup is not None:
             return max(1, round(self.num_inference_steps / self.speedup))
         return None
+
+    @property
+    def predictors(self) -> tuple[str, ...]:
+        """The predictors a forecast combines: the local linear extrapolation, the Chebyshev
+        forecast and, with ``reuse``, the last real feature."""
+        return ("linear", "chebyshev", "reuse") if self.reuse else ("linear", "chebyshev")
 
     @property
     def num_basis(self) -> int:

@@ -18,6 +18,16 @@ newest) of ``a/n``, ``b/n`` and ``c/n``. The squared relative error of the blend
 forecast uses its minimiser ``w* = (A - X) / (A + B - 2X)``, clipped to [0, 1] (0.5 while no
 validation has been seen or when the two predictors agree exactly).
 
+More predictors. With ``reuse`` the last real feature ``R`` is a third predictor, and the sums are
+the entries of the ``K x K`` Gram matrix ``G_ij = <P_i - h, P_j - h>`` of the predictors' errors
+(``K(K+1)/2`` numbers, then ``n``; all in the same one all-reduce). For weights summing to 1 the
+combination's error is ``sum_i w_i (P_i - h)``, of squared norm ``w^T G w``; minimising that
+subject to ``1^T w = 1`` (a Lagrange multiplier: ``G w = mu 1``) gives ``w = G^-1 1 / (1^T G^-1 1)``,
+computed on the averaged ``G`` plus a ridge of ``COMBINATION_RIDGE`` times its mean diagonal, so
+that predictors that agree (a singular ``G``) still give finite weights. The weights are affine,
+not clipped: a combination may extrapolate beyond its predictors. With ``T`` and ``C`` alone the
+clipped two-predictor weight above is kept.
+
 Schedule. For ``"adaptive"`` the controller models the relative error of the blend in use as
 growing with the square of the gap ``g`` between the last real step and the forecast step (the
 error of a first-order extrapolation of a smooth trajectory is ``O(g^2)``): it keeps an
@@ -51,15 +61,18 @@ import math
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .config import SpectrumConfig
+from .forecaster import gram_pairs
 from .schedule import fixed_real_steps
 
 DEFAULT_AUTO_WEIGHT = 0.5
 # The budget schedule moves a gap at most this factor from the even spread of the budget left, so
 # that one validation (noisy, or of a stretch unlike the rest) cannot spend or hoard the budget.
 MAX_BUDGET_STRETCH = 2.0
+COMBINATION_RIDGE = 1e-9
 
 
 def all_reduce_over_job(sums: torch.Tensor) -> torch.Tensor:
@@ -80,6 +93,7 @@ class SpectrumController:
         self.adaptive = config.schedule != "paper"     # the controller chooses the real steps
         self.budget = config.nfe_budget
         self.auto_blend = config.blend_weight == "auto"
+        self.predictors = config.predictors
         self.fixed_steps = fixed_real_steps(config)
         self.start()
 
@@ -90,11 +104,11 @@ class SpectrumController:
         self._planned_from: int | None = None
         self.next_real = 0
         self._pending: tuple[int, int, torch.Tensor] | None = None
-        self._averages: tuple[float, float, float] | None = None   # A, B, X
+        self._averages: tuple[float, ...] | None = None            # the Gram entries over n
         self._scale: float | None = None                            # k: error / gap^2
         self._scale_sum, self._scale_count = 0.0, 0                 # for k_ref, the mean k
         self.real_count = 0
-        self.weight = DEFAULT_AUTO_WEIGHT if self.auto_blend else self.config.blend_weight
+        self.weight: float | tuple[float, ...] = self._initial_weight()
         self.log: list[dict] = []
         self.plan: list[dict] = []
         self.validation_seconds = 0.0
@@ -143,23 +157,34 @@ class SpectrumController:
         step, gap, sums = self._pending
         self._pending = None
         t0 = time.perf_counter()
-        a, b, c, n = (float(v) for v in self.reducer(sums).cpu())
+        *entries, n = (float(v) for v in self.reducer(sums).cpu())
         self.validation_seconds += time.perf_counter() - t0
         if not n > 0:
             return   # an all-zero feature says nothing about relative error
-        new = (a / n, b / n, c / n)
+        new = tuple(entry / n for entry in entries)
         alpha = self.config.error_smoothing
         self._averages = new if self._averages is None else tuple(
             alpha * x + (1 - alpha) * y for x, y in zip(new, self._averages))
-        if self.auto_blend:
-            self.weight = best_blend_weight(*self._averages)
-        error = blend_error(self.weight, *new)
+        k = len(self.predictors)
+        if k == 2:
+            if self.auto_blend:
+                self.weight = best_blend_weight(*self._averages)
+            error = blend_error(self.weight, *new)
+        else:
+            self.weight = tuple(float(w) for w in best_combination(gram_matrix(self._averages, k)))
+            error = combination_error(self.weight, gram_matrix(new, k))
         self._scale = error / gap ** 2 if self._scale is None else (
             alpha * error / gap ** 2 + (1 - alpha) * self._scale)
         self._scale_sum += error / gap ** 2
         self._scale_count += 1
-        self.log.append({"step": step, "gap": gap, "linear": math.sqrt(max(new[0], 0.0)),
-                         "chebyshev": math.sqrt(max(new[1], 0.0)), "blend": error, "blend_weight": self.weight})
+        self.log.append({"step": step, "gap": gap,
+                         **{name: math.sqrt(max(new[i], 0.0)) for i, name in enumerate(self.predictors)},
+                         "blend": error, "blend_weight": self.weight})
+
+    def _initial_weight(self) -> float | tuple[float, ...]:
+        if len(self.predictors) > 2:
+            return (1 / len(self.predictors),) * len(self.predictors)
+        return DEFAULT_AUTO_WEIGHT if self.auto_blend else self.config.blend_weight
 
     def _plan(self) -> None:
         s = self.last_real
@@ -208,3 +233,28 @@ def best_blend_weight(a: float, b: float, c: float) -> float:
     if not curvature > 0:
         return DEFAULT_AUTO_WEIGHT
     return min(1.0, max(0.0, (a - c) / curvature))
+
+
+def gram_matrix(entries, k: int) -> np.ndarray:
+    """The symmetric ``k x k`` matrix of the entries in :func:`gram_pairs` order."""
+    gram = np.empty((k, k))
+    for (i, j), value in zip(gram_pairs(k), entries):
+        gram[i, j] = gram[j, i] = value
+    return gram
+
+
+def best_combination(gram: np.ndarray) -> np.ndarray:
+    """The weights ``w`` with ``sum(w) = 1`` minimising ``w^T G w``: ``G^-1 1 / (1^T G^-1 1)``
+    with a small ridge on ``G`` (equal weights when every predictor was exact)."""
+    k = len(gram)
+    scale = float(np.trace(gram)) / k
+    if not scale > 0:
+        return np.full(k, 1 / k)
+    x = np.linalg.solve(gram + COMBINATION_RIDGE * scale * np.eye(k), np.ones(k))
+    return x / x.sum()
+
+
+def combination_error(weights, gram: np.ndarray) -> float:
+    """Relative L2 error of ``sum_i w_i P_i`` from the normalised Gram matrix of the errors."""
+    w = np.asarray(weights)
+    return math.sqrt(max(float(w @ gram @ w), 0.0))

@@ -298,3 +298,63 @@ def test_two_experts_share_the_budget_by_their_steps():
     nfe = {name: next(iter(branches.values()))["nfe"] for name, branches in stats.items()}   # one branch
     assert sum(nfe.values()) == 8 and set(nfe) == {"transformer", "transformer_2"}
     assert nfe == share_budget(8, {name: len(steps) for name, steps in split.items()})
+
+
+# -- more predictors: zero-order reuse ------------------------------------------------------------
+
+def test_k_predictor_combination_equals_the_constrained_least_squares_minimiser():
+    """w = G^-1 1 / (1^T G^-1 1) against lstsq on the stacked errors with w_K = 1 - sum(others)."""
+    from spectrum_xdit.control import best_combination, combination_error
+
+    g = torch.Generator().manual_seed(0)
+    for k in (2, 3, 4):
+        for _ in range(20):
+            errors = torch.randn(40, k, generator=g, dtype=torch.float64) * torch.rand(k, generator=g, dtype=torch.float64)
+            w = best_combination((errors.T @ errors).numpy())
+            # |E w| with sum(w) = 1: |E_K + sum_{i<K} w_i (E_i - E_K)|, unconstrained in w_1 .. w_{K-1}
+            free = torch.linalg.lstsq(errors[:, :-1] - errors[:, -1:], -errors[:, -1:]).solution[:, 0]
+            brute = torch.cat([free, 1 - free.sum().reshape(1)]).numpy()
+            assert w.sum() == pytest.approx(1.0) and w == pytest.approx(brute, rel=1e-5, abs=1e-7)
+            gram = (errors.T @ errors).numpy()
+            assert combination_error(w, gram) == pytest.approx(float((errors @ torch.from_numpy(w)).norm()), rel=1e-6)
+    # every predictor exact: equal weights; two identical predictors: finite weights that sum to 1
+    assert best_combination(np.zeros((3, 3))) == pytest.approx([1 / 3] * 3)
+    e = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    e = torch.cat([e, e[:, :1]], dim=1)
+    w = best_combination((e.T @ e).numpy())
+    assert np.isfinite(w).all() and w.sum() == pytest.approx(1.0)
+
+
+def test_reuse_is_scored_and_combined_as_a_third_predictor():
+    config = SpectrumConfig(num_inference_steps=STEPS, blend_weight="auto", reuse=True)
+    trajectory = _trajectory(seed=5)
+    forecaster = SpectrumForecaster(config)
+    for s in HISTORY:
+        forecaster.update(s, trajectory(s).to(torch.float32))
+    h = trajectory(TARGET).to(torch.float32).double().reshape(-1)
+    sums = forecaster.score(TARGET, h.float().reshape(3, 50)).tolist()
+    linear, chebyshev = _float64_forecasts(config, trajectory)
+    reuse = trajectory(HISTORY[-1]).to(torch.float32).double().reshape(-1)
+    e = [linear - h, chebyshev - h, reuse - h]
+    expected = [e[0] @ e[0], e[1] @ e[1], e[2] @ e[2], e[0] @ e[1], e[0] @ e[2], e[1] @ e[2], h @ h]
+    assert sums == pytest.approx([float(x) for x in expected], rel=1e-5)
+    weights = (0.7, 1.1, -0.8)
+    combined = forecaster.forecast(TARGET, blend_weight=weights).double().reshape(-1)
+    direct = weights[0] * linear + weights[1] * chebyshev + weights[2] * reuse
+    assert ((combined - direct).norm() / direct.norm()).item() < 1e-5
+    with pytest.raises(ValueError, match="3 finite weights"):
+        forecaster.forecast(TARGET, blend_weight=(0.5, 0.5))
+    with pytest.raises(ValueError, match="reuse"):
+        SpectrumConfig(blend_weight=0.5, reuse=True)
+
+
+def test_reuse_in_a_run_uses_the_validated_combination():
+    config = SpectrumConfig(num_inference_steps=STEPS, target_nfe=10, warmup_steps=3, blend_weight="auto",
+                            reuse=True, error_smoothing=1.0)
+    _, _, _, stats = _wan_run(config)
+    cond = stats["cond"]
+    assert cond["nfe"] == 10 and all(len(w) == 3 and sum(w) == pytest.approx(1.0) for w in cond["blend_weights"])
+    for entry in cond["validation"]:
+        assert set(entry) == {"step", "gap", "linear", "chebyshev", "reuse", "blend", "blend_weight"}
+        # the least-error affine combination of the step's own errors is at most the best predictor's
+        assert entry["blend"] <= min(entry["linear"], entry["chebyshev"], entry["reuse"]) + 1e-9
