@@ -280,7 +280,7 @@ def require_pipefusion_support(spectrum: Optional[SpectrumConfig]) -> None:
         raise TypeError(f"spectrum must be a SpectrumConfig or None, got {type(spectrum).__name__}")
     if spectrum is not None and spectrum.validates:
         raise SettingError(
-            "schedule" if spectrum.schedule == "adaptive" else "blend_weight",
+            "schedule" if spectrum.schedule != "paper" else "blend_weight",
             "PipeFusion supports the paper schedule with a fixed blend_weight: the adaptive schedule and "
             "blend_weight 'auto' decide from measurements on the last stage, which the other stages would "
             "have to receive")

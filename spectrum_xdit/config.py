@@ -7,9 +7,9 @@ value raises ``pydantic.ValidationError`` (a ``ValueError``) whose ``loc`` names
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 AUTO = "auto"
 # Upper bounds that no real run reaches, so that no setting can make the host math or the state
@@ -42,9 +42,16 @@ class SpectrumConfig(BaseModel):
         "weight w of the Chebyshev forecast in the blend with the local linear extrapolation of the "
         'last two real features (1: the paper\'s pure forecaster); "auto": at every forecast the weight '
         "that minimises the recent validation error (spectrum_xdit.control)"))
-    schedule: Literal["paper", "adaptive"] = Field("paper", description=(
+    schedule: Literal["paper", "adaptive", "budget"] = Field("paper", description=(
         '"paper": the fixed rule of window_size and flex_window; "adaptive": after each real step the '
-        "next is the largest gap in [min_gap, max_gap] whose predicted error stays within error_budget"))
+        "next is the largest gap in [min_gap, max_gap] whose predicted error stays within error_budget; "
+        '"budget": at most target_nfe real steps, placed where the validated error is highest (the '
+        "default when target_nfe or speedup is given)"))
+    speedup: Optional[float] = Field(None, ge=1, le=MAX_STEPS, allow_inf_nan=False, description=(
+        "the budget schedule with target_nfe = round(num_inference_steps / speedup) (give this or target_nfe)"))
+    target_nfe: Optional[int] = Field(None, ge=1, le=MAX_STEPS, description=(
+        "the budget schedule: at most this many block-stack evaluations per guidance branch in a generation "
+        "(a pipeline's experts share it by their number of steps)"))
     error_budget: float = Field(0.05, ge=0, le=MAX_ERROR_BUDGET, allow_inf_nan=False, description=(
         "the largest relative L2 error of a forecast the adaptive schedule accepts (0 runs every step)"))
     min_gap: int = Field(1, ge=1, le=MAX_STEPS, description="smallest distance between two real steps of the adaptive schedule")
@@ -52,6 +59,10 @@ class SpectrumConfig(BaseModel):
     error_smoothing: float = Field(0.5, gt=0, le=1, allow_inf_nan=False, description=(
         "weight of the newest validation in the controller's exponentially weighted averages (1: the "
         "latest alone)"))
+
+    reuse: bool = Field(False, description=(
+        'with blend_weight "auto": also validate the last real feature (zero-order reuse) as a third '
+        "predictor, and forecast with the affine combination of the three of least validation error"))
 
     @field_validator("blend_weight", mode="plain")
     @classmethod
@@ -61,6 +72,46 @@ class SpectrumConfig(BaseModel):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ValueError(f'must be a number in [0, 1] or "auto", got {value!r}')
         return float(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_sets_the_schedule(cls, data):
+        """A budget chooses the real steps itself, so giving one selects the budget schedule."""
+        if (isinstance(data, dict) and "schedule" not in data
+                and (data.get("target_nfe") is not None or data.get("speedup") is not None)):
+            data = {**data, "schedule": "budget"}
+        return data
+
+    @field_validator("speedup")
+    @classmethod
+    def _speedup(cls, value: Optional[float], info: ValidationInfo) -> Optional[float]:
+        if value is not None and info.data.get("schedule", "budget") != "budget":
+            raise ValueError(f'sets a budget, which the "{info.data["schedule"]}" schedule has not: leave schedule out '
+                             'or set it to "budget"')
+        return None if value is None else float(value)
+
+    @field_validator("target_nfe")
+    @classmethod
+    def _target_nfe(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        schedule, speedup, steps = (info.data.get(name) for name in ("schedule", "speedup", "num_inference_steps"))
+        if value is not None and speedup is not None:
+            raise ValueError(f"give target_nfe or speedup, not both (got {value} and {speedup})")
+        if value is not None and schedule not in (None, "budget"):
+            raise ValueError(f'sets a budget, which the "{schedule}" schedule has not: leave schedule out or set it '
+                             'to "budget"')
+        if value is None and schedule == "budget" and "speedup" in info.data and speedup is None:
+            raise ValueError('the "budget" schedule needs target_nfe or speedup')
+        if value is not None and steps is not None and value > steps:
+            raise ValueError(f"must be at most num_inference_steps {steps}, got {value}")
+        return value
+
+    @field_validator("reuse")
+    @classmethod
+    def _reuse(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("blend_weight", AUTO) != AUTO:
+            raise ValueError(f'needs blend_weight "auto" (the weights come from validation), got blend_weight '
+                             f'{info.data["blend_weight"]}')
+        return value
 
     @field_validator("max_gap")
     @classmethod
@@ -73,7 +124,23 @@ class SpectrumConfig(BaseModel):
     @property
     def validates(self) -> bool:
         """Whether every real step is scored against the forecasts (auto blend or adaptive schedule)."""
-        return self.blend_weight == AUTO or self.schedule == "adaptive"
+        return self.blend_weight == AUTO or self.schedule != "paper"
+
+    @property
+    def nfe_budget(self) -> Optional[int]:
+        """The budget schedule's most real steps per branch (``target_nfe``, or the steps over
+        ``speedup``, at least 1); ``None`` for the other schedules."""
+        if self.target_nfe is not None:
+            return self.target_nfe
+        if self.speedup is not None:
+            return max(1, round(self.num_inference_steps / self.speedup))
+        return None
+
+    @property
+    def predictors(self) -> tuple[str, ...]:
+        """The predictors a forecast combines: the local linear extrapolation, the Chebyshev
+        forecast and, with ``reuse``, the last real feature."""
+        return ("linear", "chebyshev", "reuse") if self.reuse else ("linear", "chebyshev")
 
     @property
     def num_basis(self) -> int:

@@ -18,6 +18,16 @@ newest) of ``a/n``, ``b/n`` and ``c/n``. The squared relative error of the blend
 forecast uses its minimiser ``w* = (A - X) / (A + B - 2X)``, clipped to [0, 1] (0.5 while no
 validation has been seen or when the two predictors agree exactly).
 
+More predictors. With ``reuse`` the last real feature ``R`` is a third predictor, and the sums are
+the entries of the ``K x K`` Gram matrix ``G_ij = <P_i - h, P_j - h>`` of the predictors' errors
+(``K(K+1)/2`` numbers, then ``n``; all in the same one all-reduce). For weights summing to 1 the
+combination's error is ``sum_i w_i (P_i - h)``, of squared norm ``w^T G w``; minimising that
+subject to ``1^T w = 1`` (a Lagrange multiplier: ``G w = mu 1``) gives ``w = G^-1 1 / (1^T G^-1 1)``,
+computed on the averaged ``G`` plus a ridge of ``COMBINATION_RIDGE`` times its mean diagonal, so
+that predictors that agree (a singular ``G``) still give finite weights. The weights are affine,
+not clipped: a combination may extrapolate beyond its predictors. With ``T`` and ``C`` alone the
+clipped two-predictor weight above is kept.
+
 Schedule. For ``"adaptive"`` the controller models the relative error of the blend in use as
 growing with the square of the gap ``g`` between the last real step and the forecast step (the
 error of a first-order extrapolation of a smooth trajectory is ``O(g^2)``): it keeps an
@@ -27,6 +37,22 @@ largest ``g`` in ``[min_gap, max_gap]`` with ``k g^2 <= error_budget`` (``min_ga
 first validation). Because a real step's own validation is at the gap ``g`` that was chosen, the
 forecasts in between (gaps ``1 .. g-1``) are predicted to be within the budget too. The first
 ``warmup_steps`` steps are always real.
+
+Budget. For ``"budget"`` the user gives the number ``B`` of real steps (``target_nfe``), not an
+error level. The first ``min(warmup_steps, B)`` steps are real. After real step ``s``, with ``R``
+real steps left and ``L`` steps after ``s``: if ``R = 0`` no step is real any more; if ``R >= L``
+every remaining step is; if ``R = 1`` the last step is (the end of the trajectory, where it bends
+and where an extrapolation's error lands in the output, gets the last real evaluation). Otherwise
+the error at gap ``g`` is ``k(t) g^2`` with ``k`` varying along the trajectory; spreading ``R``
+real steps so that every forecast has the same error ``E`` needs gaps ``g(t) = sqrt(E / k(t))``,
+and with the rest of the trajectory as hard as the mean ``k_ref`` of the validations so far the
+next gap is ``g = (L / R) sqrt(k_ref / k)``, ``k`` the smoothed current one: a step harder than
+the generation's average gets real steps closer together, an easier one further apart (the factor
+kept within ``[1/2, 2]``, ``MAX_BUDGET_STRETCH``). ``g`` is rounded and kept in ``[1, L - R + 1]``, so the ``R - 1`` real steps after the next one still fit
+(the last of them at the final step): the generation uses exactly ``B`` real steps (``B`` per
+branch; fewer only if warm-up and the steps left are shorter) and never more, whatever the model
+does. Every input (the all-reduced sums and the step counts) is the same on every rank, so every
+rank takes the same decisions.
 """
 
 from __future__ import annotations
@@ -35,12 +61,18 @@ import math
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .config import SpectrumConfig
+from .forecaster import gram_pairs
 from .schedule import fixed_real_steps
 
 DEFAULT_AUTO_WEIGHT = 0.5
+# The budget schedule moves a gap at most this factor from the even spread of the budget left, so
+# that one validation (noisy, or of a stretch unlike the rest) cannot spend or hoard the budget.
+MAX_BUDGET_STRETCH = 2.0
+COMBINATION_RIDGE = 1e-9
 
 
 def all_reduce_over_job(sums: torch.Tensor) -> torch.Tensor:
@@ -58,8 +90,10 @@ class SpectrumController:
     def __init__(self, config: SpectrumConfig, reducer: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.config = config
         self.reducer = reducer if reducer is not None else all_reduce_over_job
-        self.adaptive = config.schedule == "adaptive"
+        self.adaptive = config.schedule != "paper"     # the controller chooses the real steps
+        self.budget = config.nfe_budget
         self.auto_blend = config.blend_weight == "auto"
+        self.predictors = config.predictors
         self.fixed_steps = fixed_real_steps(config)
         self.start()
 
@@ -70,9 +104,11 @@ class SpectrumController:
         self._planned_from: int | None = None
         self.next_real = 0
         self._pending: tuple[int, int, torch.Tensor] | None = None
-        self._averages: tuple[float, float, float] | None = None   # A, B, X
+        self._averages: tuple[float, ...] | None = None            # the Gram entries over n
         self._scale: float | None = None                            # k: error / gap^2
-        self.weight = DEFAULT_AUTO_WEIGHT if self.auto_blend else self.config.blend_weight
+        self._scale_sum, self._scale_count = 0.0, 0                 # for k_ref, the mean k
+        self.real_count = 0
+        self.weight: float | tuple[float, ...] = self._initial_weight()
         self.log: list[dict] = []
         self.plan: list[dict] = []
         self.validation_seconds = 0.0
@@ -100,6 +136,7 @@ class SpectrumController:
     def mark_real(self, step: int) -> None:
         if self.last_real is None or step > self.last_real:
             self.last_real = step
+            self.real_count += 1
 
     def observe(self, step: int, gap: int, sums: torch.Tensor, seconds: float = 0.0) -> None:
         """Add one branch's validation sums of real step ``step`` (scored at ``gap``)."""
@@ -120,26 +157,41 @@ class SpectrumController:
         step, gap, sums = self._pending
         self._pending = None
         t0 = time.perf_counter()
-        a, b, c, n = (float(v) for v in self.reducer(sums).cpu())
+        *entries, n = (float(v) for v in self.reducer(sums).cpu())
         self.validation_seconds += time.perf_counter() - t0
         if not n > 0:
             return   # an all-zero feature says nothing about relative error
-        new = (a / n, b / n, c / n)
+        new = tuple(entry / n for entry in entries)
         alpha = self.config.error_smoothing
         self._averages = new if self._averages is None else tuple(
             alpha * x + (1 - alpha) * y for x, y in zip(new, self._averages))
-        if self.auto_blend:
-            self.weight = best_blend_weight(*self._averages)
-        error = blend_error(self.weight, *new)
+        k = len(self.predictors)
+        if k == 2:
+            if self.auto_blend:
+                self.weight = best_blend_weight(*self._averages)
+            error = blend_error(self.weight, *new)
+        else:
+            self.weight = tuple(float(w) for w in best_combination(gram_matrix(self._averages, k)))
+            error = combination_error(self.weight, gram_matrix(new, k))
         self._scale = error / gap ** 2 if self._scale is None else (
             alpha * error / gap ** 2 + (1 - alpha) * self._scale)
-        self.log.append({"step": step, "gap": gap, "linear": math.sqrt(max(new[0], 0.0)),
-                         "chebyshev": math.sqrt(max(new[1], 0.0)), "blend": error, "blend_weight": self.weight})
+        self._scale_sum += error / gap ** 2
+        self._scale_count += 1
+        self.log.append({"step": step, "gap": gap,
+                         **{name: math.sqrt(max(new[i], 0.0)) for i, name in enumerate(self.predictors)},
+                         "blend": error, "blend_weight": self.weight})
+
+    def _initial_weight(self) -> float | tuple[float, ...]:
+        if len(self.predictors) > 2:
+            return (1 / len(self.predictors),) * len(self.predictors)
+        return DEFAULT_AUTO_WEIGHT if self.auto_blend else self.config.blend_weight
 
     def _plan(self) -> None:
         s = self.last_real
         cfg = self.config
-        if s + 1 < cfg.warmup_steps:
+        if self.budget is not None:
+            gap = self._budget_gap(s)
+        elif s + 1 < cfg.warmup_steps:
             gap = 1
         elif self._scale is None:
             gap = cfg.min_gap
@@ -147,10 +199,27 @@ class SpectrumController:
             gap = cfg.max_gap
         else:
             gap = min(cfg.max_gap, max(cfg.min_gap, math.floor(math.sqrt(cfg.error_budget / self._scale))))
-        self.next_real = s + gap
+        self.next_real = cfg.num_inference_steps if gap is None else s + gap
         self._planned_from = s
         self.plan.append({"after": s, "gap": gap,
-                          "predicted_error": None if self._scale is None else self._scale * gap ** 2})
+                          "predicted_error": None if self._scale is None or gap is None else self._scale * gap ** 2})
+
+    def _budget_gap(self, s: int) -> int | None:
+        """The gap to the next real step under the budget (module docstring), ``None`` for none."""
+        remaining = self.budget - self.real_count
+        left = self.config.num_inference_steps - 1 - s
+        if remaining <= 0 or left <= 0:
+            return None
+        if s + 1 < self.config.warmup_steps or remaining >= left:
+            return 1
+        if remaining == 1:
+            return left
+        largest = left - remaining + 1
+        factor = 1.0
+        if self._scale is not None and self._scale_sum > 0:
+            ratio = math.inf if self._scale == 0 else self._scale_sum / self._scale_count / self._scale
+            factor = min(MAX_BUDGET_STRETCH, max(1 / MAX_BUDGET_STRETCH, math.sqrt(ratio)))
+        return max(1, min(largest, round(left / remaining * factor)))
 
 
 def blend_error(w: float, a: float, b: float, c: float) -> float:
@@ -164,3 +233,28 @@ def best_blend_weight(a: float, b: float, c: float) -> float:
     if not curvature > 0:
         return DEFAULT_AUTO_WEIGHT
     return min(1.0, max(0.0, (a - c) / curvature))
+
+
+def gram_matrix(entries, k: int) -> np.ndarray:
+    """The symmetric ``k x k`` matrix of the entries in :func:`gram_pairs` order."""
+    gram = np.empty((k, k))
+    for (i, j), value in zip(gram_pairs(k), entries):
+        gram[i, j] = gram[j, i] = value
+    return gram
+
+
+def best_combination(gram: np.ndarray) -> np.ndarray:
+    """The weights ``w`` with ``sum(w) = 1`` minimising ``w^T G w``: ``G^-1 1 / (1^T G^-1 1)``
+    with a small ridge on ``G`` (equal weights when every predictor was exact)."""
+    k = len(gram)
+    scale = float(np.trace(gram)) / k
+    if not scale > 0:
+        return np.full(k, 1 / k)
+    x = np.linalg.solve(gram + COMBINATION_RIDGE * scale * np.eye(k), np.ones(k))
+    return x / x.sum()
+
+
+def combination_error(weights, gram: np.ndarray) -> float:
+    """Relative L2 error of ``sum_i w_i P_i`` from the normalised Gram matrix of the errors."""
+    w = np.asarray(weights)
+    return math.sqrt(max(float(w @ gram @ w), 0.0))

@@ -8,13 +8,19 @@ config counts that expert's own steps: the paper schedule's warm-up and growing 
 adaptive controller and the Chebyshev time axis all start over at the expert's first step, so
 the second expert warms up from its own real steps and no fit ever sees the other expert's
 features (their block stacks are different networks). The stats keep the pipeline's step indices.
+
+A budget (``target_nfe`` or ``speedup``) is the pipeline's: each expert gets the share of it that
+its share of the steps gives (largest remainders, at least 1 and at most its steps), so the experts'
+budgets add up to the total and a generation never runs more than ``target_nfe`` block-stack
+evaluations per branch over both experts.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from .config import SpectrumConfig
+from .config import SettingError, SpectrumConfig
 from .hooks import apply_spectrum, find_spectrum_stack, remove_spectrum, spectrum_stats
 
 EXPERTS = ("transformer", "transformer_2")
@@ -47,12 +53,35 @@ def apply_spectrum_to_pipeline(pipe: Any, config: SpectrumConfig) -> dict[str, r
     """Apply Spectrum to each expert of ``pipe`` for calls of ``config.num_inference_steps`` steps,
     each with that config over its own steps; returns the split (:func:`expert_steps`)."""
     split = expert_steps(pipe, config.num_inference_steps)
+    sizes = {name: len(steps) for name, steps in split.items() if steps}
+    budgets = {} if config.nfe_budget is None else share_budget(config.nfe_budget, sizes)
     for name, steps in split.items():
         if not steps:
             continue
-        own = SpectrumConfig(**{**config.model_dump(), "num_inference_steps": len(steps)})
+        own = {"num_inference_steps": len(steps)}
+        if name in budgets:
+            own.update(target_nfe=budgets[name], speedup=None)
+        own = SpectrumConfig(**{**config.model_dump(), **own})
         apply_spectrum(getattr(pipe, name), own, first_step=steps.start, total_steps=config.num_inference_steps)
     return split
+
+
+def share_budget(budget: int, sizes: dict[str, int]) -> dict[str, int]:
+    """``budget`` real steps split over experts running ``sizes`` steps, in proportion (largest
+    remainders), each at least 1 (a forecast needs history) and at most its steps."""
+    if budget < len(sizes):
+        raise SettingError("target_nfe", f"{len(sizes)} experts run at least one real step each, so the budget must "
+                                         f"be at least {len(sizes)}, got {budget}")
+    total = sum(sizes.values())
+    exact = {name: budget * size / total for name, size in sizes.items()}
+    shares = {name: math.floor(value) for name, value in exact.items()}
+    by_remainder = sorted(sizes, key=lambda name: exact[name] - shares[name], reverse=True)
+    for name in by_remainder[:budget - sum(shares.values())]:
+        shares[name] += 1
+    for name in [name for name, share in shares.items() if share == 0]:
+        shares[max(shares, key=shares.get)] -= 1
+        shares[name] = 1
+    return shares
 
 
 def _hooked_experts(pipe: Any) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -25,7 +27,8 @@ class SpectrumForecaster:
     state with float32 accumulation. No copy of a history is ever made.
 
     With ``blend_weight="auto"`` or the adaptive schedule both parts of the state are kept, and
-    ``score`` measures, at a real step, how well each predictor would have forecast it.
+    ``score`` measures, at a real step, how well each predictor would have forecast it. With
+    ``reuse`` the last real feature itself (zero-order reuse, kept anyway) is a third predictor.
     """
 
     def __init__(self, config: SpectrumConfig):
@@ -94,13 +97,16 @@ class SpectrumForecaster:
                 self._last.copy_(flat)
         self.real_steps.append(step)
 
-    def forecast(self, step: int, blend_weight: float | None = None) -> torch.Tensor:
+    def forecast(self, step: int, blend_weight: float | tuple[float, ...] | None = None) -> torch.Tensor:
         """The forecast feature at ``step``: same shape, dtype and device as the features.
 
-        ``blend_weight`` overrides the config's weight (required when it is ``"auto"``)."""
+        ``blend_weight`` overrides the config's weight (required when it is ``"auto"``); a tuple
+        gives one weight per predictor of ``config.predictors`` (an affine combination)."""
         step = self._check_step(step)
         if not self.real_steps:
             raise RuntimeError(f"forecast(step={step}) before any real step: call update() first")
+        if isinstance(blend_weight, tuple):
+            return self._combination(step, blend_weight)
         w = self.config.blend_weight if blend_weight is None else blend_weight
         if w == "auto":
             raise ValueError("blend_weight is 'auto': pass the weight to use, forecast(step, blend_weight=w)")
@@ -114,15 +120,30 @@ class SpectrumForecaster:
             out = self._add_linear(out, step, scale=1 - w)
         return out.view(self._shape).to(self._dtype)
 
+    def _combination(self, step: int, weights: tuple[float, ...]) -> torch.Tensor:
+        """``sum_i weights[i] P_i`` over the predictors ``P`` of ``config.predictors``."""
+        if len(weights) != len(self.config.predictors) or not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"need {len(self.config.predictors)} finite weights for {self.config.predictors}, "
+                             f"got {weights!r}")
+        on_linear, on_chebyshev, *on_reuse = weights
+        out = self._chebyshev(step, scale=on_chebyshev)
+        self._add_linear(out, step, scale=on_linear)
+        if on_reuse:
+            out.add_(self._last, alpha=on_reuse[0])
+        return out.view(self._shape).to(self._dtype)
+
     def score(self, step: int, features: torch.Tensor) -> torch.Tensor | None:
         """How well the state forecasts the feature just computed at real step ``step``.
 
-        Call before ``update(step, features)``. Returns float64 sums over this series' elements
-        ``[|T - h|^2, |C - h|^2, <T - h, C - h>, |h|^2]`` (``T``: local linear extrapolation,
-        ``C``: Chebyshev forecast, ``h``: the feature), on the features' device, or ``None``
-        while fewer than two real steps are held. The squared error of any blend
-        ``(1 - w) T + w C`` is ``(1-w)^2 a + w^2 b + 2 w (1-w) c``, so every weight is scored from
-        these four numbers, and sums over shards are the scores of the whole feature.
+        Call before ``update(step, features)``. With the errors ``e_i = P_i - h`` of the
+        predictors of ``config.predictors`` (``T``: local linear extrapolation, ``C``: Chebyshev
+        forecast, ``R``: reuse of the last real feature; ``h``: the feature) returns the float64
+        sums over this series' elements ``<e_i, e_j>`` in the order of :func:`gram_pairs` (with
+        T and C: ``[|T-h|^2, |C-h|^2, <T-h, C-h>]``), then ``|h|^2``, on the features' device, or
+        ``None`` while fewer than two real steps are held. The squared error of any combination
+        ``sum_i w_i P_i`` with ``sum_i w_i = 1`` is ``w^T G w`` in this Gram matrix ``G``, so every
+        weighting is scored from these numbers, and sums over shards are the scores of the whole
+        feature.
         """
         step = self._check_step(step)
         if not (self._uses_chebyshev and self._uses_extrapolation):
@@ -134,10 +155,10 @@ class SpectrumForecaster:
         h = features.detach().reshape(-1)
         if h.numel() != self._shape.numel():
             raise ValueError(f"score(step={step}) got {h.numel()} elements, this series holds {self._shape.numel()}")
-        linear = self._add_linear(None, step).sub_(h)
-        chebyshev = self._chebyshev(step).sub_(h)
-        return torch.stack([_dot64(linear, linear), _dot64(chebyshev, chebyshev), _dot64(linear, chebyshev),
-                            _dot64(h, h)])
+        errors = [self._add_linear(None, step).sub_(h), self._chebyshev(step).sub_(h)]
+        if self.config.reuse:
+            errors.append(self._last.to(torch.float32).sub(h))
+        return torch.stack([_dot64(errors[i], errors[j]) for i, j in gram_pairs(len(errors))] + [_dot64(h, h)])
 
     def _add_linear(self, out: torch.Tensor | None, step: int, scale: float = 1.0) -> torch.Tensor:
         """``out`` (flat float32, or ``None`` for a new tensor) plus ``scale`` times the local
@@ -165,6 +186,12 @@ class SpectrumForecaster:
         if not 0 <= step < self.config.num_inference_steps:
             raise ValueError(f"step must be in [0, {self.config.num_inference_steps}), got {step}")
         return step
+
+
+def gram_pairs(k: int) -> list[tuple[int, int]]:
+    """The entries of a symmetric ``k x k`` Gram matrix that ``score`` sums: the diagonal, then
+    the pairs above it in row order (``k(k+1)/2`` numbers)."""
+    return [(i, i) for i in range(k)] + [(i, j) for i in range(k) for j in range(i + 1, k)]
 
 
 def _dot64(x: torch.Tensor, y: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:

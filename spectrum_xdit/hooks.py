@@ -361,7 +361,7 @@ def spectrum_stack(transformer: torch.nn.Module) -> SpectrumStack:
 def spectrum_stats(transformer: torch.nn.Module) -> dict[str, dict]:
     """Per guidance branch, for the current or last generation: the steps that ran the block
     stack (``real_steps``, ``nfe`` of them), the forecast steps (``forecasts``), the blend
-    weight of each forecast (``blend_weights``) and the peak bytes of forecaster state
+    weight of each forecast (``blend_weights``; with ``reuse`` a weight per predictor) and the peak bytes of forecaster state
     (``state_bytes``). With validation on (``blend_weight="auto"`` or the adaptive schedule)
     also the job-wide validation scores (``validation``: step, gap, relative errors of the
     linear, Chebyshev and blended forecasts, blend weight), the adaptive schedule's choices

@@ -9,10 +9,13 @@ from .config import SpectrumConfig
 
 def fixed_real_steps(config: SpectrumConfig) -> frozenset[int]:
     """The steps that run the block stack whatever is measured: the whole paper schedule, or the
-    warm-up of the adaptive one (whose later real steps the controller chooses)."""
+    warm-up of the adaptive and budget ones (whose later real steps the controller chooses); the
+    budget's warm-up never exceeds the budget."""
     steps = config.num_inference_steps
     if config.schedule == "adaptive":
         return frozenset(range(min(config.warmup_steps, steps)))
+    if config.schedule == "budget":
+        return frozenset(range(min(config.warmup_steps, config.nfe_budget)))
     return frozenset(paper_schedule(steps, config.warmup_steps, config.window_size, config.flex_window))
 
 

@@ -45,7 +45,7 @@ ENGINE_NOISE = ("DEBUG ", "INFO ", "WARNING ", "[transformers]", "FutureWarning"
     (["--model", "tiny-flux", "--true_cfg_scale", "0.5"], 1,
      "--true_cfg_scale: input should be greater than or equal to 1"),
     (["--model", "tiny-flux", "--pipefusion_parallel_degree", "2"], 4, "= 2, but the world size is 4"),
-    (["--spectrum_schedule", "fast"], 1, "--spectrum_schedule: input should be 'paper' or 'adaptive'"),
+    (["--spectrum_schedule", "fast"], 1, "--spectrum_schedule: input should be 'paper', 'adaptive' or 'budget'"),
     (["--spectrum_min_gap", "5", "--spectrum_max_gap", "3"], 1, "--spectrum_max_gap: must be at least min_gap 5"),
     (["--spectrum_degree", "17"], 1, "--spectrum_degree: input should be less than or equal to 16"),
     (["--spectrum_warmup_steps", "1000000000"], 1, "--spectrum_warmup_steps: input should be less than or equal"),
@@ -292,3 +292,20 @@ def test_xdit_cache_config_is_checked():
         spectrum_config_from_cache_config(30, '{"blend_weight": 3}')
     with pytest.raises(ValueError, match="--cache_config num_inference_steps: comes from xDiT"):
         spectrum_config_from_cache_config(30, '{"num_inference_steps": 3}')
+
+
+@pytest.mark.parametrize("flags, budget", [(["--spectrum_target_nfe", "7"], 7), (["--spectrum_speedup", "2.5"], 8)])
+def test_budget_flags_select_the_budget_schedule(flags, budget):
+    parser = build_parser()
+    args = parser.parse_args(["generate", "--model", "tiny-wan", "--num_inference_steps", "20", *flags])
+    _, _, request, _ = check_arguments(args, parser, 1)
+    assert request.cache.schedule == "budget" and request.spectrum.nfe_budget == budget
+
+
+def test_budget_flags_are_checked_together(capsys):
+    parser = build_parser()
+    args = parser.parse_args(["generate", "--model", "tiny-wan", "--num_inference_steps", "20",
+                              "--spectrum_target_nfe", "7", "--spectrum_speedup", "2"])
+    with pytest.raises(SystemExit):
+        check_arguments(args, parser, 1)
+    assert "--spectrum_target_nfe: give target_nfe or speedup, not both" in capsys.readouterr().err

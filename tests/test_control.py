@@ -196,3 +196,165 @@ def test_flux_adaptive_without_step_indices():
     stats = spectrum_stats(pipe.transformer)
     assert stats["cond"]["real_steps"] == stats["uncond"]["real_steps"] == [0, 1, 2, 6, 10, 14]
     assert spectrum_stack(pipe.transformer).controller.step is None    # reset at the end of the call
+
+
+# -- the budget schedule --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(target_nfe=0), "target_nfe"),
+    (dict(target_nfe=51), "target_nfe"),
+    (dict(target_nfe=10, speedup=2.0), "target_nfe"),
+    (dict(speedup=0.9), "speedup"),
+    (dict(speedup=float("inf")), "speedup"),
+    (dict(schedule="budget"), "target_nfe"),
+    (dict(schedule="adaptive", target_nfe=10), "target_nfe"),
+    (dict(schedule="paper", speedup=2.0), "speedup"),
+])
+def test_bad_budget_settings_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SpectrumConfig(num_inference_steps=50, **kwargs)
+
+
+def test_a_budget_selects_the_budget_schedule():
+    assert SpectrumConfig(target_nfe=10).schedule == "budget"
+    assert SpectrumConfig(num_inference_steps=30, speedup=2.5).nfe_budget == 12
+    assert SpectrumConfig(num_inference_steps=30, speedup=30.0).nfe_budget == 1
+    assert SpectrumConfig().nfe_budget is None
+
+
+def _budget_run(config, error):
+    """A controller through one generation; the relative error of both predictors at real step s,
+    forecast from gap g, is error(s, g). Returns the real steps and the controller."""
+    controller = SpectrumController(config, reducer=lambda sums: sums)
+    real = []
+    for step in range(config.num_inference_steps):
+        controller.begin_step(step)
+        if controller.is_real(step):
+            controller.mark_real(step)
+            if len(real) >= 2:
+                e2 = error(step, step - real[-1]) ** 2
+                controller.observe(step, step - real[-1], torch.tensor([e2, e2, e2, 1.0], dtype=torch.float64))
+            real.append(step)
+    return real, controller
+
+
+@pytest.mark.parametrize("steps, target", [(20, 7), (30, 10), (50, 14), (50, 3), (12, 12), (40, 1)])
+def test_budget_is_spent_exactly_whatever_the_errors(steps, target):
+    rng = np.random.default_rng(steps * 100 + target)
+    for trial in range(20):
+        # random error levels along the trajectory, some zero, some huge
+        level = rng.choice([0.0, 1e-4, 1.0, 1e3], size=steps) * rng.random(steps)
+        config = SpectrumConfig(num_inference_steps=steps, target_nfe=target, warmup_steps=int(rng.integers(1, 6)),
+                                error_smoothing=float(rng.uniform(0.1, 1.0)))
+        real, _ = _budget_run(config, lambda s, g: level[s] * g * g)
+        warmup = min(config.warmup_steps, target)
+        assert len(real) == target and real[:warmup] == list(range(warmup)), (trial, real)
+        if target > warmup:
+            assert real[-1] == steps - 1, (trial, real)    # the end keeps its real step
+
+
+def test_budget_puts_real_steps_where_the_error_is_highest():
+    """A stretch harder than the generation's average gets shorter gaps, an easier one longer."""
+    config = SpectrumConfig(num_inference_steps=50, target_nfe=14, warmup_steps=3, error_smoothing=1.0)
+    even, _ = _budget_run(config, lambda s, g: 1e-3 * g * g)          # uniform difficulty: even gaps
+    assert len(even) == 14 and np.ptp(np.diff(even[2:])) <= 1, even
+    hard_end, _ = _budget_run(config, lambda s, g: (1e-3 if s < 30 else 1e-1) * g * g)
+    easy_end, _ = _budget_run(config, lambda s, g: (1e-1 if s < 20 else 1e-3) * g * g)
+    assert len(hard_end) == len(easy_end) == 14 and hard_end[-1] == easy_end[-1] == 49
+
+    def gaps_within(real, lo, hi):
+        return [b - a for a, b in zip(real, real[1:]) if lo <= a and b < hi]
+
+    assert np.mean(gaps_within(hard_end, 30, 49)) < min(gaps_within(hard_end, 3, 30)), hard_end
+    assert min(gaps_within(easy_end, 22, 44)) > max(gaps_within(even, 22, 44)), (even, easy_end)
+
+
+@pytest.mark.parametrize("steps, target", [(20, 7), (30, 10), (50, 14)])
+def test_budget_holds_on_a_random_model(steps, target):
+    config = SpectrumConfig(num_inference_steps=steps, target_nfe=target, warmup_steps=3, blend_weight="auto")
+    _, _, _, stats = _wan_run(config, steps)
+    cond, uncond = stats["cond"], stats["uncond"]
+    print(f"{steps} steps, target_nfe {target}: real steps {cond['real_steps']}")
+    assert cond["real_steps"] == uncond["real_steps"] and cond["nfe"] == target
+    assert cond["real_steps"][:3] == [0, 1, 2] and cond["real_steps"][-1] == steps - 1
+    assert cond["forecasts"] == steps - target == len(cond["blend_weights"])
+
+
+def test_two_experts_share_the_budget_by_their_steps():
+    from spectrum_xdit.experts import apply_spectrum_to_pipeline, pipeline_spectrum_stats, share_budget
+    from spectrum_xdit.models.tiny import build_tiny_wan22_pipeline
+
+    assert share_budget(10, {"a": 25, "b": 25}) == {"a": 5, "b": 5}
+    assert share_budget(7, {"a": 3, "b": 17}) == {"a": 1, "b": 6}
+    assert share_budget(2, {"a": 1, "b": 19}) == {"a": 1, "b": 1}
+    with pytest.raises(ValueError, match="target_nfe"):
+        share_budget(1, {"a": 3, "b": 17})
+    pipe = build_tiny_wan22_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    split = apply_spectrum_to_pipeline(pipe, SpectrumConfig(num_inference_steps=20, speedup=2.5, warmup_steps=2))
+    pipe(prompt="a red fox", num_inference_steps=20, height=32, width=32, num_frames=5, guidance_scale=1.0,
+         output_type="latent", generator=torch.Generator().manual_seed(7))
+    stats = pipeline_spectrum_stats(pipe)
+    nfe = {name: next(iter(branches.values()))["nfe"] for name, branches in stats.items()}   # one branch
+    assert sum(nfe.values()) == 8 and set(nfe) == {"transformer", "transformer_2"}
+    assert nfe == share_budget(8, {name: len(steps) for name, steps in split.items()})
+
+
+# -- more predictors: zero-order reuse ------------------------------------------------------------
+
+def test_k_predictor_combination_equals_the_constrained_least_squares_minimiser():
+    """w = G^-1 1 / (1^T G^-1 1) against lstsq on the stacked errors with w_K = 1 - sum(others)."""
+    from spectrum_xdit.control import best_combination, combination_error
+
+    g = torch.Generator().manual_seed(0)
+    for k in (2, 3, 4):
+        for _ in range(20):
+            errors = torch.randn(40, k, generator=g, dtype=torch.float64) * torch.rand(k, generator=g, dtype=torch.float64)
+            w = best_combination((errors.T @ errors).numpy())
+            # |E w| with sum(w) = 1: |E_K + sum_{i<K} w_i (E_i - E_K)|, unconstrained in w_1 .. w_{K-1}
+            free = torch.linalg.lstsq(errors[:, :-1] - errors[:, -1:], -errors[:, -1:]).solution[:, 0]
+            brute = torch.cat([free, 1 - free.sum().reshape(1)]).numpy()
+            assert w.sum() == pytest.approx(1.0) and w == pytest.approx(brute, rel=1e-5, abs=1e-7)
+            gram = (errors.T @ errors).numpy()
+            assert combination_error(w, gram) == pytest.approx(float((errors @ torch.from_numpy(w)).norm()), rel=1e-6)
+    # every predictor exact: equal weights; two identical predictors: finite weights that sum to 1
+    assert best_combination(np.zeros((3, 3))) == pytest.approx([1 / 3] * 3)
+    e = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    e = torch.cat([e, e[:, :1]], dim=1)
+    w = best_combination((e.T @ e).numpy())
+    assert np.isfinite(w).all() and w.sum() == pytest.approx(1.0)
+
+
+def test_reuse_is_scored_and_combined_as_a_third_predictor():
+    config = SpectrumConfig(num_inference_steps=STEPS, blend_weight="auto", reuse=True)
+    trajectory = _trajectory(seed=5)
+    forecaster = SpectrumForecaster(config)
+    for s in HISTORY:
+        forecaster.update(s, trajectory(s).to(torch.float32))
+    h = trajectory(TARGET).to(torch.float32).double().reshape(-1)
+    sums = forecaster.score(TARGET, h.float().reshape(3, 50)).tolist()
+    linear, chebyshev = _float64_forecasts(config, trajectory)
+    reuse = trajectory(HISTORY[-1]).to(torch.float32).double().reshape(-1)
+    e = [linear - h, chebyshev - h, reuse - h]
+    expected = [e[0] @ e[0], e[1] @ e[1], e[2] @ e[2], e[0] @ e[1], e[0] @ e[2], e[1] @ e[2], h @ h]
+    assert sums == pytest.approx([float(x) for x in expected], rel=1e-5)
+    weights = (0.7, 1.1, -0.8)
+    combined = forecaster.forecast(TARGET, blend_weight=weights).double().reshape(-1)
+    direct = weights[0] * linear + weights[1] * chebyshev + weights[2] * reuse
+    assert ((combined - direct).norm() / direct.norm()).item() < 1e-5
+    with pytest.raises(ValueError, match="3 finite weights"):
+        forecaster.forecast(TARGET, blend_weight=(0.5, 0.5))
+    with pytest.raises(ValueError, match="reuse"):
+        SpectrumConfig(blend_weight=0.5, reuse=True)
+
+
+def test_reuse_in_a_run_uses_the_validated_combination():
+    config = SpectrumConfig(num_inference_steps=STEPS, target_nfe=10, warmup_steps=3, blend_weight="auto",
+                            reuse=True, error_smoothing=1.0)
+    _, _, _, stats = _wan_run(config)
+    cond = stats["cond"]
+    assert cond["nfe"] == 10 and all(len(w) == 3 and sum(w) == pytest.approx(1.0) for w in cond["blend_weights"])
+    for entry in cond["validation"]:
+        assert set(entry) == {"step", "gap", "linear", "chebyshev", "reuse", "blend", "blend_weight"}
+        # the least-error affine combination of the step's own errors is at most the best predictor's
+        assert entry["blend"] <= min(entry["linear"], entry["chebyshev"], entry["reuse"]) + 1e-9

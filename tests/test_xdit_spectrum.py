@@ -232,3 +232,32 @@ def test_adaptive_spectrum_decides_alike_on_every_rank(layout):
         for sharded_entry, single_entry in zip(stats0[branch]["validation"], single[branch]["validation"]):
             assert sharded_entry["blend"] == pytest.approx(single_entry["blend"], rel=1e-4)
     assert stats0["cond"]["plan"] == stats1["cond"]["plan"]
+
+
+BUDGET = dict(warmup_steps=3, target_nfe=8, blend_weight="auto")
+
+
+def _budget_sharded_vs_single() -> dict:
+    from spectrum_xdit.parallel import patches
+
+    patches.install()
+    from spectrum_xdit.parallel.xdit_setup import setup_xdit_parallel
+
+    engine_config = setup_xdit_parallel(ulysses_degree=2, ring_degree=1, cfg_degree=1)
+    return _compare_with_single_process(engine_config, "wan", EVEN_SIZES["wan"], STEPS, BUDGET)
+
+
+def test_budget_schedule_holds_and_decides_alike_under_ulysses2():
+    """target_nfe sharded: both ranks choose the single process's real steps, exactly the budget."""
+    result = run_distributed(_budget_sharded_vs_single, world_size=2, timeout=240.0)
+    single = result["single_stats"]
+    print(f"budget ulysses2: relative error {result['error']:.2e}, real steps {single['cond']['real_steps']}")
+    assert result["error"] <= 1e-5, f"budget ulysses2: relative error {result['error']:.2e}"
+    (stats0, local0), (stats1, local1) = result["stats_per_rank"]
+    assert local0 and all(a != b for (_, a), (_, b) in zip(local0, local1))   # each rank scored its shard
+    for branch in ("cond", "uncond"):
+        assert single[branch]["nfe"] == BUDGET["target_nfe"] and single[branch]["real_steps"][-1] == STEPS - 1
+        for stats in (stats0, stats1):
+            assert stats[branch]["real_steps"] == single[branch]["real_steps"]
+            assert stats[branch]["blend_weights"] == pytest.approx(single[branch]["blend_weights"], abs=1e-6)
+    assert stats0["cond"]["plan"] == stats1["cond"]["plan"]
