@@ -1,6 +1,6 @@
 """The support matrix of the README, cell by cell: each embedded model under each parallel layout
-it supports, with the paper schedule and the adaptive one, against the same request in one
-process (2 gloo ranks per launch; both schedules in one launch)."""
+it supports, with the paper, adaptive and budget schedules, against the same request in one
+process (2 gloo ranks per launch; every schedule in one launch)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ from spectrum_xdit.parallel.testing import run_distributed
 STEPS = 14
 # The adaptive schedule with a budget a random-weight model can meet (its features are rougher
 # than a trained model's) and the auto blend, so that it skips steps here too.
+# The budget schedule at a 7-step budget.
 SCHEDULES = {"paper": {}, "adaptive": {"schedule": "adaptive", "blend_weight": "auto", "warmup_steps": 3,
-                                       "error_budget": 0.3, "max_gap": 4}}
+                                       "error_budget": 0.3, "max_gap": 4},
+             "budget": {"target_nfe": 7, "blend_weight": "auto", "warmup_steps": 3}}
+BUDGET = 7
 LAYOUTS = {
     "ulysses2": dict(ulysses_degree=2),
     "ring2": dict(ring_degree=2),
@@ -24,7 +27,7 @@ LAYOUTS = {
     "pipefusion2": dict(pipefusion_parallel_degree=2, num_pipeline_patch=2),
 }
 # (model, layout, schedules): every layout each model's family has, every schedule it takes.
-# PipeFusion is FLUX.1-only and refuses the adaptive schedule; CFG parallel is Wan-only.
+# PipeFusion is FLUX.1-only and takes only the paper schedule; CFG parallel is Wan-only.
 CELLS = [
     *((model, layout, schedule) for model in ("tiny-wan", "tiny-wan-i2v", "tiny-wan22")
       for layout in ("ulysses2", "ring2", "cfg2") for schedule in SCHEDULES),
@@ -75,3 +78,5 @@ def test_every_cell_equals_one_process(model, layout):
         assert error <= TOLERANCE.get(layout, DEFAULT_TOLERANCE), (schedule, error)
         assert real_steps == reference.report["real_steps"], schedule
         assert all(len(steps) < STEPS for steps in real_steps.values()), (schedule, real_steps)
+        if schedule == "budget":   # per branch, and shared by a pipeline's experts
+            assert all(len(steps) <= BUDGET for steps in real_steps.values()), real_steps
