@@ -20,9 +20,11 @@ from spectrum_xdit.parallel.testing import free_port  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 TIMEOUT_S = 4.0
-# 100 full-compute steps of 96 x 96 x 17 (180 tokens): far past TIMEOUT_S on this machine's two
-# cores, which serve an 8-step request of the default size in about a second.
-RUNAWAY = {"prompt": "x", "num_inference_steps": 100, "height": 96, "width": 96, "num_frames": 17,
+# 100 full-compute steps (the server's max_steps) of 256 x 256 x 33 (2,304 tokens; 200 steps of a
+# quarter of them took 13.6 s in one process on this machine's two cores, which serve an 8-step
+# request of the default size in about a second): far past TIMEOUT_S however fast the day's CPU
+# is (100 steps of 96 x 96 x 17 came in under it on 2026-12-02).
+RUNAWAY = {"prompt": "x", "num_inference_steps": 100, "height": 256, "width": 256, "num_frames": 33,
            "cache": {"method": "none"}, "output_format": "npy"}
 
 
