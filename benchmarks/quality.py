@@ -1,7 +1,7 @@
 """Quality against speed: Spectrum and the baselines on the trained digits Wan model.
 
     python -m benchmarks.quality                 # 40 (prompt, seed) pairs, ~10 min on 2 cores
-    python -m benchmarks.quality --quick         # 2 pairs, every method at NFE 14, 1-3 min
+    python -m benchmarks.quality --quick         # 2 pairs, every method at NFE 14, < 60 s
     python -m benchmarks.quality --json benchmarks/results/quality_cpu.json
 
 Every method samples the same clips as the reference, full compute (50 UniPC steps, guidance
