@@ -5,37 +5,50 @@
     python -m benchmarks.quality --json benchmarks/results/quality_cpu.json
 
 Every method samples the same clips as the reference, full compute (50 UniPC steps, guidance
-5.0), and is scored against it at two budgets of block-stack evaluations per guidance branch
-(``--budgets``, default 14 and 10 of 50):
+5.0), and is scored against it at budgets of block NFE per guidance branch (``--budgets``,
+default 14, 10 and 7 of 50: 3.5x, 5x and 7x):
 
 - ``plain``: the sampler itself with that many steps (its schedule changes, so its output is a
   different sample of the model, compared like the others against the 50-step one);
 - ``reuse``: FORA-style reuse of the last computed block-stack output, at exactly Spectrum's
   real steps (Spectrum's hooks with the forecast replaced by the latest real feature);
-- ``spectrum``: flex_window 0.75 and 3.0 (warm-up and window set to land on the budget), blend
-  weight 0.5 (the reference recipe) and 1.0 (the paper's pure Chebyshev forecast), and 0.0
-  (local linear extrapolation alone) on the 0.75 schedule;
-- ``spectrum-auto``: the 0.75 schedule with ``blend_weight="auto"`` (the weight that minimises
-  the online validation error, ``spectrum_xdit.control``);
+- ``spectrum``: the paper's schedule, flex_window 0.75 (warm-up and window set to land on the
+  budget), blend weight 0.5 (the reference recipe) and 1.0 (the paper's pure Chebyshev forecast);
+- ``spectrum-auto``: that schedule with ``blend_weight="auto"`` (the weight that minimises the
+  online validation error, ``spectrum_xdit.control``); ``spectrum-auto-reuse`` adds ``reuse=True``
+  (the last real feature as a third validated predictor, the least-error affine combination);
+- ``spectrum-budget``: ``target_nfe`` = the budget with the auto blend (exactly that many real
+  steps, placed by validated error; nothing to tune), and ``spectrum-budget-reuse`` the same with
+  ``reuse=True``;
 - ``spectrum-adaptive``: the error-controlled schedule with the auto blend, its ``error_budget``
   bisected on held-out seeds to land near the budget (the real steps it chose per clip are in
   the JSON);
 - ``taylorseer``: diffusers' ``TaylorSeerCacheConfig`` on every block's output (order 1 and 2),
   interval and warm-up chosen to give the budget exactly;
 - ``fbcache`` and ``magcache``: diffusers' ``FirstBlockCacheConfig`` and ``MagCacheConfig``
-  (ratios calibrated on this model), their thresholds bisected on held-out seeds to land near
-  the budget; the NFE they actually used on the benchmark seeds is what the table reports.
+  (ratios calibrated on this model; MagCache's longest run of skips ``K`` set per budget so that
+  the budget is reachable at all), their thresholds bisected on held-out seeds to land near the
+  budget's block NFE; the block NFE they actually used on the benchmark seeds is what the table
+  reports. A budget below FirstBlockCache's floor (below) gets a row saying it was dropped.
 
-NFE is counted, not inferred: a forward pre-hook on the feed-forward of the last block counts
-every real evaluation of the whole stack, divided by the two guidance branches.
+NFE and block NFE are counted, not inferred, with forward pre-hooks on every block's feed-forward,
+divided by the two guidance branches. ``nfe`` counts evaluations of the last block: whole-stack
+evaluations. ``block_nfe`` counts every block evaluation divided by the number of blocks ``L``,
+so a step that runs only the first block costs ``1/L`` of a stack evaluation: that is what
+FirstBlockCache spends on a skipped step to decide that it is one (MagCache decides from
+calibrated ratios and runs nothing, the Spectrum and TaylorSeer hooks pass the input through).
+Budgets are matched in block NFE, the compute actually spent. On this 4-block model FirstBlockCache
+costs at least ``1 + 49/4 = 13.25`` (the first step full, the first block on every other), so it
+cannot reach block NFE 10 or 7.
 
 Metrics, per method: PSNR and SSIM of the decoded frames against the reference of the same seed
 (mean over clips), the fraction of frames a held-out digit classifier recognises as the prompted
-digit, NFE, ``speedup_nfe = 50 / nfe``, ``speedup_wall`` (median denoising wall time of the
+digit, NFE (mean, and ``nfe_max`` over clips), block NFE, ``speedup_nfe = 50 / nfe``, ``speedup_wall`` (median denoising wall time of the
 reference over the method's; prompts are encoded beforehand and the methods interleaved per clip,
 so machine noise hits all of them alike), and for the forecasting methods the time of one
 forecast and one update of the state (``forecast_ms``, ``update_ms``) and, for the validating
-methods, the extra time per real step of scoring it (``validation_ms``).
+methods, the extra time per real step of scoring it (``validation_ms``). The JSON holds each
+method's real steps (``real_steps``, or ``real_steps_per_clip`` where the schedule adapts).
 
 Writes the JSON (``--json``), and beside it a Markdown table (``.md``), a plot of PSNR and
 accuracy against wall-clock speedup (``.png``) and a grid of frames per method (``_frames.png``).
@@ -71,17 +84,21 @@ from spectrum_xdit.hooks import spectrum_stack
 STEPS = 50
 GUIDANCE = 5.0
 DEFAULT_JSON = Path("benchmarks/results/quality_cpu.json")
+PAIR_STRIDE = 11
 CALIBRATION_SEED = 1000  # seeds >= this are held out from the benchmark pairs, for tuning only
 
-# Spectrum schedules (warmup_steps, window_size) that land on a budget for each flex_window.
-SPECTRUM_SCHEDULES = {
-    (14, 0.75): (5, 2), (14, 3.0): (9, 2),
-    (10, 0.75): (2, 3), (10, 3.0): (5, 2),
-}
+# The paper's schedule at flex_window 0.75: (warmup_steps, window_size) that land on each budget.
+FLEX = 0.75
+SPECTRUM_SCHEDULES = {14: (5, 2), 10: (2, 3), 7: (1, 6)}
 # The adaptive schedule's fixed settings; its error budget is bisected to land on each budget.
 ADAPTIVE = dict(schedule="adaptive", warmup_steps=3, min_gap=1, max_gap=10)
+# The budget schedule's warm-up: the adaptive one's, not tuned.
+BUDGET_WARMUP = 3
 # TaylorSeer computes at steps < before and at before + 1 + k * interval: (before, interval).
-TAYLORSEER_SCHEDULES = {14: (2, 4), 10: (2, 6)}
+TAYLORSEER_SCHEDULES = {14: (2, 4), 10: (2, 6), 7: (2, 10)}
+# MagCache never skips the first round(0.1 * 50) = 5 steps and at most K in a row after them, so
+# it needs 5 + ceil(45 / (K + 1)) <= budget: the K per budget.
+MAGCACHE_MAX_SKIP = {14: 6, 10: 12, 7: 44}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -257,14 +274,14 @@ class Bench:
 
 def tune_threshold(bench: Bench, build, target: float, prompts: list[tuple[str, int]], lo: float, hi: float,
                    iterations: int) -> tuple[float, float]:
-    """Bisect a threshold (NFE falls as it grows) on held-out (prompt, seed) pairs.
+    """Bisect a threshold (block NFE falls as it grows) on held-out (prompt, seed) pairs.
 
-    Returns the tried threshold whose mean NFE is closest to ``target`` (ties: the higher NFE)."""
+    Returns the tried threshold whose mean block NFE is closest to ``target`` (ties: the higher)."""
     tried = []
     for _ in range(iterations):
         mid = math.sqrt(lo * hi)
         method = build(mid)
-        nfe = statistics.fmean(bench.sample(method, p, s)[2] for p, s in prompts)
+        nfe = statistics.fmean(bench.sample(method, p, s)[3]["block_nfe"] for p, s in prompts)
         tried.append((abs(nfe - target), -nfe, mid, nfe))
         if nfe > target:
             lo = mid
@@ -297,23 +314,31 @@ def calibrate_magcache(bench: Bench, prompt: str, seed: int) -> list[float]:
 
 
 def build_methods(bench: Bench, budgets: list[int], calibration: list[tuple[str, int]], iterations: int,
-                  log) -> list[Method]:
+                  log) -> tuple[list[Method], list[dict]]:
+    """The methods to run, and a row for each baseline that cannot reach a budget at all."""
     methods: list[Method] = [Method("full", f"{STEPS} steps")]
+    dropped: list[dict] = []
     magcache_ratios = None
+    fbcache_floor = 1 + (STEPS - 1) / bench.counter.blocks
     for budget in budgets:
         methods.append(Method("plain", f"{budget} steps", budget, steps=budget))
-        for flex in (0.75, 3.0):
-            warmup, window = SPECTRUM_SCHEDULES[(budget, flex)]
-            base = dict(num_inference_steps=STEPS, warmup_steps=warmup, window_size=window, flex_window=flex)
-            schedule = f"flex {flex}, warmup {warmup}, window {window}"
-            methods.append(ReuseMethod("reuse", schedule, budget, SpectrumConfig(**base, blend_weight=0.0)))
-            blends = (0.0, 0.5, 1.0) if flex == 0.75 else (0.5, 1.0)
-            for blend in blends:
-                methods.append(SpectrumMethod("spectrum", f"{schedule}, blend {blend}", budget,
-                                              SpectrumConfig(**base, blend_weight=blend)))
-            if flex == 0.75:
-                methods.append(SpectrumMethod("spectrum-auto", f"{schedule}, blend auto", budget,
-                                              SpectrumConfig(**base, blend_weight="auto")))
+        warmup, window = SPECTRUM_SCHEDULES[budget]
+        base = dict(num_inference_steps=STEPS, warmup_steps=warmup, window_size=window, flex_window=FLEX)
+        schedule = f"flex {FLEX}, warmup {warmup}, window {window}"
+        methods.append(ReuseMethod("reuse", schedule, budget, SpectrumConfig(**base, blend_weight=0.0)))
+        for blend in (0.5, 1.0):
+            methods.append(SpectrumMethod("spectrum", f"{schedule}, blend {blend}", budget,
+                                          SpectrumConfig(**base, blend_weight=blend)))
+        methods.append(SpectrumMethod("spectrum-auto", f"{schedule}, blend auto", budget,
+                                      SpectrumConfig(**base, blend_weight="auto")))
+        methods.append(SpectrumMethod("spectrum-auto-reuse", f"{schedule}, blend auto + reuse", budget,
+                                      SpectrumConfig(**base, blend_weight="auto", reuse=True)))
+        for reuse in (False, True):
+            methods.append(SpectrumMethod(
+                "spectrum-budget-reuse" if reuse else "spectrum-budget",
+                f"target_nfe {budget}, warmup {BUDGET_WARMUP}, blend auto{' + reuse' if reuse else ''}", budget,
+                SpectrumConfig(num_inference_steps=STEPS, target_nfe=budget, warmup_steps=BUDGET_WARMUP,
+                               blend_weight="auto", reuse=reuse)))
 
         def adaptive(error_budget):
             config = SpectrumConfig(num_inference_steps=STEPS, blend_weight="auto", error_budget=error_budget,
@@ -338,23 +363,28 @@ def build_methods(bench: Bench, budgets: list[int], calibration: list[tuple[str,
             return DiffusersCacheMethod("fbcache", f"threshold {threshold:.4g}", budget,
                                         lambda: FirstBlockCacheConfig(threshold=threshold),
                                         {"threshold": threshold})
-        threshold, nfe = tune_threshold(bench, fbcache, budget, calibration, 0.01, 0.5, iterations)
-        log(f"fbcache: threshold {threshold:.4g} gives NFE {nfe:.1f} on the held-out seeds (target {budget})")
-        methods.append(fbcache(threshold))
+        if budget < fbcache_floor:
+            dropped.append({"method": "fbcache", "budget": budget, "dropped": True,
+                            "setting": f"dropped: its first block on every step costs block NFE >= {fbcache_floor:g}"})
+        else:
+            threshold, nfe = tune_threshold(bench, fbcache, budget, calibration, 0.01, 10.0, iterations)
+            log(f"fbcache: threshold {threshold:.4g} gives block NFE {nfe:.2f} on the held-out seeds "
+                f"(target {budget})")
+            methods.append(fbcache(threshold))
 
         if magcache_ratios is None:
             magcache_ratios = calibrate_magcache(bench, *calibration[0])
 
-        def magcache(threshold, ratios=magcache_ratios):
+        def magcache(threshold, ratios=magcache_ratios, skips=MAGCACHE_MAX_SKIP[budget]):
             def config():
-                return MagCacheConfig(threshold=threshold, max_skip_steps=6, retention_ratio=0.1,
+                return MagCacheConfig(threshold=threshold, max_skip_steps=skips, retention_ratio=0.1,
                                       num_inference_steps=STEPS, mag_ratios=list(ratios))
-            return DiffusersCacheMethod("magcache", f"threshold {threshold:.4g}, K 6, retention 0.1", budget,
+            return DiffusersCacheMethod("magcache", f"threshold {threshold:.4g}, K {skips}, retention 0.1", budget,
                                         config, {"threshold": threshold})
         threshold, nfe = tune_threshold(bench, magcache, budget, calibration, 1e-3, 10.0, iterations)
-        log(f"magcache: threshold {threshold:.4g} gives NFE {nfe:.1f} on the held-out seeds (target {budget})")
+        log(f"magcache: threshold {threshold:.4g} gives block NFE {nfe:.2f} on the held-out seeds (target {budget})")
         methods.append(magcache(threshold))
-    return methods
+    return methods, dropped
 
 
 # ----------------------------------------------------------------------------- report
@@ -368,7 +398,7 @@ def summarise(method: Method, runs: list[dict], full_seconds: float) -> dict:
     nfe = statistics.fmean(r["nfe"] for r in runs)
     row = {
         "method": method.method, "setting": method.setting, "budget": method.budget,
-        "nfe": round(nfe, 2), "psnr": mean("psnr"), "ssim": mean("ssim"), "accuracy": mean("accuracy"),
+        "nfe": round(nfe, 2), "nfe_max": max(r["nfe"] for r in runs), "psnr": mean("psnr"), "ssim": mean("ssim"), "accuracy": mean("accuracy"),
         "block_nfe": round(statistics.fmean(r["info"]["block_nfe"] for r in runs), 2),
         "speedup_wall": round(full_seconds / seconds, 3), "speedup_nfe": round(STEPS / nfe, 3),
         "seconds_median": round(seconds, 4),
@@ -377,7 +407,8 @@ def summarise(method: Method, runs: list[dict], full_seconds: float) -> dict:
         if method.timings[kind]:
             row[f"{kind}_ms"] = round(1e3 * statistics.median(method.timings[kind]), 4)
     row.update({k: v for k, v in runs[0]["info"].items() if k != "block_nfe"})
-    if method.method == "spectrum-adaptive":
+    if method.method in ("spectrum-adaptive", "spectrum-budget", "spectrum-budget-reuse"):
+        row.pop("real_steps")
         row["real_steps_per_clip"] = [r["info"]["real_steps"] for r in runs]
     return row
 
@@ -388,9 +419,12 @@ def markdown_table(rows: list[dict], real_step_ms: float) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     best = {}
     for row in rows:
-        if row["budget"] is not None:
+        if row["budget"] is not None and not row.get("dropped"):
             best[row["budget"]] = max(best.get(row["budget"], -1.0), row["psnr"])
     for row in rows:
+        if row.get("dropped"):
+            lines.append(f"| {row['budget']} | {row['method']} | {row['setting']} |" + " |" * 9)
+            continue
         psnr_text = "ref" if row["psnr"] is None else f"{row['psnr']:.2f}"
         if row["psnr"] is not None and row["psnr"] == best.get(row["budget"]):
             psnr_text = f"**{psnr_text}**"
@@ -401,8 +435,9 @@ def markdown_table(rows: list[dict], real_step_ms: float) -> str:
             f"| {ssim_text} | {100 * row['accuracy']:.1f}% | {row['speedup_wall']:.2f}x | {row['speedup_nfe']:.2f}x "
             f"| {row.get('forecast_ms', '')} | {row.get('validation_ms', '')} |")
     lines.append("")
-    lines.append(f"NFE: evaluations of the whole block stack per guidance branch; block NFE also counts "
-                 f"the blocks run on skipped steps, in units of the stack. Bold: best PSNR at the budget. "
+    lines.append(f"NFE: evaluations of the whole block stack per guidance branch; block NFE counts every "
+                 f"block evaluation in units of the stack (FirstBlockCache's first block on a skipped step: "
+                 f"1/4), the measure the budgets are matched in. Bold: best PSNR at the budget. "
                  f"A full-compute transformer call (one branch, one step) takes {real_step_ms:.2f} ms here "
                  f"(denoising time / {2 * STEPS} calls); forecast ms is the median time of one forecast, "
                  f"validation ms the median extra time per real step (both branches) of scoring it.")
@@ -411,7 +446,8 @@ def markdown_table(rows: list[dict], real_step_ms: float) -> str:
 
 FAMILY_STYLE = {"full": ("black", "*"), "plain": ("tab:gray", "s"), "reuse": ("tab:brown", "v"),
                 "spectrum": ("tab:red", "o"), "spectrum-auto": ("tab:orange", "o"),
-                "spectrum-adaptive": ("gold", "h"), "taylorseer": ("tab:blue", "^"), "fbcache": ("tab:green", "D"),
+                "spectrum-auto-reuse": ("tab:pink", "o"), "spectrum-adaptive": ("gold", "h"),
+                "spectrum-budget": ("tab:cyan", "X"), "spectrum-budget-reuse": ("tab:olive", "X"), "taylorseer": ("tab:blue", "^"), "fbcache": ("tab:green", "D"),
                 "magcache": ("tab:purple", "P")}
 
 
@@ -425,15 +461,15 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                            (axes[1], "accuracy", "frames recognised as the prompted digit")):
         seen = set()
         for row in rows:
-            if row[key] is None:
+            if row.get("dropped") or row[key] is None:
                 continue
             colour, marker = FAMILY_STYLE[row["method"]]
             name = row["method"] if row["method"] not in seen else None
             seen.add(row["method"])
-            size = 90 if row["budget"] == 14 else 50
+            size = 6 * (row["budget"] or 15)
             ax.scatter(row["speedup_wall"], row[key], c=colour, marker=marker, s=size, label=name,
                        edgecolors="k", linewidths=0.4)
-        ax.set_xlabel("denoising wall-clock speedup over 50 steps (larger marker: NFE 14, smaller: 10)")
+        ax.set_xlabel("denoising wall-clock speedup over 50 steps (marker area: block NFE budget)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     full = next(r for r in rows if r["method"] == "full")
@@ -482,12 +518,13 @@ def run(num_pairs: int, budgets: list[int], out_json: Path, threads: int, tune_i
     conditions = dd.all_prompts()
     if num_pairs < 1:
         raise ValueError(f"--pairs must be >= 1, got {num_pairs}")
-    # (prompt, seed) pairs: every condition once (seed = its index), then again with new seeds
-    pairs = [(conditions[i % len(conditions)], i) for i in range(num_pairs)]
+    # (prompt, seed) pairs: every condition once (seed = its index), then again with new seeds; the
+    # conditions strided by 11 (prime to 40) so that fewer pairs still spread over digits and directions
+    pairs = [(conditions[(PAIR_STRIDE * i) % len(conditions)], i) for i in range(num_pairs)]
     calibration = [(conditions[(7 * i + 3) % len(conditions)][2], CALIBRATION_SEED + i)
                    for i in range(calibration_pairs)]
 
-    methods = build_methods(bench, budgets, calibration, tune_iterations, log)
+    methods, dropped = build_methods(bench, budgets, calibration, tune_iterations, log)
     runs: dict[str, list[dict]] = {m.label: [] for m in methods}
     grid: dict[str, np.ndarray] = {}
     for (digit, _direction, prompt), seed in tqdm(pairs, desc="quality", unit="clip", disable=quiet):
@@ -509,6 +546,9 @@ def run(num_pairs: int, budgets: list[int], out_json: Path, threads: int, tune_i
                 grid[f"{method.label} (NFE {nfe:g})"] = frames
     full_seconds = statistics.median(r["seconds"] for r in runs[methods[0].label])
     rows = [summarise(m, runs[m.label], full_seconds) for m in methods]
+    # each dropped baseline after its budget's last row
+    for drop in dropped:
+        rows.insert(max(i for i, r in enumerate(rows) if r["budget"] == drop["budget"]) + 1, drop)
     real_step_ms = 1e3 * full_seconds / (2 * STEPS)
 
     meta = {
@@ -542,7 +582,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="2 pairs, budget 14, short tuning: an end-to-end check")
     parser.add_argument("--pairs", type=int, default=None, help="(prompt, seed) pairs (default 40; quick 2)")
     parser.add_argument("--budgets", type=int, nargs="+", default=None, choices=sorted(TAYLORSEER_SCHEDULES),
-                        help="NFE per branch to match (default 14 10; quick: 14)")
+                        help="block NFE per branch to match (default 14 10 7; quick: 14)")
     parser.add_argument("--json", type=Path, default=None,
                         help=f"output JSON (default {DEFAULT_JSON}; quick: outputs/quality_quick.json)")
     parser.add_argument("--threads", type=int, default=2)
@@ -550,7 +590,7 @@ def main(argv: list[str] | None = None) -> dict:
     pairs = args.pairs if args.pairs is not None else (2 if args.quick else 40)
     out = args.json or (Path("outputs/quality_quick.json") if args.quick else DEFAULT_JSON)
     command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
-    budgets = args.budgets or ([14] if args.quick else [14, 10])
+    budgets = args.budgets or ([14] if args.quick else [14, 10, 7])
     return run(pairs, budgets, out, args.threads, tune_iterations=3 if args.quick else 7,
                calibration_pairs=1 if args.quick else 2, command=command.strip())
 

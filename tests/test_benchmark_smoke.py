@@ -37,8 +37,9 @@ def test_quality_benchmark_quick(tmp_path):
     assert (tmp_path / "quality_frames.png").stat().st_size > 0
     rows = {(r["method"], r["setting"]): r for r in result["rows"]}
     families = {r["method"] for r in result["rows"]}
-    assert families == {"full", "plain", "reuse", "spectrum", "spectrum-auto", "spectrum-adaptive", "taylorseer",
-                        "fbcache", "magcache"}
+    assert families == {"full", "plain", "reuse", "spectrum", "spectrum-auto", "spectrum-auto-reuse",
+                        "spectrum-adaptive", "spectrum-budget", "spectrum-budget-reuse", "taylorseer", "fbcache",
+                        "magcache"}
     assert result["meta"]["pairs"] == 2
     for row in result["rows"]:
         assert set(row) >= {"method", "setting", "nfe", "psnr", "ssim", "accuracy", "speedup_wall", "speedup_nfe"}
@@ -52,7 +53,7 @@ def test_quality_benchmark_quick(tmp_path):
         assert row["speedup_nfe"] == round(50 / row["nfe"], 3)
     assert rows[("plain", "14 steps")]["nfe"] == 14
     for (method, setting), row in rows.items():
-        if method in ("spectrum", "spectrum-auto", "reuse"):
+        if method in ("spectrum", "spectrum-auto", "spectrum-auto-reuse", "reuse"):
             # counted evaluations of the block stack equal the schedule's real steps
             assert row["nfe"] == row["block_nfe"] == len(row["real_steps"]) == 14
             assert "forecast_ms" in row and "update_ms" in row
@@ -61,12 +62,16 @@ def test_quality_benchmark_quick(tmp_path):
         if method == "spectrum-adaptive":
             assert len(row["real_steps_per_clip"]) == 2 and row["error_budget"] > 0
             assert row["nfe"] == sum(map(len, row["real_steps_per_clip"])) / 2
+        if method.startswith("spectrum-budget"):
+            # the budget schedule spends exactly target_nfe real steps on every clip
+            assert row["nfe"] == row["nfe_max"] == row["block_nfe"] == 14
+            assert [len(steps) for steps in row["real_steps_per_clip"]] == [14, 14]
         if method == "taylorseer":
             assert row["nfe"] == 14
         if method == "fbcache":
             # the first block runs on every step, so it costs more than its stack count says
             assert row["block_nfe"] > row["nfe"]
-    spectrum = [r for r in result["rows"] if r["method"] in ("spectrum", "spectrum-auto") and "flex 0.75" in r["setting"]]
+    spectrum = [r for r in result["rows"] if r["method"] in ("spectrum", "spectrum-auto", "spectrum-auto-reuse")]
     reuse = rows[("reuse", "flex 0.75, warmup 5, window 2")]
     assert all(r["real_steps"] == reuse["real_steps"] for r in spectrum)
     # different predictors at the same real steps give different outputs
