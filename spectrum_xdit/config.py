@@ -20,6 +20,13 @@ MAX_RIDGE_LAMBDA = 1e3
 MAX_ERROR_BUDGET = 100.0   # a relative error of 100 accepts any forecast
 
 
+def _budget_needs_its_schedule(budget, schedule) -> None:
+    """A budget (``target_nfe`` or ``speedup``) is the budget schedule's setting."""
+    if budget is not None and schedule not in (None, "budget"):
+        raise ValueError(f'sets a budget, which the "{schedule}" schedule has not: leave schedule out or set it '
+                         'to "budget"')
+
+
 class SpectrumConfig(BaseModel):
     """Settings of one Spectrum run; every field is checked when the object is built."""
 
@@ -85,9 +92,7 @@ class SpectrumConfig(BaseModel):
     @field_validator("speedup")
     @classmethod
     def _speedup(cls, value: Optional[float], info: ValidationInfo) -> Optional[float]:
-        if value is not None and info.data.get("schedule", "budget") != "budget":
-            raise ValueError(f'sets a budget, which the "{info.data["schedule"]}" schedule has not: leave schedule out '
-                             'or set it to "budget"')
+        _budget_needs_its_schedule(value, info.data.get("schedule"))
         return None if value is None else float(value)
 
     @field_validator("target_nfe")
@@ -96,9 +101,7 @@ class SpectrumConfig(BaseModel):
         schedule, speedup, steps = (info.data.get(name) for name in ("schedule", "speedup", "num_inference_steps"))
         if value is not None and speedup is not None:
             raise ValueError(f"give target_nfe or speedup, not both (got {value} and {speedup})")
-        if value is not None and schedule not in (None, "budget"):
-            raise ValueError(f'sets a budget, which the "{schedule}" schedule has not: leave schedule out or set it '
-                             'to "budget"')
+        _budget_needs_its_schedule(value, schedule)
         if value is None and schedule == "budget" and "speedup" in info.data and speedup is None:
             raise ValueError('the "budget" schedule needs target_nfe or speedup')
         if value is not None and steps is not None and value > steps:

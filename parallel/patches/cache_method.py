@@ -13,8 +13,8 @@ from types import ModuleType
 from pydantic import ValidationError
 
 from ...config import SpectrumConfig, validation_problems
-from ...experts import apply_spectrum_to_pipeline, pipeline_experts
-from ...hooks import apply_spectrum, find_spectrum_stack
+from ...experts import apply_spectrum_to_pipeline, pipeline_experts, pipeline_spectrum_stats
+from ...hooks import apply_spectrum
 from .importing import Patch, is_marked, mark
 
 CACHE_METHOD = "spectrum"
@@ -102,11 +102,9 @@ def patch_run_report(base_model: ModuleType) -> None:
 
     def _run_timed_pipe(run_timed, self, input_args):
         result = run_timed(self, input_args)
-        for name in self.settings.transformer_attr_names:
-            stack = find_spectrum_stack(getattr(self.pipe, name, None))
-            if stack is not None:
-                real = {branch: stats["real_steps"] for branch, stats in stack.stats().items()}
-                base_model.log(f"Spectrum {name}: real steps {real}")
+        for name, branches in pipeline_spectrum_stats(self.pipe).items():
+            real = {branch: stats["real_steps"] for branch, stats in branches.items()}
+            base_model.log(f"Spectrum {name}: real steps {real}")
         return result
 
     _wrap_method(base_model.xFuserModel, "_run_timed_pipe", _run_timed_pipe)
