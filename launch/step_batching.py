@@ -6,7 +6,7 @@ and VAE condition), noise, scheduler, guidance scale and Spectrum state (a
 :class:`SpectrumStack` of its own, with its controller and forecasters), so rows of different
 requests share no fit and no decision; batching only stacks their rows into one transformer call.
 Per latent shape, a tick makes at most two calls: one whose blocks run (the real rows) and one whose
-blocks are skipped (the forecast rows: only the embedders and the output projection run). A request
+blocks are skipped (the forecast rows: only the timestep embedding and the output projection run). A request
 joins at any tick, at its own step 0, and leaves when its last step is done.
 
 Every rank of a sequence-parallel group runs the same ticks in lock-step. Each tick's composition and
@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 from diffusers.hooks.hooks import CacheContext
 
-from ..hooks import SpectrumStack, block_stack, hook_blocks, unhook_blocks
+from ..hooks import SpectrumStack, hook_transformer, unhook_transformer
 from .request import GenerationRequest, decode_image
 from .runner import GenerationResult, RankPipeline, text_length
 
@@ -106,12 +106,11 @@ class StepBatcher:
         self.rank_pipeline = rank_pipeline
         self.active: dict[str, ActiveRequest] = {}
         self.policy = RowsPolicy()
-        self._blocks, returns_text = block_stack(pipe.transformer)
-        hook_blocks(self._blocks, self.policy, returns_text)
+        hook_transformer(pipe.transformer, self.policy)
 
     def close(self) -> None:
         """Take the hooks off: the pipeline serves solo calls again."""
-        unhook_blocks(self._blocks)
+        unhook_transformer(self.rank_pipeline.pipe.transformer)
         self.active.clear()
 
     def join(self, job: str, request: GenerationRequest) -> None:

@@ -1,12 +1,15 @@
 """Spectrum as a diffusers hook on the transformer block stack of Wan2.1 and FLUX.1.
 
 Every block of the stack gets a :class:`SpectrumBlockHook`, and the hooks of one stack follow
-one :class:`BlockStackPolicy`: the first block asks it, once per transformer call, whether the
-blocks run; on a real step they run untouched and the last block's output goes to the policy,
-on a forecast step every block passes its input through and the last one returns the policy's
-forecast. Everything outside the stack (embedders, rotary embeddings, output norm with the
-current timestep's modulation, projection) always runs. Only ``forward`` attributes are wrapped
-(diffusers' ``HookRegistry``), so state_dict keys, LoRA, offloading and compilation still work.
+one :class:`BlockStackPolicy`, which decides once per transformer call, as the call starts
+(:class:`SpectrumCallHook`), whether the blocks run. On a real step they run untouched and the
+last block's output goes to the policy; on a forecast step every block passes its input through
+and the last one returns the policy's forecast. What only the blocks read (the rotary embedding,
+the patch and text embedders, Wan's per-block timestep projection) is not computed on a forecast
+step: those modules return zero placeholders of the shapes they gave before
+(:class:`BlockInputHook`). The timestep embedding, the output norm with its modulation and the
+projection always run. Only ``forward`` attributes are wrapped (diffusers' ``HookRegistry``), so
+state_dict keys, LoRA, offloading and compilation still work.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from .control import SpectrumController
 from .forecaster import SpectrumForecaster
 
 SPECTRUM_BLOCK_HOOK = "spectrum_block"
+SPECTRUM_CALL_HOOK = "spectrum_call"
+SPECTRUM_INPUT_HOOK = "spectrum_block_input"
 _STACK_ATTRIBUTE = "_spectrum_stack"
 DEFAULT_BRANCH = "default"
 
@@ -34,6 +39,15 @@ _BLOCK_STACKS = {
     "WanTransformer3DModel": (("blocks",), False),
     "FluxTransformer2DModel": (("transformer_blocks", "single_transformer_blocks"), True),
 }
+# Submodules whose outputs the blocks alone read (in diffusers' forwards and xDiT's, which only
+# chunk and pad them for sequence parallelism): a forecast step skips them.
+_BLOCK_INPUTS = {
+    "WanTransformer3DModel": ("rope", "patch_embedding", "condition_embedder.time_proj",
+                              "condition_embedder.text_embedder", "condition_embedder.image_embedder"),
+    "FluxTransformer2DModel": ("x_embedder", "context_embedder", "pos_embed"),
+}
+# Placeholders kept per block-input module: one per input signature (shapes, dtypes, devices).
+_MAX_PLACEHOLDERS = 64
 
 
 class BlockStackPolicy(Protocol):
@@ -45,7 +59,9 @@ class BlockStackPolicy(Protocol):
         """Whether the current call runs the blocks (decided by ``begin_call``)."""
 
     def begin_call(self, hidden_states: torch.Tensor) -> None:
-        """A transformer call reaches the first block: decide whether the blocks run."""
+        """A transformer call starts, or, where its stack is split over ranks (PipeFusion), reaches
+        the first block (``hidden_states``: the input there, whose shape, dtype and device name
+        the time series): decide whether the blocks run."""
 
     def record(self, features: torch.Tensor) -> None:
         """The last block's output of a call that ran the blocks."""
@@ -236,22 +252,85 @@ class SpectrumStack:
         return result
 
 
+class SpectrumCallHook(ModelHook):
+    """On the transformer: the policy decides, as each call starts, whether its blocks run, so
+    that the block inputs (:class:`BlockInputHook`) know it before they are computed.
+
+    Holding the :class:`CacheContextReceiver` makes it diffusers' stateful hook: diffusers gives
+    it the context of each call and calls ``reset_state`` at the end of a pipeline call."""
+
+    def __init__(self, policy: BlockStackPolicy, context: Optional[CacheContextReceiver] = None):
+        super().__init__()
+        self.policy = policy
+        self.context = context
+        self._is_stateful = context is not None
+
+    # Eager by design (SpectrumBlockHook.new_forward says why); the transformer's forward compiles.
+    @torch.compiler.disable(recursive=False)
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        _eager_policy(self.policy.begin_call, _block_argument(args, kwargs, "hidden_states", 0))
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.policy.reset()
+        return module
+
+
+class BlockInputHook(ModelHook):
+    """On a module whose output only the blocks read: on a call that skips the blocks, return
+    zeros (one element, expanded) of the structure it returned for the same input signature,
+    instead of computing it. Until a real call has shown that structure it runs as usual."""
+
+    def __init__(self, policy: BlockStackPolicy):
+        super().__init__()
+        self.policy = policy
+        self.placeholders: dict[tuple, object] = {}
+
+    @torch.compiler.disable(recursive=False)
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        key = _signature(args, kwargs)
+        if not self.policy.run_blocks and key in self.placeholders:
+            return self.placeholders[key]
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if key not in self.placeholders and len(self.placeholders) < _MAX_PLACEHOLDERS:
+            placeholder = _placeholder(output)
+            if placeholder is not None:
+                self.placeholders[key] = placeholder
+        return output
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    """What a module's output shapes depend on: each tensor's shape, dtype and device, and every
+    other argument itself."""
+    def describe(value):
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape), value.dtype, value.device
+        return value if isinstance(value, (int, float, bool, str, type(None))) else repr(value)
+    return tuple(map(describe, args)), tuple((name, describe(value)) for name, value in sorted(kwargs.items()))
+
+
+def _placeholder(output):
+    """Zeros shaped like ``output`` (a tensor, or a tuple or list of them) costing one element
+    each; ``None`` for anything else, which then always runs."""
+    if isinstance(output, torch.Tensor):
+        return output.new_zeros(()).expand(output.shape)
+    if isinstance(output, (tuple, list)) and output and all(isinstance(t, torch.Tensor) for t in output):
+        return type(output)(t.new_zeros(()).expand(t.shape) for t in output)
+    return None
+
+
 class SpectrumBlockHook(ModelHook):
     """Runs, skips or replaces one block of the stack according to the stack's policy.
 
-    The head hook of a stack that follows the pipeline's ``cache_context`` holds the
-    :class:`CacheContextReceiver`, which makes it diffusers' stateful hook: diffusers gives it
-    the context of each call and calls ``reset_state`` at the end of a pipeline call."""
+    The head block asks the policy to decide (``begin_call``) only where no
+    :class:`SpectrumCallHook` did as the call started (a stack split over ranks)."""
 
-    def __init__(self, policy: BlockStackPolicy, is_head: bool, is_tail: bool, returns_text: bool,
-                 context: Optional[CacheContextReceiver] = None):
+    def __init__(self, policy: BlockStackPolicy, decides: bool, is_tail: bool, returns_text: bool):
         super().__init__()
         self.policy = policy
-        self.is_head = is_head
+        self.decides = decides
         self.is_tail = is_tail
         self.returns_text = returns_text
-        self.context = context
-        self._is_stateful = context is not None
 
     # Eager by design: the run-or-forecast decision reads Python state that changes every step
     # (step index, branch, schedule, forecaster history), which a compiled graph would guard on
@@ -260,7 +339,7 @@ class SpectrumBlockHook(ModelHook):
     @torch.compiler.disable(recursive=False)
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         hidden_states = _block_argument(args, kwargs, "hidden_states", 0)
-        if self.is_head:
+        if self.decides:
             _eager_policy(self.policy.begin_call, hidden_states)
         if self.policy.run_blocks:
             output = self.fn_ref.original_forward(*args, **kwargs)
@@ -272,10 +351,6 @@ class SpectrumBlockHook(ModelHook):
         if not self.returns_text:
             return hidden_states
         return _block_argument(args, kwargs, "encoder_hidden_states", 1), hidden_states
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.policy.reset()
-        return module
 
 
 @torch.compiler.disable
@@ -289,32 +364,73 @@ def _block_argument(args: tuple, kwargs: dict, name: str, position: int):
     return kwargs[name] if name in kwargs else args[position]
 
 
-def block_stack(transformer: torch.nn.Module) -> tuple[list[torch.nn.Module], bool]:
-    """The blocks of a supported transformer in call order, and whether they return text states."""
+def _architecture(transformer: torch.nn.Module) -> str:
+    """The supported transformer class ``transformer`` is or derives from (xDiT's wrappers do)."""
     for cls in type(transformer).__mro__:
         if cls.__name__ in _BLOCK_STACKS:
-            names, returns_text = _BLOCK_STACKS[cls.__name__]
-            return [block for name in names for block in getattr(transformer, name)], returns_text
+            return cls.__name__
     raise ValueError(
         f"Spectrum supports {', '.join(sorted(_BLOCK_STACKS))} (and subclasses such as xDiT's "
         f"wrappers), not {type(transformer).__name__}")
 
 
+def block_stack(transformer: torch.nn.Module) -> tuple[list[torch.nn.Module], bool]:
+    """The blocks of a supported transformer in call order, and whether they return text states."""
+    names, returns_text = _BLOCK_STACKS[_architecture(transformer)]
+    return [block for name in names for block in getattr(transformer, name)], returns_text
+
+
+def block_inputs(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules of a supported transformer whose outputs only its blocks read."""
+    modules = []
+    for name in _BLOCK_INPUTS[_architecture(transformer)]:
+        try:
+            module = transformer.get_submodule(name)
+        except AttributeError:   # e.g. no image embedder on a text-to-video model
+            continue
+        if module is not None:
+            modules.append(module)
+    return modules
+
+
 def hook_blocks(blocks: list[torch.nn.Module], policy: BlockStackPolicy, returns_text: bool,
-                context: Optional[CacheContextReceiver] = None) -> None:
-    """Put a :class:`SpectrumBlockHook` following ``policy`` on each block of a stack."""
+                head_decides: bool = True) -> None:
+    """Put a :class:`SpectrumBlockHook` following ``policy`` on each block of a stack; with
+    ``head_decides`` the first block starts each call's decision."""
     if not blocks:
         raise ValueError("there are no transformer blocks to forecast")
     for index, block in enumerate(blocks):
-        head = index == 0
-        hook = SpectrumBlockHook(policy, is_head=head, is_tail=index == len(blocks) - 1,
-                                 returns_text=returns_text, context=context if head else None)
+        hook = SpectrumBlockHook(policy, decides=head_decides and index == 0, is_tail=index == len(blocks) - 1,
+                                 returns_text=returns_text)
         HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, SPECTRUM_BLOCK_HOOK)
 
 
 def unhook_blocks(blocks: list[torch.nn.Module]) -> None:
     for block in blocks:
         HookRegistry.check_if_exists_or_initialize(block).remove_hook(SPECTRUM_BLOCK_HOOK, recurse=False)
+
+
+def hook_transformer(transformer: torch.nn.Module, policy: BlockStackPolicy,
+                     context: Optional[CacheContextReceiver] = None) -> None:
+    """Make ``transformer`` follow ``policy``: a decision as each call starts, the blocks run or
+    forecast, and the block inputs skipped on a forecast."""
+    blocks, returns_text = block_stack(transformer)
+    hook_blocks(blocks, policy, returns_text, head_decides=False)
+    for module in block_inputs(transformer):
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(BlockInputHook(policy), SPECTRUM_INPUT_HOOK)
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    registry.register_hook(SpectrumCallHook(policy, context), SPECTRUM_CALL_HOOK)
+    registry.invalidate_child_registries_cache()
+
+
+def unhook_transformer(transformer: torch.nn.Module) -> None:
+    """Remove what :func:`hook_transformer` added."""
+    unhook_blocks(block_stack(transformer)[0])
+    for module in block_inputs(transformer):
+        HookRegistry.check_if_exists_or_initialize(module).remove_hook(SPECTRUM_INPUT_HOOK, recurse=False)
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    registry.remove_hook(SPECTRUM_CALL_HOOK, recurse=False)
+    registry.invalidate_child_registries_cache()
 
 
 def apply_spectrum(transformer: torch.nn.Module, config: Optional[SpectrumConfig] = None, first_step: int = 0,
@@ -332,19 +448,16 @@ def apply_spectrum(transformer: torch.nn.Module, config: Optional[SpectrumConfig
         raise TypeError(f"config must be a SpectrumConfig, got {type(config).__name__}")
     if hasattr(transformer, _STACK_ATTRIBUTE):
         raise ValueError("Spectrum is already applied to this transformer; call remove_spectrum first")
-    blocks, returns_text = block_stack(transformer)
     stack = SpectrumStack(config, first_step, total_steps)
-    hook_blocks(blocks, stack, returns_text, context=stack.context)
+    hook_transformer(transformer, stack, context=stack.context)
     setattr(transformer, _STACK_ATTRIBUTE, stack)
-    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
 
 def remove_spectrum(transformer: torch.nn.Module) -> None:
     """Remove the hooks ``apply_spectrum`` added; the transformer behaves exactly as before."""
     spectrum_stack(transformer)
-    unhook_blocks(block_stack(transformer)[0])
+    unhook_transformer(transformer)
     delattr(transformer, _STACK_ATTRIBUTE)
-    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
 
 def find_spectrum_stack(transformer: torch.nn.Module) -> Optional[SpectrumStack]:

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from spectrum_xdit import SpectrumConfig, apply_spectrum, paper_schedule, remove_spectrum, spectrum_stats
-from spectrum_xdit.hooks import spectrum_stack
+from diffusers.hooks import HookRegistry, ModelHook
+
+from spectrum_xdit.hooks import SPECTRUM_INPUT_HOOK, block_inputs, spectrum_stack
 from spectrum_xdit.models.tiny import build_tiny_flux_pipeline, build_tiny_wan_pipeline, tiny_wan_transformer
 
 STEPS = 50
@@ -83,6 +85,42 @@ def test_default_schedule_runs_the_blocks_at_the_real_steps_only(model):
         assert branch["forecasts"] == STEPS - len(DEFAULT_REAL)
     assert _relative(output, reference) > 1e-4, "forecasting changed nothing: the blocks were not skipped"
     assert torch.isfinite(output).all()
+
+
+class _Count(ModelHook):
+    def __init__(self, calls, name):
+        super().__init__()
+        self.calls, self.name = calls, name
+
+    def new_forward(self, module, *args, **kwargs):
+        self.calls[self.name] += 1
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
+@pytest.mark.parametrize("model", PIPELINES)
+def test_forecast_steps_skip_what_only_the_blocks_read(model):
+    """On a forecast step the rotary embedding and the patch and text embedders (and Wan's
+    per-block timestep projection) do not run, and skipping them changes no bit of the output."""
+    _, transformer, run = PIPELINES[model]()
+    inputs = block_inputs(transformer)
+    names = {name for name, module in transformer.named_modules() if any(module is m for m in inputs)}
+    expected = ({"rope", "patch_embedding", "condition_embedder.time_proj", "condition_embedder.text_embedder"}
+                if model == "wan" else {"x_embedder", "context_embedder", "pos_embed"})
+    assert names == expected
+    calls = dict.fromkeys(names, 0)
+    for name in names:   # registered first, so inside Spectrum's hook: counts what is computed
+        HookRegistry.check_if_exists_or_initialize(transformer.get_submodule(name)).register_hook(
+            _Count(calls, name), "count")
+    config = SpectrumConfig(num_inference_steps=STEPS)
+    apply_spectrum(transformer, config)
+    skipped = run()
+    assert calls == dict.fromkeys(names, 2 * len(DEFAULT_REAL)), "a block input ran on a forecast step"
+    remove_spectrum(transformer)
+    apply_spectrum(transformer, config)
+    for module in block_inputs(transformer):
+        HookRegistry.check_if_exists_or_initialize(module).remove_hook(SPECTRUM_INPUT_HOOK, recurse=False)
+    assert torch.equal(run(), skipped)
+    assert calls == dict.fromkeys(names, 2 * len(DEFAULT_REAL) + 2 * STEPS)
 
 
 def test_single_branch_without_guidance():
