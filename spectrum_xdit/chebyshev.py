@@ -3,6 +3,8 @@ small ridge solve. Nothing here touches a feature tensor."""
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 from numpy.polynomial.chebyshev import chebvander
 
@@ -12,9 +14,14 @@ def step_to_tau(step, num_inference_steps: int) -> np.ndarray:
     return 2.0 * np.asarray(step, dtype=np.float64) / num_inference_steps - 1.0
 
 
+@lru_cache(maxsize=4096)
 def basis_row(step: int, num_inference_steps: int, degree: int) -> np.ndarray:
-    """``[T_0(tau), ..., T_M(tau)]`` at one step, float64, shape ``(degree + 1,)``."""
-    return chebvander(step_to_tau([step], num_inference_steps), degree)[0]
+    """``[T_0(tau), ..., T_M(tau)]`` at one step, float64, shape ``(degree + 1,)``; read-only,
+    because it is cached (every update, forecast and score of every branch asks for one, and
+    numpy's Vandermonde costs more than the forecast's own arithmetic on a small latent)."""
+    row = chebvander(step_to_tau([step], num_inference_steps), degree)[0]
+    row.flags.writeable = False
+    return row
 
 
 def ridge_forecast_weights(gram: np.ndarray, target_row: np.ndarray, ridge_lambda: float) -> np.ndarray:

@@ -24,7 +24,9 @@ class SpectrumForecaster:
       blend (only when ``blend_weight < 1``).
 
     A forecast solves a ``P x P`` system on the host and then makes one weighted sum over the
-    state with float32 accumulation. No copy of a history is ever made.
+    state with float32 accumulation. No copy of a history is ever made, and the host's numbers
+    reach the device only as scalar arguments: neither an update nor a forecast copies to the
+    device, which would make the host wait for the queued work (a CUDA stream synchronisation).
 
     With ``blend_weight="auto"`` or the adaptive schedule both parts of the state are kept, and
     ``score`` measures, at a real step, how well each predictor would have forecast it. With
@@ -85,8 +87,9 @@ class SpectrumForecaster:
             if self._moments is None:
                 self._moments = torch.zeros(self.config.num_basis, flat.numel(),
                                             dtype=torch.float32, device=flat.device)
-            row_t = torch.as_tensor(row, dtype=torch.float32).to(flat.device)
-            self._moments.addr_(row_t, flat.to(torch.float32))
+            flat32 = flat.to(torch.float32)
+            for moment, weight in zip(self._moments, row.tolist()):
+                moment.add_(flat32, alpha=weight)
         if self._uses_extrapolation:
             if self._last is None:
                 self._last = flat.clone()
@@ -158,7 +161,9 @@ class SpectrumForecaster:
         errors = [self._add_linear(None, step).sub_(h), self._chebyshev(step).sub_(h)]
         if self.config.reuse:
             errors.append(self._last.to(torch.float32).sub(h))
-        return torch.stack([_dot64(errors[i], errors[j]) for i, j in gram_pairs(len(errors))] + [_dot64(h, h)])
+        gram = _gram64(errors + [h])
+        k = len(errors)
+        return torch.stack([gram[i, j] for i, j in gram_pairs(k)] + [gram[k, k]])
 
     def _add_linear(self, out: torch.Tensor | None, step: int, scale: float = 1.0) -> torch.Tensor:
         """``out`` (flat float32, or ``None`` for a new tensor) plus ``scale`` times the local
@@ -175,9 +180,11 @@ class SpectrumForecaster:
     def _chebyshev(self, step: int, scale: float = 1.0) -> torch.Tensor:
         """``scale`` times the Chebyshev forecast at ``step``, flat float32 (a new tensor)."""
         target = basis_row(step, self.config.num_inference_steps, self.config.degree)
-        weights = scale * ridge_forecast_weights(self._gram, target, self.config.ridge_lambda)
-        weights_t = torch.as_tensor(weights, dtype=torch.float32).to(self._moments.device)
-        return weights_t @ self._moments
+        first, *rest = (scale * ridge_forecast_weights(self._gram, target, self.config.ridge_lambda)).tolist()
+        out = self._moments[0].mul(first)
+        for moment, weight in zip(self._moments[1:], rest):
+            out.add_(moment, alpha=weight)
+        return out
 
     def _check_step(self, step) -> int:
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
@@ -194,9 +201,11 @@ def gram_pairs(k: int) -> list[tuple[int, int]]:
     return [(i, i) for i in range(k)] + [(i, j) for i in range(k) for j in range(i + 1, k)]
 
 
-def _dot64(x: torch.Tensor, y: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
-    """``<x, y>`` of two flat tensors accumulated in float64, a chunk at a time (no full copy)."""
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
-    for start in range(0, x.numel(), chunk):
-        total += torch.dot(x[start:start + chunk].to(torch.float64), y[start:start + chunk].to(torch.float64))
-    return total
+def _gram64(vectors: list[torch.Tensor], chunk: int = 1 << 20) -> torch.Tensor:
+    """``G_ij = <v_i, v_j>`` of flat tensors accumulated in float64: one matrix product per
+    chunk (not one reduction per pair), a chunk at a time (no float64 copy of a whole vector)."""
+    gram = torch.zeros(len(vectors), len(vectors), dtype=torch.float64, device=vectors[0].device)
+    for start in range(0, vectors[0].numel(), chunk):
+        block = torch.stack([v[start:start + chunk].to(torch.float64) for v in vectors])
+        gram += block @ block.T
+    return gram
