@@ -1,8 +1,8 @@
 """Spectrum as a diffusers hook on the transformer block stack of Wan2.1 and FLUX.1.
 
 Every block of the stack gets a :class:`SpectrumBlockHook`, and the hooks of one stack follow
-one :class:`BlockStackPolicy`, which decides once per transformer call, as the call starts
-(:class:`SpectrumCallHook`), whether the blocks run. On a real step they run untouched and the
+one :class:`BlockStackPolicy`, which decides once per transformer call, before the first module
+that depends on it (:class:`CallStart`), whether the blocks run. On a real step they run untouched and the
 last block's output goes to the policy; on a forecast step every block passes its input through
 and the last one returns the policy's forecast. What only the blocks read (the rotary embedding,
 the patch and text embedders, Wan's per-block timestep projection) is not computed on a forecast
@@ -252,27 +252,48 @@ class SpectrumStack:
         return result
 
 
+class CallStart:
+    """The input of a transformer call whose run-or-forecast decision is still to take.
+
+    The call hook notes it; the first module of the call that needs the decision (a block input,
+    or the head block) takes it. Deciding there rather than as the call starts keeps it inside
+    whatever wraps the transformer's forward (CFG parallelism switches the guidance branch there,
+    or answers a call without running the transformer at all)."""
+
+    def __init__(self, policy: BlockStackPolicy):
+        self.policy = policy
+        self.pending: Optional[torch.Tensor] = None
+
+    def decide(self) -> None:
+        if self.pending is not None:
+            hidden_states, self.pending = self.pending, None
+            _eager_policy(self.policy.begin_call, hidden_states)
+
+
 class SpectrumCallHook(ModelHook):
-    """On the transformer: the policy decides, as each call starts, whether its blocks run, so
-    that the block inputs (:class:`BlockInputHook`) know it before they are computed.
+    """On the transformer: notes each call's input for the decision (:class:`CallStart`), so
+    that the block inputs (:class:`BlockInputHook`) can take it before they are computed.
 
     Holding the :class:`CacheContextReceiver` makes it diffusers' stateful hook: diffusers gives
     it the context of each call and calls ``reset_state`` at the end of a pipeline call."""
 
-    def __init__(self, policy: BlockStackPolicy, context: Optional[CacheContextReceiver] = None):
+    def __init__(self, start: CallStart, context: Optional[CacheContextReceiver] = None):
         super().__init__()
-        self.policy = policy
+        self.start = start
         self.context = context
         self._is_stateful = context is not None
 
     # Eager by design (SpectrumBlockHook.new_forward says why); the transformer's forward compiles.
     @torch.compiler.disable(recursive=False)
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        _eager_policy(self.policy.begin_call, _block_argument(args, kwargs, "hidden_states", 0))
-        return self.fn_ref.original_forward(*args, **kwargs)
+        self.start.pending = _block_argument(args, kwargs, "hidden_states", 0)
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self.start.pending = None
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.policy.reset()
+        self.start.policy.reset()
         return module
 
 
@@ -281,15 +302,16 @@ class BlockInputHook(ModelHook):
     zeros (one element, expanded) of the structure it returned for the same input signature,
     instead of computing it. Until a real call has shown that structure it runs as usual."""
 
-    def __init__(self, policy: BlockStackPolicy):
+    def __init__(self, start: CallStart):
         super().__init__()
-        self.policy = policy
+        self.start = start
         self.placeholders: dict[tuple, object] = {}
 
     @torch.compiler.disable(recursive=False)
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        self.start.decide()
         key = _signature(args, kwargs)
-        if not self.policy.run_blocks and key in self.placeholders:
+        if not self.start.policy.run_blocks and key in self.placeholders:
             return self.placeholders[key]
         output = self.fn_ref.original_forward(*args, **kwargs)
         if key not in self.placeholders and len(self.placeholders) < _MAX_PLACEHOLDERS:
@@ -322,13 +344,15 @@ def _placeholder(output):
 class SpectrumBlockHook(ModelHook):
     """Runs, skips or replaces one block of the stack according to the stack's policy.
 
-    The head block asks the policy to decide (``begin_call``) only where no
-    :class:`SpectrumCallHook` did as the call started (a stack split over ranks)."""
+    The head block takes the call's decision if no block input has (:class:`CallStart`), or,
+    with no call hook (a stack split over ranks), asks the policy itself (``begin_call``)."""
 
-    def __init__(self, policy: BlockStackPolicy, decides: bool, is_tail: bool, returns_text: bool):
+    def __init__(self, policy: BlockStackPolicy, decides: bool, is_tail: bool, returns_text: bool,
+                 start: Optional[CallStart] = None):
         super().__init__()
         self.policy = policy
         self.decides = decides
+        self.start = start
         self.is_tail = is_tail
         self.returns_text = returns_text
 
@@ -339,7 +363,9 @@ class SpectrumBlockHook(ModelHook):
     @torch.compiler.disable(recursive=False)
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         hidden_states = _block_argument(args, kwargs, "hidden_states", 0)
-        if self.decides:
+        if self.start is not None:
+            self.start.decide()
+        elif self.decides:
             _eager_policy(self.policy.begin_call, hidden_states)
         if self.policy.run_blocks:
             output = self.fn_ref.original_forward(*args, **kwargs)
@@ -394,14 +420,15 @@ def block_inputs(transformer: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def hook_blocks(blocks: list[torch.nn.Module], policy: BlockStackPolicy, returns_text: bool,
-                head_decides: bool = True) -> None:
-    """Put a :class:`SpectrumBlockHook` following ``policy`` on each block of a stack; with
-    ``head_decides`` the first block starts each call's decision."""
+                start: Optional[CallStart] = None) -> None:
+    """Put a :class:`SpectrumBlockHook` following ``policy`` on each block of a stack; the first
+    block takes each call's decision (from ``start`` where a call hook notes the calls)."""
     if not blocks:
         raise ValueError("there are no transformer blocks to forecast")
     for index, block in enumerate(blocks):
-        hook = SpectrumBlockHook(policy, decides=head_decides and index == 0, is_tail=index == len(blocks) - 1,
-                                 returns_text=returns_text)
+        head = index == 0
+        hook = SpectrumBlockHook(policy, decides=head, is_tail=index == len(blocks) - 1,
+                                 returns_text=returns_text, start=start if head else None)
         HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, SPECTRUM_BLOCK_HOOK)
 
 
@@ -414,12 +441,13 @@ def hook_transformer(transformer: torch.nn.Module, policy: BlockStackPolicy,
                      context: Optional[CacheContextReceiver] = None) -> None:
     """Make ``transformer`` follow ``policy``: a decision as each call starts, the blocks run or
     forecast, and the block inputs skipped on a forecast."""
+    start = CallStart(policy)
     blocks, returns_text = block_stack(transformer)
-    hook_blocks(blocks, policy, returns_text, head_decides=False)
+    hook_blocks(blocks, policy, returns_text, start=start)
     for module in block_inputs(transformer):
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(BlockInputHook(policy), SPECTRUM_INPUT_HOOK)
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(BlockInputHook(start), SPECTRUM_INPUT_HOOK)
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    registry.register_hook(SpectrumCallHook(policy, context), SPECTRUM_CALL_HOOK)
+    registry.register_hook(SpectrumCallHook(start, context), SPECTRUM_CALL_HOOK)
     registry.invalidate_child_registries_cache()
 
 
