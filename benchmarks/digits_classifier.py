@@ -1,7 +1,8 @@
-"""A tiny digit classifier for 16x16 frames, and the recognition benchmark of the digits Wan model.
+"""A tiny digit classifier for 16x16 frames, and the recognition benchmark of the digits models.
 
     PYTHONPATH=. python -m benchmarks.digits_classifier train   # ~1 min on 2 busy cores; writes the weights
     PYTHONPATH=. python -m benchmarks.digits_classifier eval    # 40 guided 50-step samples, frame recognition
+    PYTHONPATH=. python -m benchmarks.digits_classifier eval --model digits-flux --true-cfg 1 2 3.5 5
 
 The classifier is a small CNN (three 3x3 convolutions, global max pool, linear; ~24k parameters)
 trained on the *train* split of ``load_digits`` (the split the generator trains on), with each digit
@@ -14,6 +15,11 @@ classifier.safetensors`` (~100 KB).
 shipped ``WanPipeline`` at full compute (50 UniPC steps, guidance 5.0), classifies every one of the
 9 frames and reports the fraction recognised as the conditioned digit. It also checks that the ink
 centroid moves in the prompted direction.
+
+``eval --model digits-flux`` does the same for the FLUX digits model's still images (50 FLUX Euler
+steps; ``--samples`` seeds per condition, seed = ``samples * condition + k``) at each true CFG
+scale given (1: one branch, no guidance), recognising the image and checking that the ink centroid
+sits on the prompted side; ``--json`` writes every scale's result.
 """
 
 from __future__ import annotations
@@ -185,26 +191,92 @@ def evaluate_generator(pipe=None, steps: int = 50, guidance: float = 5.0, thread
     return result
 
 
+def centroid_side(image: np.ndarray) -> str:
+    """The side of the frame centre the ink centroid lies on; image (H, W) in [0, 1]."""
+    ink = image.astype(np.float64)
+    yy, xx = np.mgrid[0:ink.shape[0], 0:ink.shape[1]]
+    w = ink.sum() + 1e-9
+    dy = (ink * yy).sum() / w - (ink.shape[0] - 1) / 2
+    dx = (ink * xx).sum() / w - (ink.shape[1] - 1) / 2
+    if abs(dx) >= abs(dy):
+        return "right" if dx > 0 else "left"
+    return "bottom" if dy > 0 else "top"
+
+
+def evaluate_image_generator(pipe=None, steps: int = 50, true_cfg_scale: float | None = None, samples: int = 2,
+                             threads: int = 2, classifier: DigitCNN | None = None, verbose: bool = True) -> dict:
+    """Recognition of the FLUX digits model's full-compute images: ``samples`` seeds per (digit, position),
+    at ``true_cfg_scale`` (default: the model's ``TRUE_CFG_SCALE``)."""
+    from spectrum_xdit.models.digits_flux import GENERATION_KWARGS, TRUE_CFG_SCALE, build_digits_flux_pipeline
+
+    torch.set_num_threads(threads)
+    true_cfg_scale = TRUE_CFG_SCALE if true_cfg_scale is None else true_cfg_scale
+    pipe = pipe if pipe is not None else build_digits_flux_pipeline()
+    classifier = classifier if classifier is not None else load_classifier()
+    guided = {"negative_prompt": "", "true_cfg_scale": true_cfg_scale} if true_cfg_scale > 1 else {}
+    correct, placed, total = 0, 0, 0
+    per_digit = {d: [0, 0] for d in range(10)}
+    times = []
+    for i, (digit, position, prompt) in enumerate(dd.all_image_prompts()):
+        for k in range(samples):
+            t0 = time.time()
+            image = pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(samples * i + k),
+                         output_type="np", **guided, **GENERATION_KWARGS).images[0].mean(axis=-1)   # (H, W)
+            times.append(time.time() - t0)
+            with torch.no_grad():
+                pred = int(classifier(torch.from_numpy(image * 2.0 - 1.0).float()[None]).argmax(1))
+            side = centroid_side(image)
+            correct += int(pred == digit)
+            placed += int(side == position)
+            total += 1
+            per_digit[digit][0] += int(pred == digit)
+            per_digit[digit][1] += 1
+            if verbose:
+                print(f"cfg {true_cfg_scale:g} {prompt:20s} seed {samples * i + k:3d}: pred {pred} at {side}  "
+                      f"{times[-1]:.2f}s", flush=True)
+    result = {
+        "images": total, "steps": steps, "true_cfg_scale": true_cfg_scale, "samples_per_condition": samples,
+        "recognition_rate": round(correct / total, 4), "position_rate": round(placed / total, 4),
+        "per_digit_rate": {d: round(c / t, 3) for d, (c, t) in per_digit.items()},
+        "seconds_per_sample_median": round(float(np.median(times)), 3), "threads": threads,
+    }
+    if verbose:
+        print(json.dumps(result, indent=2))
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["train", "eval"])
-    ap.add_argument("--out", type=Path, default=None, help="assets folder (default: the shipped one)")
+    ap.add_argument("--model", choices=["digits-wan", "digits-flux"], default="digits-wan", help="eval: the generator")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="train: where the weights go; eval: the generator's assets (default: the shipped ones)")
     ap.add_argument("--steps", type=int, default=None, help="train: optimizer steps; eval: sampling steps")
-    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--guidance", type=float, default=5.0, help="eval digits-wan: guidance_scale")
+    ap.add_argument("--true-cfg", type=float, nargs="+", default=[None],
+                    help="eval digits-flux: true_cfg_scale(s) (default: the model's TRUE_CFG_SCALE)")
+    ap.add_argument("--samples", type=int, default=2, help="eval digits-flux: seeds per condition")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="eval: also write the result here")
     args = ap.parse_args(argv)
-    out = args.out if args.out is not None else _assets()
     if args.command == "train":
-        train(out, steps=args.steps or 1500, threads=args.threads)
+        train(args.out if args.out is not None else _assets(), steps=args.steps or 1500, threads=args.threads)
+        return
+    if args.model == "digits-flux":
+        from spectrum_xdit.models.digits_flux import build_digits_flux_pipeline
+        pipe = build_digits_flux_pipeline(assets=args.out)
+        result = {"evaluations": [evaluate_image_generator(pipe, steps=args.steps or 50, true_cfg_scale=scale,
+                                                           samples=args.samples, threads=args.threads)
+                                  for scale in args.true_cfg]}
     else:
         from spectrum_xdit.models.digits_wan import build_digits_wan_pipeline
+        out = args.out if args.out is not None else _assets()
         pipe = build_digits_wan_pipeline(assets=out)
         clf = load_classifier(out / WEIGHTS) if (out / WEIGHTS).exists() else load_classifier()
         result = evaluate_generator(pipe, steps=args.steps or 50, guidance=args.guidance, threads=args.threads,
                                     classifier=clf)
-        if args.json is not None:
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ Pixel values are mapped from the data set's 0..16 ink scale to [-1, 1] (backgrou
 the range diffusers' ``VideoProcessor`` expects from a VAE decode. Clips are laid out as Wan
 latents: ``(channels=1, frames, height, width)``.
 
-The prompt of a clip is ``"digit {d} moving {direction}"``. The data set is split once, stratified
-by digit and seeded, into a train split (the generator and the classifier train on it) and a
-held-out test split (used only to measure the classifier).
+The prompt of a clip is ``"digit {d} moving {direction}"``. The still images of the FLUX digits
+model are single ``FRAME`` x ``FRAME`` frames with the digit at one of four ``POSITIONS`` (centred
+on the other axis), prompted ``"digit {d} at {position}"``: 40 conditions, like the clips. The data
+set is split once, stratified by digit and seeded, into a train split (the generators and the
+classifier train on it) and a held-out test split (used only to measure the classifier).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ NUM_FRAMES = 9      # 4k+1 frames, one pixel of motion per frame
 TRAVEL = FRAME - DIGIT  # 8: offsets 0..8
 CENTER = TRAVEL // 2    # 4: the fixed offset on the axis across the motion
 DIRECTIONS = ("left", "right", "up", "down")
+# the still images' positions: (y, x) of the digit's top-left corner
+POSITIONS = {"left": (CENTER, 0), "right": (CENTER, TRAVEL), "top": (0, CENTER), "bottom": (TRAVEL, CENTER)}
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
 
@@ -40,6 +44,15 @@ def prompt_for(digit: int, direction: str) -> str:
 def all_prompts() -> list[tuple[int, str, str]]:
     """(digit, direction, prompt) for the 40 conditions, digit-major."""
     return [(d, r, prompt_for(d, r)) for d in range(10) for r in DIRECTIONS]
+
+
+def image_prompt_for(digit: int, position: str) -> str:
+    return f"digit {int(digit)} at {position}"
+
+
+def all_image_prompts() -> list[tuple[int, str, str]]:
+    """(digit, position, prompt) for the 40 still-image conditions, digit-major."""
+    return [(d, p, image_prompt_for(d, p)) for d in range(10) for p in POSITIONS]
 
 
 def load_split() -> dict[str, np.ndarray]:
@@ -111,3 +124,9 @@ def place(images: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Ten
         y, x = int(ys[i]), int(xs[i])
         out[i, y:y + DIGIT, x:x + DIGIT] = images[i]
     return out
+
+
+def make_images(images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Still images: 8x8 digits (B, 8, 8) at position indices (B,) into ``POSITIONS`` -> (B, 1, H, W)."""
+    offsets = torch.tensor(list(POSITIONS.values()))[positions]
+    return place(images, offsets[:, 0], offsets[:, 1]).unsqueeze(1)

@@ -31,16 +31,18 @@ TRANSFORMER_CONFIG = dict(
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the prompt vocabulary; appends ``</s>`` like T5/UMT5."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS)}
+def build_tokenizer(words: tuple[str, ...] = WORDS,
+                    model_max_length: int = MAX_SEQUENCE_LENGTH) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over a prompt vocabulary (ids: ``SPECIAL``, then ``words``); appends
+    ``</s>`` like T5/UMT5. The defaults are the digits Wan model's."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                        special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=MAX_SEQUENCE_LENGTH)
+                                   unk_token="<unk>", model_max_length=model_max_length)
 
 
 def build_text_encoder(seed: int = TEXT_ENCODER_SEED) -> UMT5EncoderModel:

@@ -1,12 +1,15 @@
-"""Quality against speed: Spectrum and the baselines on the trained digits Wan model.
+"""Quality against speed: Spectrum and the baselines on the trained digits models.
 
-    python -m benchmarks.quality                 # 40 (prompt, seed) pairs, ~10 min on 2 cores
+    python -m benchmarks.quality                 # digits-wan, 40 (prompt, seed) pairs, ~10 min on 2 cores
     python -m benchmarks.quality --quick         # 2 pairs, every method at NFE 14, < 60 s
     python -m benchmarks.quality --json benchmarks/results/quality_cpu.json
+    python -m benchmarks.quality --model digits-flux   # -> benchmarks/results/quality_digits-flux_cpu.json
 
-Every method samples the same clips as the reference, full compute (50 UniPC steps, guidance
-5.0), and is scored against it at budgets of block NFE per guidance branch (``--budgets``,
-default 14, 10 and 7 of 50: 3.5x, 5x and 7x):
+``--model``: ``digits-wan`` (Wan2.1 architecture, 9-frame clips; 50 UniPC steps, guidance_scale
+5.0) or ``digits-flux`` (FLUX.1 architecture, still images; 50 FLUX Euler steps, true CFG at
+``digits_flux.TRUE_CFG_SCALE`` with the empty negative prompt). Every method samples the same clips
+(images) as the reference, full compute, and is scored against it at budgets of block NFE per
+guidance branch (``--budgets``, default 14, 10 and 7 of 50: 3.5x, 5x and 7x):
 
 - ``plain``: the sampler itself with that many steps (its schedule changes, so its output is a
   different sample of the model, compared like the others against the 50-step one);
@@ -23,7 +26,8 @@ default 14, 10 and 7 of 50: 3.5x, 5x and 7x):
 - ``spectrum-adaptive``: the error-controlled schedule with the auto blend, its ``error_budget``
   bisected on held-out seeds to land near the budget (the real steps it chose per clip are in
   the JSON);
-- ``taylorseer``: diffusers' ``TaylorSeerCacheConfig`` on every block's output (order 1 and 2),
+- ``taylorseer``: diffusers' ``TaylorSeerCacheConfig`` on every block's output (order 1 and 2;
+  FLUX.1: the double- and the single-stream blocks),
   interval and warm-up chosen to give the budget exactly;
 - ``fbcache`` and ``magcache``: diffusers' ``FirstBlockCacheConfig`` and ``MagCacheConfig``
   (ratios calibrated on this model; MagCache's longest run of skips ``K`` set per budget so that
@@ -31,15 +35,16 @@ default 14, 10 and 7 of 50: 3.5x, 5x and 7x):
   budget's block NFE; the block NFE they actually used on the benchmark seeds is what the table
   reports. A budget below FirstBlockCache's floor (below) gets a row saying it was dropped.
 
-NFE and block NFE are counted, not inferred, with forward pre-hooks on every block's feed-forward,
-divided by the two guidance branches. ``nfe`` counts evaluations of the last block: whole-stack
+NFE and block NFE are counted, not inferred, with forward pre-hooks on every block's feed-forward
+(FLUX.1: ``ff`` of the double-stream blocks, ``proj_mlp`` of the single-stream ones), divided by
+the two guidance branches. ``nfe`` counts evaluations of the last block: whole-stack
 evaluations. ``block_nfe`` counts every block evaluation divided by the number of blocks ``L``,
 so a step that runs only the first block costs ``1/L`` of a stack evaluation: that is what
 FirstBlockCache spends on a skipped step to decide that it is one (MagCache decides from
 calibrated ratios and runs nothing, the Spectrum and TaylorSeer hooks pass the input through).
-Budgets are matched in block NFE, the compute actually spent. On this 4-block model FirstBlockCache
-costs at least ``1 + 49/4 = 13.25`` (the first step full, the first block on every other), so it
-cannot reach block NFE 10 or 7.
+Budgets are matched in block NFE, the compute actually spent. FirstBlockCache costs at least
+``1 + 49/L`` (the first step full, the first block on every other): on digits-wan's 4 blocks 13.25,
+so it cannot reach block NFE 10 or 7; on digits-flux's 6 (2 double + 4 single) 9.17, so not 7.
 
 Metrics, per method: PSNR and SSIM of the decoded frames against the reference of the same seed
 (mean over clips), the fraction of frames a held-out digit classifier recognises as the prompted
@@ -79,11 +84,12 @@ from tqdm import tqdm
 from benchmarks import digits_data as dd
 from benchmarks.digits_classifier import load_classifier
 from spectrum_xdit import SpectrumConfig, apply_spectrum, remove_spectrum, spectrum_stats
-from spectrum_xdit.hooks import spectrum_stack
+from spectrum_xdit.hooks import block_stack, spectrum_stack
+from spectrum_xdit.models.digits_flux import TRUE_CFG_SCALE as FLUX_TRUE_CFG_SCALE
 
 STEPS = 50
-GUIDANCE = 5.0
-DEFAULT_JSON = Path("benchmarks/results/quality_cpu.json")
+GUIDANCE = 5.0   # digits-wan's guidance_scale
+DEFAULT_JSON = Path("benchmarks/results/quality_cpu.json")   # digits-wan's; other models' are named after them
 PAIR_STRIDE = 11
 CALIBRATION_SEED = 1000  # seeds >= this are held out from the benchmark pairs, for tuning only
 
@@ -99,6 +105,42 @@ TAYLORSEER_SCHEDULES = {14: (2, 4), 10: (2, 6), 7: (2, 10)}
 # MagCache never skips the first round(0.1 * 50) = 5 steps and at most K in a row after them, so
 # it needs 5 + ceil(45 / (K + 1)) <= budget: the K per budget.
 MAGCACHE_MAX_SKIP = {14: 6, 10: 12, 7: 44}
+
+
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """A model the benchmark runs: its classifier-free guidance, sampler and conditions, and the
+    block names diffusers' TaylorSeer hooks (``cache_identifiers``)."""
+
+    name: str
+    family: str                   # "wan" (clips) or "flux" (still images)
+    sampler: str
+    guidance_field: str           # the pipeline argument of its classifier-free guidance
+    guidance: float
+    taylorseer_blocks: str
+
+    @property
+    def branches(self) -> int:
+        """Transformer calls per step: two under classifier-free guidance."""
+        return 2 if self.guidance > 1 else 1
+
+    def conditions(self) -> list[tuple[int, str, str]]:
+        """(digit, direction or position, prompt) for the 40 conditions."""
+        return dd.all_prompts() if self.family == "wan" else dd.all_image_prompts()
+
+    def default_json(self, quick: bool) -> Path:
+        stem = "quality" if self.name == "digits-wan" else f"quality_{self.name}"
+        return Path(f"outputs/{stem}_quick.json") if quick else DEFAULT_JSON.with_name(f"{stem}_cpu.json")
+
+
+BENCH_MODELS = {
+    "digits-wan": BenchModel("digits-wan", "wan", "UniPC", "guidance_scale", GUIDANCE, r"blocks\.\d+"),
+    # FLUX.1 without guidance distillation: true CFG with the empty negative prompt, two calls a step
+    "digits-flux": BenchModel("digits-flux", "flux", "FLUX Euler", "true_cfg_scale", FLUX_TRUE_CFG_SCALE,
+                              r"(single_)?transformer_blocks\.\d+"),
+}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -117,19 +159,33 @@ def ssim(frames: np.ndarray, reference: np.ndarray) -> float:
         for f, r in zip(frames, reference)]))
 
 
+# The feed-forward of a block: Wan2.1's ``ffn``, FLUX.1's double-stream ``ff`` and single-stream
+# ``proj_mlp``. It runs only when the block really computes (a cache's hook around the block skips it).
+FEED_FORWARDS = ("ffn", "ff", "proj_mlp")
+
+
+def feed_forward(block: torch.nn.Module) -> torch.nn.Module:
+    name = next((n for n in FEED_FORWARDS if hasattr(block, n)), None)
+    if name is None:
+        raise TypeError(f"{type(block).__name__} has none of the feed-forwards {FEED_FORWARDS} to count")
+    return getattr(block, name)
+
+
 class StackCounter:
     """Counts real block evaluations through forward pre-hooks on each block's feed-forward.
 
     ``take()`` returns (whole-stack evaluations, block evaluations / number of blocks): the
     first counts the last block only; the second also charges the blocks that run on a skipped
-    step (FirstBlockCache always runs the first block), in units of the whole stack."""
+    step (FirstBlockCache always runs the first block), in units of the whole stack. The blocks
+    are those Spectrum hooks, in call order (FLUX.1: the double-stream, then the single-stream)."""
 
     def __init__(self, transformer):
-        self.blocks = len(transformer.blocks)
+        blocks, _ = block_stack(transformer)
+        self.blocks = len(blocks)
         self.last = 0
         self.all = 0
-        for index, block in enumerate(transformer.blocks):
-            block.ffn.register_forward_pre_hook(self._count_last if index == self.blocks - 1 else self._count)
+        for index, block in enumerate(blocks):
+            feed_forward(block).register_forward_pre_hook(self._count_last if index == self.blocks - 1 else self._count)
 
     def _count(self, module, args):
         self.all += 1
@@ -234,42 +290,70 @@ class DiffusersCacheMethod(Method):
 # ----------------------------------------------------------------------------- sampling
 
 class Bench:
-    def __init__(self, threads: int):
-        from spectrum_xdit.models.digits_wan import GENERATION_KWARGS, build_digits_wan_pipeline
+    """One model's pipeline, its block counter and its prompts' embeddings (encoded once, outside
+    the timed denoising)."""
 
+    def __init__(self, threads: int, model: str = "digits-wan"):
+        if model not in BENCH_MODELS:
+            raise ValueError(f"--model must be one of {', '.join(BENCH_MODELS)}, got {model!r}")
+        self.model = BENCH_MODELS[model]
         torch.set_num_threads(threads)
-        self.pipe = build_digits_wan_pipeline()
+        if self.model.family == "wan":
+            from spectrum_xdit.models.digits_wan import GENERATION_KWARGS, build_digits_wan_pipeline
+
+            self.pipe = build_digits_wan_pipeline()
+        else:
+            from spectrum_xdit.models.digits_flux import GENERATION_KWARGS, build_digits_flux_pipeline
+
+            self.pipe = build_digits_flux_pipeline()
         self.kwargs = GENERATION_KWARGS
         self.counter = StackCounter(self.pipe.transformer)
-        self._embeds: dict[str, tuple] = {}
+        self._embeds: dict[str, dict] = {}
 
-    def embeds(self, prompt: str):
+    def embeds(self, prompt: str) -> dict:
+        """The pipeline's embedding arguments for ``prompt`` and the empty negative prompt."""
         if prompt not in self._embeds:
             with torch.no_grad():
-                self._embeds[prompt] = self.pipe.encode_prompt(
-                    prompt, negative_prompt="", do_classifier_free_guidance=True, device="cpu")
+                if self.model.family == "wan":
+                    positive, negative = self.pipe.encode_prompt(
+                        prompt, negative_prompt="", do_classifier_free_guidance=True, device="cpu")
+                    self._embeds[prompt] = {"prompt_embeds": positive, "negative_prompt_embeds": negative}
+                else:
+                    length = self.kwargs["max_sequence_length"]
+                    positive, pooled, _ = self.pipe.encode_prompt(prompt, prompt_2=None, device="cpu",
+                                                                  max_sequence_length=length)
+                    negative, negative_pooled, _ = self.pipe.encode_prompt("", prompt_2=None, device="cpu",
+                                                                           max_sequence_length=length)
+                    self._embeds[prompt] = {"prompt_embeds": positive, "pooled_prompt_embeds": pooled,
+                                            "negative_prompt_embeds": negative,
+                                            "negative_pooled_prompt_embeds": negative_pooled}
         return self._embeds[prompt]
 
+    def call(self, prompt: str, seed: int, steps: int, output_type: str):
+        """The guided pipeline call; its output (``frames`` of a video, ``images`` of an image)."""
+        return self.pipe(**self.embeds(prompt), num_inference_steps=steps,
+                         **{self.model.guidance_field: self.model.guidance},
+                         generator=torch.Generator().manual_seed(seed), output_type=output_type, **self.kwargs)
+
     def sample(self, method: Method, prompt: str, seed: int) -> tuple[np.ndarray, float, float, dict]:
-        """Frames (T, H, W) grey in [0, 1], denoising seconds, NFE per branch, method info (with
-        ``block_nfe``: block evaluations per branch in units of the whole stack)."""
-        positive, negative = self.embeds(prompt)
+        """Frames (T, H, W) grey in [0, 1] (an image: T = 1), denoising seconds, NFE per branch,
+        method info (with ``block_nfe``: block evaluations per branch in units of the whole stack)."""
+        self.embeds(prompt)
         transformer = self.pipe.transformer
+        branches = self.model.branches
         method.attach(transformer)
         try:
             self.counter.take()
             t0 = time.perf_counter()
-            video = self.pipe(prompt_embeds=positive, negative_prompt_embeds=negative,
-                              num_inference_steps=method.steps, guidance_scale=GUIDANCE,
-                              generator=torch.Generator().manual_seed(seed), output_type="np",
-                              **self.kwargs).frames[0]
+            output = self.call(prompt, seed, method.steps, "np")
             seconds = time.perf_counter() - t0
+            frames = output.frames[0] if self.model.family == "wan" else output.images[:1]
             stacks, blocks = self.counter.take()
-            nfe = stacks / 2
-            info = {"block_nfe": blocks / 2, **method.info(transformer)}
+            nfe = stacks / branches
+            info = {"block_nfe": blocks / branches, **method.info(transformer)}
         finally:
             method.detach(transformer)
-        return video.mean(axis=-1), seconds, nfe, info
+        return frames.mean(axis=-1), seconds, nfe, info
 
 
 def tune_threshold(bench: Bench, build, target: float, prompts: list[tuple[str, int]], lo: float, hi: float,
@@ -299,11 +383,9 @@ def calibrate_magcache(bench: Bench, prompt: str, seed: int) -> list[float]:
     transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=STEPS))
     buffer = io.StringIO()
     try:
-        positive, negative = bench.embeds(prompt)
+        bench.embeds(prompt)
         with contextlib.redirect_stdout(buffer), torch.no_grad():
-            bench.pipe(prompt_embeds=positive, negative_prompt_embeds=negative, num_inference_steps=STEPS,
-                       guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(seed),
-                       output_type="latent", **bench.kwargs)
+            bench.call(prompt, seed, STEPS, "latent")
     finally:
         transformer.disable_cache()
     ratios = [ast.literal_eval(line) for line in buffer.getvalue().splitlines() 
@@ -355,7 +437,7 @@ def build_methods(bench: Bench, budgets: list[int], calibration: list[tuple[str,
             def taylorseer(before=before, interval=interval, order=order):
                 return TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=before,
                                              max_order=order, taylor_factors_dtype=torch.float32,
-                                             cache_identifiers=[r"blocks\.\d+"])
+                                             cache_identifiers=[bench.model.taylorseer_blocks])
             methods.append(DiffusersCacheMethod("taylorseer", f"order {order}, interval {interval}, warmup {before}",
                                                 budget, taylorseer))
 
@@ -413,7 +495,7 @@ def summarise(method: Method, runs: list[dict], full_seconds: float) -> dict:
     return row
 
 
-def markdown_table(rows: list[dict], real_step_ms: float) -> str:
+def markdown_table(rows: list[dict], real_step_ms: float, blocks: int, branches: int) -> str:
     lines = ["| budget | method | setting | NFE | block NFE | PSNR (dB) | SSIM | accuracy | speedup (wall) "
              "| speedup (NFE) | forecast ms | validation ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -437,10 +519,10 @@ def markdown_table(rows: list[dict], real_step_ms: float) -> str:
     lines.append("")
     lines.append(f"NFE: evaluations of the whole block stack per guidance branch; block NFE counts every "
                  f"block evaluation in units of the stack (FirstBlockCache's first block on a skipped step: "
-                 f"1/4), the measure the budgets are matched in. Bold: best PSNR at the budget. "
+                 f"1/{blocks}), the measure the budgets are matched in. Bold: best PSNR at the budget. "
                  f"A full-compute transformer call (one branch, one step) takes {real_step_ms:.2f} ms here "
-                 f"(denoising time / {2 * STEPS} calls); forecast ms is the median time of one forecast, "
-                 f"validation ms the median extra time per real step (both branches) of scoring it.")
+                 f"(denoising time / {branches * STEPS} calls); forecast ms is the median time of one forecast, "
+                 f"validation ms the median extra time per real step (all branches) of scoring it.")
     return "\n".join(lines) + "\n"
 
 
@@ -458,7 +540,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, key, label in ((axes[0], "psnr", "PSNR vs 50-step output (dB)"),
-                           (axes[1], "accuracy", "frames recognised as the prompted digit")):
+                           (axes[1], "accuracy", "frames (images) recognised as the prompted digit")):
         seen = set()
         for row in rows:
             if row.get("dropped") or row[key] is None:
@@ -506,20 +588,23 @@ def frame_grid(samples: dict[str, np.ndarray], path: Path, title: str) -> None:
 # ----------------------------------------------------------------------------- main
 
 def run(num_pairs: int, budgets: list[int], out_json: Path, threads: int, tune_iterations: int,
-        calibration_pairs: int, command: str, quiet: bool = False) -> dict:
+        calibration_pairs: int, command: str, quiet: bool = False, model: str = "digits-wan") -> dict:
     started = time.time()
 
     def log(message: str) -> None:
         if not quiet:
             tqdm.write(message)
 
-    bench = Bench(threads)
+    bench = Bench(threads, model)
+    spec = bench.model
+    unit = "clip" if spec.family == "wan" else "image"
     classifier = load_classifier()
-    conditions = dd.all_prompts()
+    conditions = spec.conditions()
     if num_pairs < 1:
         raise ValueError(f"--pairs must be >= 1, got {num_pairs}")
     # (prompt, seed) pairs: every condition once (seed = its index), then again with new seeds; the
     # conditions strided by 11 (prime to 40) so that fewer pairs still spread over digits and directions
+    # (positions)
     pairs = [(conditions[(PAIR_STRIDE * i) % len(conditions)], i) for i in range(num_pairs)]
     calibration = [(conditions[(7 * i + 3) % len(conditions)][2], CALIBRATION_SEED + i)
                    for i in range(calibration_pairs)]
@@ -527,7 +612,7 @@ def run(num_pairs: int, budgets: list[int], out_json: Path, threads: int, tune_i
     methods, dropped = build_methods(bench, budgets, calibration, tune_iterations, log)
     runs: dict[str, list[dict]] = {m.label: [] for m in methods}
     grid: dict[str, np.ndarray] = {}
-    for (digit, _direction, prompt), seed in tqdm(pairs, desc="quality", unit="clip", disable=quiet):
+    for (digit, _where, prompt), seed in tqdm(pairs, desc="quality", unit=unit, disable=quiet):
         reference = None
         for method in methods:
             frames, seconds, nfe, info = bench.sample(method, prompt, seed)
@@ -549,27 +634,30 @@ def run(num_pairs: int, budgets: list[int], out_json: Path, threads: int, tune_i
     # each dropped baseline after its budget's last row
     for drop in dropped:
         rows.insert(max(i for i, r in enumerate(rows) if r["budget"] == drop["budget"]) + 1, drop)
-    real_step_ms = 1e3 * full_seconds / (2 * STEPS)
+    real_step_ms = 1e3 * full_seconds / (spec.branches * STEPS)
 
     meta = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                                        f"{platform.processor() or platform.platform()}",
-        "torch": torch.__version__, "model": "digits-wan (spectrum_xdit/models/assets/digits_wan)",
-        "steps": STEPS, "guidance_scale": GUIDANCE, "pairs": num_pairs,
+        "torch": torch.__version__,
+        "model": f"{spec.name} (spectrum_xdit/models/assets/{spec.name.replace('-', '_')})",
+        "steps": STEPS, spec.guidance_field: spec.guidance, "pairs": num_pairs,
         "calibration_seeds": [s for _, s in calibration], "real_step_ms": round(real_step_ms, 3),
         "wall_seconds": round(time.time() - started, 1),
     }
     result = {"meta": meta, "rows": rows}
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=2) + "\n")
-    title = (f"digits-wan, {num_pairs} clips, {STEPS} UniPC steps, guidance {GUIDANCE}; "
+    guidance = "guidance" if spec.guidance_field == "guidance_scale" else "true CFG"
+    title = (f"{spec.name}, {num_pairs} {unit}s, {STEPS} {spec.sampler} steps, {guidance} {spec.guidance}; "
              f"{meta['date']}; {meta['machine']}")
-    table = markdown_table(rows, real_step_ms)
+    table = markdown_table(rows, real_step_ms, bench.counter.blocks, spec.branches)
     out_json.with_suffix(".md").write_text(f"{title}\n\n`{command}`\n\n{table}")
     plot(rows, out_json.with_suffix(".png"), title)
     frame_grid(grid, out_json.with_name(out_json.stem + "_frames.png"),
-               f"'{pairs[0][0][2]}', seed 0: the 9 frames of each method")
+               f"'{pairs[0][0][2]}', seed 0: " + ("the 9 frames of each method" if unit == "clip" else
+                                                   "each method's image"))
     if not quiet:
         print(table)
         print(f"wrote {out_json}, {out_json.with_suffix('.md')}, {out_json.with_suffix('.png')}, "
@@ -579,20 +667,22 @@ def run(num_pairs: int, budgets: list[int], out_json: Path, threads: int, tune_i
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(BENCH_MODELS), default="digits-wan")
     parser.add_argument("--quick", action="store_true", help="2 pairs, budget 14, short tuning: an end-to-end check")
     parser.add_argument("--pairs", type=int, default=None, help="(prompt, seed) pairs (default 40; quick 2)")
     parser.add_argument("--budgets", type=int, nargs="+", default=None, choices=sorted(TAYLORSEER_SCHEDULES),
                         help="block NFE per branch to match (default 14 10 7; quick: 14)")
     parser.add_argument("--json", type=Path, default=None,
-                        help=f"output JSON (default {DEFAULT_JSON}; quick: outputs/quality_quick.json)")
+                        help=f"output JSON (default {DEFAULT_JSON}, other models quality_MODEL_cpu.json beside "
+                             "it; quick: outputs/quality_quick.json, quality_MODEL_quick.json)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     pairs = args.pairs if args.pairs is not None else (2 if args.quick else 40)
-    out = args.json or (Path("outputs/quality_quick.json") if args.quick else DEFAULT_JSON)
+    out = args.json or BENCH_MODELS[args.model].default_json(args.quick)
     command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
     budgets = args.budgets or ([14] if args.quick else [14, 10, 7])
     return run(pairs, budgets, out, args.threads, tune_iterations=3 if args.quick else 7,
-               calibration_pairs=1 if args.quick else 2, command=command.strip())
+               calibration_pairs=1 if args.quick else 2, command=command.strip(), model=args.model)
 
 
 if __name__ == "__main__":

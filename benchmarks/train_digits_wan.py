@@ -11,6 +11,7 @@ regresses ``e - x0`` (MSE). Prompts are encoded once by the frozen tiny UMT5 exa
 empty prompt's embedding (the pipeline's default negative prompt), so classifier-free guidance has a
 trained unconditional branch. The saved transformer weights are an EMA (0.998) of the trained ones.
 
+The loop (AdamW, schedule, EMA) is ``benchmarks/flow_training.py``, shared with the FLUX digits model.
 Defaults: 5000 AdamW steps of batch 32 (lr 1e-3, 150 warm-up steps, cosine to 1e-4, weight decay
 0.01 on matrices, grad-norm clip 1.0), fresh clips every step from the 1438-digit train split.
 About 21 min on two shared CPU cores (0.25 s/step); run it under ``nice -n 10``.
@@ -30,17 +31,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file, save_model
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-from tqdm.auto import tqdm
 
 from benchmarks import digits_data as dd
 from benchmarks import digits_wan_builders as builders
+from benchmarks import flow_training as ft
 from spectrum_xdit.models import digits_wan as dw
 
 
@@ -87,13 +86,6 @@ def shorten_text(emb: torch.Tensor, real_len: int) -> tuple[torch.Tensor, torch.
 def set_cross_attn_processor(transformer, processor) -> None:
     for block in transformer.blocks:
         block.attn2.set_processor(processor)
-
-
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -164,56 +156,27 @@ def main(argv: list[str] | None = None) -> dict:
     train_y = torch.from_numpy(split["train_y"])
     n_train = train_x.shape[0]
 
-    ema = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
-    decay_params = [p for n, p in transformer.named_parameters() if p.ndim >= 2]
-    other_params = [p for n, p in transformer.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay_params, "weight_decay": args.weight_decay},
-                             {"params": other_params, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.99))
-
     n_params = sum(p.numel() for p in transformer.parameters())
     print(f"transformer {n_params / 1e6:.3f} M params, {3 * (dd.FRAME // p // 2) ** 2} tokens per clip; {n_train} train digits; "
           f"{args.steps} steps x batch {args.batch_size}; threads {args.threads}", flush=True)
 
     shift = dw.FLOW_SHIFT
-    losses: list[float] = []
-    t0 = time.time()
-    bar = tqdm(range(args.steps), desc="train", mininterval=5.0)
-    for step in bar:
+
+    def loss_at(step: int) -> torch.Tensor:
         idx = torch.randint(0, n_train, (args.batch_size,), generator=gen)
         dirs = torch.randint(0, len(dd.DIRECTIONS), (args.batch_size,), generator=gen)
         rows = train_y[idx] * len(dd.DIRECTIONS) + dirs
         drop = torch.rand(args.batch_size, generator=gen) < args.cfg_dropout
         rows = torch.where(drop, torch.full_like(rows, uncond_row), rows)
         x0 = vae.pack(dd.make_clips(train_x[idx], dirs))                    # (B, z_dim, 3, 16/p, 16/p)
-        noise = torch.randn(x0.shape, generator=gen)
-        u = torch.rand(args.batch_size, generator=gen)
-        sigma = shift * u / (1.0 + (shift - 1.0) * u)
-        s = sigma.view(-1, 1, 1, 1, 1)
-        x_t = (1.0 - s) * x0 + s * noise
-        target = noise - x0
-
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        x_t, sigma, target = ft.noised(x0, shift, gen)
         pred = transformer(hidden_states=x_t, timestep=sigma * 1000.0, encoder_hidden_states=emb_short[rows],
                            return_dict=False)[0]
-        loss = F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
+        return ft.flow_loss(pred, target)
 
-        d = min(args.ema, (1.0 + step) / (10.0 + step))
-        with torch.no_grad():
-            for k, v in transformer.state_dict().items():
-                ema[k].mul_(d).add_(v.detach(), alpha=1.0 - d)
-
-        losses.append(loss.item())
-        if step % 25 == 0 or step == args.steps - 1:
-            recent = sum(losses[-100:]) / len(losses[-100:])
-            bar.set_postfix(loss=f"{recent:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-    bar.close()
-    wall = time.time() - t0
-    final_loss = sum(losses[-200:]) / len(losses[-200:])
+    ema, losses, wall = ft.train(transformer, loss_at, args.steps, args.lr, args.warmup, args.weight_decay, args.ema)
+    summary = ft.loss_summary(losses)
+    final_loss = summary["final_loss_last200"]
     print(f"done: {args.steps} steps in {wall:.0f} s ({wall / args.steps:.3f} s/step); "
           f"mean loss over last {min(200, len(losses))} steps {final_loss:.4f}", flush=True)
 
@@ -231,9 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,
         "weight_decay": args.weight_decay, "ema": args.ema, "cfg_dropout": args.cfg_dropout, "seed": args.seed,
         "threads": args.threads, "flow_shift": shift, "sigma_sampling": "uniform u, shifted s*u/(1+(s-1)*u)",
-        "wall_seconds": round(wall, 1), "final_loss_last200": round(final_loss, 5),
-        "loss_curve_per_100": [round(sum(losses[i:i + 100]) / len(losses[i:i + 100]), 5)
-                               for i in range(0, len(losses), 100)],
+        "wall_seconds": round(wall, 1), **summary,
         "transformer_params": n_params, "train_digits": n_train,
         "torch": torch.__version__,
     }

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="run one generation")
     gen.add_argument("--model", default=DEFAULT_MODEL,
-                     help="tiny-wan, tiny-flux, digits-wan, a local diffusers folder or a hub id")
+                     help="tiny-wan, tiny-flux, digits-wan, digits-flux, a local diffusers folder or a hub id")
     add_flags(gen, flag_fields(_GENERATE_SETTINGS), {"prompt": DEFAULT_PROMPT})
     gen.add_argument("--image", metavar="PATH", default=None,
                      help="image-to-video models: the first frame, a PNG or JPEG file (resized to height x width)")

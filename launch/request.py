@@ -89,7 +89,7 @@ class GenerationRequest(BaseModel):
         "(default: the model family's, 5.0 for Wan2.1, 3.5 for FLUX.1)"))
     true_cfg_scale: float = Field(1.0, ge=1, le=MAX_GUIDANCE, allow_inf_nan=False, description=(
         "FLUX.1: true classifier-free guidance, a second transformer call per step with the negative prompt "
-        "(1: off)"))
+        "(1: off; a model trained for it, such as digits-flux, defaults to the scale it was evaluated at)"))
     output_format: Optional[Literal["mp4", "gif", "png", "npy"]] = Field(
         None, description="mp4, gif or npy for video models, png or npy for image models (npy: the final latents)")
     cache: CacheSettings = Field(default_factory=CacheSettings, description="the step cache and its settings")
@@ -307,9 +307,13 @@ def parse_layout(values: dict) -> ParallelLayout:
 
 
 def model_defaults(spec: ModelSpec) -> dict:
-    """The sizes and guidance a request for ``spec`` takes when it gives none."""
-    return {"height": spec.height, "width": spec.width, "num_frames": spec.num_frames if spec.is_video else 1,
-            "guidance_scale": GUIDANCE_DEFAULTS[spec.family]}
+    """The sizes and guidance a request for ``spec`` takes when it gives none (FLUX.1's true
+    classifier-free guidance: the model's, off unless it was trained for it)."""
+    defaults = {"height": spec.height, "width": spec.width, "num_frames": spec.num_frames if spec.is_video else 1,
+                "guidance_scale": GUIDANCE_DEFAULTS[spec.family]}
+    if spec.family == "flux":
+        defaults["true_cfg_scale"] = spec.true_cfg_scale
+    return defaults
 
 
 def guidance_branches(request: GenerationRequest, family: str) -> tuple[str, ...]:

@@ -31,7 +31,12 @@ from ..models import ModelSpec, SizeRules, size_rules
 from ..parallel import patches
 from .request import GenerationRequest, ParallelLayout, decode_image, guidance_branches
 
-FLUX_TEXT_TOKENS = 64   # max_sequence_length of FLUX.1 requests
+FLUX_TEXT_TOKENS = 64   # max_sequence_length of FLUX.1 requests whose model names none
+
+
+def flux_text_tokens(spec: ModelSpec) -> int:
+    """The T5 tokens of a FLUX.1 prompt: the model's own length (one trained at it), else ``FLUX_TEXT_TOKENS``."""
+    return spec.max_sequence_length or FLUX_TEXT_TOKENS
 
 
 @dataclass
@@ -116,13 +121,13 @@ class RankPipeline:
         if self.spec.family == "wan":
             call.update(num_frames=request.num_frames)
             return call
-        call.update(true_cfg_scale=request.true_cfg_scale, max_sequence_length=FLUX_TEXT_TOKENS)
+        call.update(true_cfg_scale=request.true_cfg_scale, max_sequence_length=flux_text_tokens(self.spec))
         if "uncond" in guidance_branches(request, "flux"):   # FluxPipeline runs true CFG only with a negative prompt
             call.setdefault("negative_prompt", "")
         if self.world_size > 1:
             from ..parallel.xdit_setup import set_flux_input_parameters
 
-            set_flux_input_parameters(FLUX_TEXT_TOKENS)
+            set_flux_input_parameters(flux_text_tokens(self.spec))
         return call
 
     def _job_stats(self, stats: dict) -> dict:
@@ -251,7 +256,7 @@ class PipeFusionRankPipeline(RankPipeline):
             output = self.pipefusion(prompt=request.prompt, height=request.height, width=request.width,
                                      num_inference_steps=request.num_inference_steps,
                                      guidance_scale=request.guidance_scale, output_type="latent",
-                                     max_sequence_length=FLUX_TEXT_TOKENS,
+                                     max_sequence_length=flux_text_tokens(self.spec),
                                      generator=torch.Generator().manual_seed(request.seed))
             holder = [None if output is None else output.images.cpu()]
             dist.broadcast_object_list(holder, src=self.world_size - 1)   # the last stage holds the output

@@ -30,7 +30,7 @@ from ..experts import pipeline_experts
 from ..models import BUILTIN_MODELS, ModelSpec
 from ..parallel.xdit_setup import xdit_transformer
 from .request import GUIDANCE_DEFAULTS
-from .runner import FLUX_TEXT_TOKENS
+from .runner import flux_text_tokens
 
 
 class _EmbeddedModel:
@@ -102,7 +102,7 @@ def _runner_class(spec: ModelSpec) -> type:
     else:
         base, defaults = EmbeddedFluxModel, DefaultInputValues(
             height=spec.height, width=spec.width, num_inference_steps=50, guidance_scale=GUIDANCE_DEFAULTS["flux"],
-            max_sequence_length=FLUX_TEXT_TOKENS)
+            max_sequence_length=flux_text_tokens(spec))
     return type(f"xFuser_{name}", (base,), {"spec": spec, "default_input_values": defaults,
                                              "__doc__": f"{spec.name} in xDiT's runner."})
 

@@ -25,12 +25,14 @@ def test_forecaster_benchmark_runs(tmp_path, capsys):
     assert "copy bandwidth" in capsys.readouterr().out
 
 
-def test_quality_benchmark_quick(tmp_path):
-    """`benchmarks.quality --quick` end to end: every method, counted NFE, real metrics, all outputs."""
+@pytest.mark.parametrize("model", ["digits-wan", "digits-flux"])
+def test_quality_benchmark_quick(tmp_path, model):
+    """`benchmarks.quality --quick` end to end on each trained model (Wan2.1: one block list;
+    FLUX.1: double- and single-stream blocks): every method, counted NFE, real metrics, all outputs."""
     from benchmarks import quality
 
     out = tmp_path / "quality.json"
-    result = quality.main(["--quick", "--json", str(out)])
+    result = quality.main(["--quick", "--model", model, "--json", str(out)])
     assert json.loads(out.read_text()) == result
     for suffix in (".md", ".png"):
         assert out.with_suffix(suffix).stat().st_size > 0
@@ -40,7 +42,7 @@ def test_quality_benchmark_quick(tmp_path):
     assert families == {"full", "plain", "reuse", "spectrum", "spectrum-auto", "spectrum-auto-reuse",
                         "spectrum-adaptive", "spectrum-budget", "spectrum-budget-reuse", "taylorseer", "fbcache",
                         "magcache"}
-    assert result["meta"]["pairs"] == 2
+    assert result["meta"]["pairs"] == 2 and result["meta"]["model"].startswith(model)
     for row in result["rows"]:
         assert set(row) >= {"method", "setting", "nfe", "psnr", "ssim", "accuracy", "speedup_wall", "speedup_nfe"}
         assert 0.0 <= row["accuracy"] <= 1.0

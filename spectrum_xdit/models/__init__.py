@@ -1,5 +1,5 @@
-"""The models the launchers know: the tiny pipelines (``tiny``), the trained digits model
-(``digits_wan``), and real checkpoints (local folders or hub ids) for users with GPUs."""
+"""The models the launchers know: the tiny pipelines (``tiny``), the trained digits models
+(``digits_wan``, ``digits_flux``), and real checkpoints (local folders or hub ids) for users with GPUs."""
 
 from __future__ import annotations
 
@@ -55,6 +55,10 @@ class ModelSpec:
     sizes: SizeRules                 # read from the configs where they are at hand, else the family's
     needs_image: bool = False        # image-to-video: every request gives the first frame
     experts: tuple[str, ...] = ("transformer",)   # Wan2.2 A14B: ("transformer", "transformer_2")
+    # FLUX.1: the T5 tokens of a prompt (max_sequence_length), None for the launchers' default. A
+    # model trained at one length needs it: FLUX attends over every text position, padding included.
+    max_sequence_length: Optional[int] = None
+    true_cfg_scale: float = 1.0      # FLUX.1: a request's default true classifier-free guidance
 
     @property
     def is_video(self) -> bool:
@@ -74,6 +78,14 @@ def _build_digits_wan(torch_dtype=None):
     from .digits_wan import build_digits_wan_pipeline
 
     return build_digits_wan_pipeline(dtype=torch_dtype or torch.float32)
+
+
+def _build_digits_flux(torch_dtype=None):
+    import torch
+
+    from .digits_flux import build_digits_flux_pipeline
+
+    return build_digits_flux_pipeline(dtype=torch_dtype or torch.float32)
 
 
 def _build_tiny_wan(torch_dtype=None):
@@ -110,9 +122,9 @@ def _from_pretrained(name_or_path: str) -> Callable[..., Any]:
     return build
 
 
-def _digits_wan_sizes() -> SizeRules:
-    assets = Path(__file__).resolve().parent / "assets" / "digits_wan"
-    return size_rules("wan", json.loads((assets / "transformer_config.json").read_text()),
+def _digits_sizes(family: str, name: str) -> SizeRules:
+    assets = Path(__file__).resolve().parent / "assets" / name
+    return size_rules(family, json.loads((assets / "transformer_config.json").read_text()),
                       json.loads((assets / "vae_config.json").read_text()))
 
 
@@ -123,7 +135,10 @@ TWO_EXPERTS = ("transformer", "transformer_2")
 BUILTIN_MODELS = {
     "tiny-wan": ModelSpec("tiny-wan", "wan", 2, 32, 32, 5, _build_tiny_wan, SizeRules("wan", 16, 4, 1, 32)),
     "tiny-flux": ModelSpec("tiny-flux", "flux", 2, 32, 32, 1, _build_tiny_flux, SizeRules("flux", 4)),
-    "digits-wan": ModelSpec("digits-wan", "wan", 6, 16, 16, 9, _build_digits_wan, _digits_wan_sizes()),
+    "digits-wan": ModelSpec("digits-wan", "wan", 6, 16, 16, 9, _build_digits_wan, _digits_sizes("wan", "digits_wan")),
+    # digits_flux's GENERATION_KWARGS and TRUE_CFG_SCALE (tests compare them)
+    "digits-flux": ModelSpec("digits-flux", "flux", 4, 16, 16, 1, _build_digits_flux,
+                             _digits_sizes("flux", "digits_flux"), max_sequence_length=16, true_cfg_scale=2.0),
     "tiny-wan-i2v": ModelSpec("tiny-wan-i2v", "wan", 2, 32, 32, 5, _build_tiny_wan_i2v, SizeRules("wan", 16, 4, 1, 32),
                               needs_image=True),
     "tiny-wan22": ModelSpec("tiny-wan22", "wan", 2, 32, 32, 5, _build_tiny_wan22, SizeRules("wan", 16, 4, 1, 32),
