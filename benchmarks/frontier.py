@@ -1,8 +1,11 @@
 """A budget spent across step counts: B plain steps, or N > B sampler steps of which B are real.
 
-    python -m benchmarks.frontier                 # 40 pairs, budgets 14 10 7, ~25 min on 2 shared cores
+    python -m benchmarks.frontier                 # 40 pairs, budgets 14 10 7
     python -m benchmarks.frontier --quick         # 2 pairs, budget 7 at 14 steps, < 60 s
-    python -m benchmarks.frontier --json benchmarks/results/frontier_cpu.json
+    python -m benchmarks.frontier --threads 1 --json benchmarks/results/frontier_cpu.json   # 29 min
+
+On a CPU other jobs share, ``--threads 1`` is several times faster than 2 (two threads contending
+for cores spin); the committed results ran so, on the 2-core machine with two other jobs.
 
 Issue 16: a budget of B block-stack evaluations per guidance branch can be the plain sampler at B
 steps, or Spectrum at any N > B steps with exactly B real ones. ``benchmarks.quality`` compares
