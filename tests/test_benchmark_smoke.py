@@ -175,7 +175,7 @@ def test_frontier_benchmark_quick(tmp_path):
     from benchmarks import frontier
 
     out = tmp_path / "frontier.json"
-    result = frontier.main(["--quick", "--pairs", "1", "--json", str(out)])
+    result = frontier.main(["--quick", "--pairs", "1", "--threads", "1", "--json", str(out)])
     assert json.loads(out.read_text()) == result
     for suffix in (".md", ".png"):
         assert out.with_suffix(suffix).stat().st_size > 0
