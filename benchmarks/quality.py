@@ -200,6 +200,29 @@ class StackCounter:
         return counts
 
 
+def digit_accuracy(classifier, frames: np.ndarray, digit: int) -> float:
+    """The fraction of the frames (grey, [0, 1]) the classifier recognises as ``digit``."""
+    with torch.no_grad():
+        pred = classifier(torch.from_numpy(frames * 2.0 - 1.0).float()).argmax(1).numpy()
+    return float((pred == digit).mean())
+
+
+def benchmark_pairs(count: int, conditions: list | None = None) -> list[tuple[tuple[int, str, str], int]]:
+    """The scored ((digit, direction, prompt), seed) pairs: every condition (default digits-wan's)
+    once (seed = its index), then again with new seeds; strided by 11 (prime to 40) so that fewer
+    pairs still spread over digits and directions (positions)."""
+    if count < 1:
+        raise ValueError(f"--pairs must be >= 1, got {count}")
+    conditions = conditions if conditions is not None else dd.all_prompts()
+    return [(conditions[(PAIR_STRIDE * i) % len(conditions)], i) for i in range(count)]
+
+
+def held_out_pairs(count: int, conditions: list | None = None) -> list[tuple[str, int]]:
+    """(prompt, seed) pairs for tuning, seeds from ``CALIBRATION_SEED``: never scored."""
+    conditions = conditions if conditions is not None else dd.all_prompts()
+    return [(conditions[(7 * i + 3) % len(conditions)][2], CALIBRATION_SEED + i) for i in range(count)]
+
+
 # ----------------------------------------------------------------------------- methods
 
 @dataclass
@@ -230,7 +253,8 @@ class Method:
 class SpectrumMethod(Method):
     def __init__(self, method: str, setting: str, budget: int | None, config: SpectrumConfig,
                  tuned: dict | None = None):
-        super().__init__(method, setting, budget, tuned=tuned or {})
+        # the sampler runs the steps the schedule was made for
+        super().__init__(method, setting, budget, steps=config.num_inference_steps, tuned=tuned or {})
         self.config = config
 
     def attach(self, transformer) -> None:
@@ -600,14 +624,8 @@ def run(num_pairs: int, budgets: list[int], out_json: Path, threads: int, tune_i
     unit = "clip" if spec.family == "wan" else "image"
     classifier = load_classifier()
     conditions = spec.conditions()
-    if num_pairs < 1:
-        raise ValueError(f"--pairs must be >= 1, got {num_pairs}")
-    # (prompt, seed) pairs: every condition once (seed = its index), then again with new seeds; the
-    # conditions strided by 11 (prime to 40) so that fewer pairs still spread over digits and directions
-    # (positions)
-    pairs = [(conditions[(PAIR_STRIDE * i) % len(conditions)], i) for i in range(num_pairs)]
-    calibration = [(conditions[(7 * i + 3) % len(conditions)][2], CALIBRATION_SEED + i)
-                   for i in range(calibration_pairs)]
+    pairs = benchmark_pairs(num_pairs, conditions)
+    calibration = held_out_pairs(calibration_pairs, conditions)
 
     methods, dropped = build_methods(bench, budgets, calibration, tune_iterations, log)
     runs: dict[str, list[dict]] = {m.label: [] for m in methods}
@@ -618,14 +636,12 @@ def run(num_pairs: int, budgets: list[int], out_json: Path, threads: int, tune_i
             frames, seconds, nfe, info = bench.sample(method, prompt, seed)
             if reference is None:
                 reference = frames
-            with torch.no_grad():
-                pred = classifier(torch.from_numpy(frames * 2.0 - 1.0).float()).argmax(1).numpy()
             same = method.method == "full"
             runs[method.label].append({
                 "seconds": seconds, "nfe": nfe, "info": info,
                 "psnr": None if same else psnr(frames, reference),
                 "ssim": None if same else ssim(frames, reference),
-                "accuracy": float((pred == digit).mean()),
+                "accuracy": digit_accuracy(classifier, frames, digit),
             })
             if seed == 0:
                 grid[f"{method.label} (NFE {nfe:g})"] = frames

@@ -144,3 +144,63 @@ def test_serve_load_benchmark_measures_both_loads_and_writes_table_and_plot(tmp_
     assert rows["continuous", "closed", 2]["mean_block_batch"] >= 1.0
     assert result["goal"]["concurrency"] == 2 and out.with_suffix(".png").stat().st_size > 0
     assert out.with_suffix(".md").read_text().count("| continuous | spectrum |") == 3
+
+
+def test_frontier_grid_and_paper_schedules_land_on_the_budget():
+    from benchmarks import frontier
+    from spectrum_xdit.schedule import paper_schedule
+
+    assert frontier.steps_grid(7, None) == [7, 11, 14, 21, 50]
+    assert frontier.steps_grid(14, None) == [14, 21, 28, 42, 50]
+    assert frontier.steps_grid(10, [30, 10, 8, 20]) == [10, 20, 30]
+    for steps, budget in ((11, 7), (50, 7), (21, 14)):
+        candidates = frontier.paper_candidates(steps, budget)
+        assert [w for w, _ in candidates] == sorted({w for w, _ in candidates})   # one window per warm-up
+        for warmup, window in candidates:
+            assert len(paper_schedule(steps, warmup, window, frontier.FLEX)) == budget
+            assert window == 1 or len(paper_schedule(steps, warmup, window - 1, frontier.FLEX)) != budget
+    # quality's hand-picked schedule at 7 of 50 is one of them
+    assert (1, 6) in frontier.paper_candidates(50, 7)
+
+
+@pytest.mark.parametrize("argv, flag", [(["--budgets", "0"], "--budgets"), (["--budgets", "7", "--steps", "7"], "--steps"),
+                                        (["--calibration_pairs", "0"], "--calibration_pairs"), (["--pairs", "0"], "--pairs")])
+def test_frontier_rejects_bad_flags_before_any_sampling(argv, flag, tmp_path):
+    from benchmarks import frontier
+
+    with pytest.raises(ValueError, match=flag):
+        frontier.main([*argv, "--json", str(tmp_path / "f.json")])
+
+
+def test_frontier_benchmark_quick(tmp_path):
+    """`benchmarks.frontier --quick` on one pair: budget 7 as 7 plain steps or 7 real of 14, counted."""
+    from benchmarks import frontier
+
+    out = tmp_path / "frontier.json"
+    result = frontier.main(["--quick", "--pairs", "1", "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    for suffix in (".md", ".png"):
+        assert out.with_suffix(suffix).stat().st_size > 0
+    rows = result["rows"]
+    assert [(r["method"], r["steps"]) for r in rows] == [("full", 50), ("plain", 7)] + [
+        (family, 14) for family in ("spectrum-budget", "spectrum-budget-reuse", "spectrum", "spectrum-auto", "reuse")]
+    assert result["meta"]["steps"] == {"7": [7, 14]} and result["meta"]["off_budget"] == []
+    for row in rows[1:]:
+        # B real steps per branch, counted, on every clip, whatever N
+        assert row["nfe"] == row["nfe_max"] == row["block_nfe"] == 7 and not row["off_budget"]
+        assert 10.0 < row["psnr"] < 80.0 and 10.0 < row["psnr_calibration"] < 80.0
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["speedup_wall"] > 0
+    by_family = {r["method"]: r for r in rows}
+    assert [len(s) for s in by_family["spectrum-budget"]["real_steps_per_clip"]] == [7]
+    paper = by_family["spectrum"]
+    assert len(paper["real_steps"]) == 7 and paper["real_steps"][-1] < 14
+    # the comparators run at exactly the paper rows' real steps, so only the predictor differs
+    assert by_family["spectrum-auto"]["real_steps"] == by_family["reuse"]["real_steps"] == paper["real_steps"]
+    assert len({r["psnr"] for r in rows[1:]}) == len(rows) - 1
+    # the recommendation: the best user setting on the held-out seeds, not on the pairs
+    recommended = [r for r in rows if r.get("recommended")]
+    assert recommended == [max((r for r in rows[1:] if r["method"] != "reuse"), key=lambda r: r["psnr_calibration"])]
+    [best] = result["summary"]
+    assert best["psnr"] == max(r["psnr"] for r in rows[2:-1]) and best["plain_psnr"] == by_family["plain"]["psnr"]
+    assert best["reuse_psnr"] == by_family["reuse"]["psnr"]
+    assert "| 7 | 14 |" in out.with_suffix(".md").read_text()
