@@ -9,13 +9,19 @@ the weights (its decay ramped up over the first steps) that is what gets saved.
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+SIGMA_SAMPLING = "uniform u, shifted s*u/(1+(s-1)*u)"
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -24,6 +30,18 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def draw_rows(labels: torch.Tensor, variants: int, batch: int, cfg_dropout: float, uncond_row: int,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of training digits (indices into ``labels``), a variant of each (direction or
+    position) and its prompt row ``variants * digit + variant``, or ``uncond_row`` (the empty
+    prompt) for a ``cfg_dropout`` share, so that classifier-free guidance has a trained branch."""
+    idx = torch.randint(0, len(labels), (batch,), generator=gen)
+    variant = torch.randint(0, variants, (batch,), generator=gen)
+    rows = labels[idx] * variants + variant
+    drop = torch.rand(batch, generator=gen) < cfg_dropout
+    return idx, variant, torch.where(drop, torch.full_like(rows, uncond_row), rows)
 
 
 def noised(x0: torch.Tensor, shift: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,8 +90,36 @@ def train(model: torch.nn.Module, loss_at: Callable[[int], torch.Tensor], steps:
     return averaged, losses, time.time() - t0
 
 
-def loss_summary(losses: list[float]) -> dict:
-    """The final loss (mean of the last 200 steps) and the curve in means of 100 steps."""
-    return {"final_loss_last200": round(sum(losses[-200:]) / len(losses[-200:]), 5),
-            "loss_curve_per_100": [round(sum(losses[i:i + 100]) / len(losses[i:i + 100]), 5)
-                                   for i in range(0, len(losses), 100)]}
+def loss_summary(losses: list[float], wall: float) -> dict:
+    """Print how training ended; the final loss (mean of the last 200 steps) and the curve in means
+    of 100 steps."""
+    summary = {"final_loss_last200": round(sum(losses[-200:]) / len(losses[-200:]), 5),
+               "loss_curve_per_100": [round(sum(losses[i:i + 100]) / len(losses[i:i + 100]), 5)
+                                      for i in range(0, len(losses), 100)]}
+    print(f"done: {len(losses)} steps in {wall:.0f} s ({wall / len(losses):.3f} s/step); "
+          f"mean loss over last {min(200, len(losses))} steps {summary['final_loss_last200']:.4f}", flush=True)
+    return summary
+
+
+def save_transformer(out: Path, ema: dict[str, torch.Tensor], config: dict) -> None:
+    """The EMA weights and the transformer's config (tuples as lists) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in ema.items()}, str(out / "transformer.safetensors"),
+              metadata={"format": "pt", "weights": "ema"})
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+    (out / "transformer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_training_info(out: Path, args: argparse.Namespace, shift: float, wall: float, summary: dict,
+                        n_params: int, n_train: int, **extra) -> dict:
+    """``training_info.json``: the run's settings (``extra``: the model's own) and results."""
+    info = {
+        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,
+        "weight_decay": args.weight_decay, "ema": args.ema, "cfg_dropout": args.cfg_dropout, "seed": args.seed,
+        "threads": args.threads, "flow_shift": shift, "sigma_sampling": SIGMA_SAMPLING, **extra,
+        "wall_seconds": round(wall, 1), **summary,
+        "transformer_params": n_params, "train_digits": n_train, "torch": torch.__version__,
+    }
+    (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"saved to {out}", flush=True)
+    return info

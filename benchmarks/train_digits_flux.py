@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline
-from safetensors.torch import save_file, save_model
+from safetensors.torch import save_model
 
 from benchmarks import digits_data as dd
 from benchmarks import digits_flux_builders as builders
@@ -102,11 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     shift = df.FLOW_SHIFT
 
     def loss_at(step: int) -> torch.Tensor:
-        idx = torch.randint(0, n_train, (args.batch_size,), generator=gen)
-        where = torch.randint(0, len(dd.POSITIONS), (args.batch_size,), generator=gen)
-        rows = train_y[idx] * len(dd.POSITIONS) + where
-        drop = torch.rand(args.batch_size, generator=gen) < args.cfg_dropout
-        rows = torch.where(drop, torch.full_like(rows, uncond_row), rows)
+        idx, where, rows = ft.draw_rows(train_y, len(dd.POSITIONS), args.batch_size, args.cfg_dropout, uncond_row, gen)
         x0 = pipe._pack_latents(dd.make_images(train_x[idx], where), args.batch_size, 1, dd.FRAME, dd.FRAME)
         x_t, sigma, target = ft.noised(x0, shift, gen)                          # x0: (B, 64, 4)
         pred = transformer(hidden_states=x_t, timestep=sigma, pooled_projections=pooled[rows],
@@ -115,31 +111,18 @@ def main(argv: list[str] | None = None) -> dict:
         return ft.flow_loss(pred, target)
 
     ema, losses, wall = ft.train(transformer, loss_at, args.steps, args.lr, args.warmup, args.weight_decay, args.ema)
-    summary = ft.loss_summary(losses)
-    print(f"done: {args.steps} steps in {wall:.0f} s ({wall / args.steps:.3f} s/step); "
-          f"mean loss over last {min(200, len(losses))} steps {summary['final_loss_last200']:.4f}", flush=True)
+    summary = ft.loss_summary(losses, wall)
 
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in ema.items()}, str(out / "transformer.safetensors"),
-              metadata={"format": "pt", "weights": "ema"})
-    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in tcfg.items()}
-    (out / "transformer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    ft.save_transformer(out, ema, tcfg)
     (out / "vae_config.json").write_text(json.dumps(VAE_CONFIG, indent=2) + "\n")
     for name, encoder, config in (("text_encoder", clip, builders.CLIP_CONFIG),
                                   ("text_encoder_2", t5, builders.T5_CONFIG)):
         save_model(encoder, str(out / f"{name}.safetensors"), metadata={"format": "pt"})
         (out / f"{name}_config.json").write_text(json.dumps(config, indent=2) + "\n")
     tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
-    info = {
-        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,
-        "weight_decay": args.weight_decay, "ema": args.ema, "cfg_dropout": args.cfg_dropout, "seed": args.seed,
-        "threads": args.threads, "flow_shift": shift, "sigma_sampling": "uniform u, shifted s*u/(1+(s-1)*u)",
-        "max_sequence_length": df.MAX_SEQUENCE_LENGTH, "wall_seconds": round(wall, 1), **summary,
-        "transformer_params": n_params, "train_digits": n_train, "torch": torch.__version__,
-    }
-    (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"saved to {out}", flush=True)
+    info = ft.write_training_info(out, args, shift, wall, summary, n_params, n_train,
+                                  max_sequence_length=df.MAX_SEQUENCE_LENGTH)
     return info
 
 

@@ -34,7 +34,7 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file, save_model
+from safetensors.torch import save_model
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from benchmarks import digits_data as dd
@@ -163,11 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     shift = dw.FLOW_SHIFT
 
     def loss_at(step: int) -> torch.Tensor:
-        idx = torch.randint(0, n_train, (args.batch_size,), generator=gen)
-        dirs = torch.randint(0, len(dd.DIRECTIONS), (args.batch_size,), generator=gen)
-        rows = train_y[idx] * len(dd.DIRECTIONS) + dirs
-        drop = torch.rand(args.batch_size, generator=gen) < args.cfg_dropout
-        rows = torch.where(drop, torch.full_like(rows, uncond_row), rows)
+        idx, dirs, rows = ft.draw_rows(train_y, len(dd.DIRECTIONS), args.batch_size, args.cfg_dropout, uncond_row, gen)
         x0 = vae.pack(dd.make_clips(train_x[idx], dirs))                    # (B, z_dim, 3, 16/p, 16/p)
         x_t, sigma, target = ft.noised(x0, shift, gen)
         pred = transformer(hidden_states=x_t, timestep=sigma * 1000.0, encoder_hidden_states=emb_short[rows],
@@ -175,31 +171,15 @@ def main(argv: list[str] | None = None) -> dict:
         return ft.flow_loss(pred, target)
 
     ema, losses, wall = ft.train(transformer, loss_at, args.steps, args.lr, args.warmup, args.weight_decay, args.ema)
-    summary = ft.loss_summary(losses)
-    final_loss = summary["final_loss_last200"]
-    print(f"done: {args.steps} steps in {wall:.0f} s ({wall / args.steps:.3f} s/step); "
-          f"mean loss over last {min(200, len(losses))} steps {final_loss:.4f}", flush=True)
+    summary = ft.loss_summary(losses, wall)
 
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in ema.items()}, str(out / "transformer.safetensors"),
-              metadata={"format": "pt", "weights": "ema"})
-    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in tcfg.items()}
-    (out / "transformer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    ft.save_transformer(out, ema, tcfg)
     (out / "vae_config.json").write_text(json.dumps(vae_cfg, indent=2) + "\n")
     save_model(text_encoder, str(out / "text_encoder.safetensors"), metadata={"format": "pt"})
     (out / "text_encoder_config.json").write_text(json.dumps(builders.TEXT_ENCODER_CONFIG, indent=2) + "\n")
     tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
-    info = {
-        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,
-        "weight_decay": args.weight_decay, "ema": args.ema, "cfg_dropout": args.cfg_dropout, "seed": args.seed,
-        "threads": args.threads, "flow_shift": shift, "sigma_sampling": "uniform u, shifted s*u/(1+(s-1)*u)",
-        "wall_seconds": round(wall, 1), **summary,
-        "transformer_params": n_params, "train_digits": n_train,
-        "torch": torch.__version__,
-    }
-    (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"saved to {out}", flush=True)
+    info = ft.write_training_info(out, args, shift, wall, summary, n_params, n_train)
     return info
 
 
