@@ -35,12 +35,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from diffusers.hooks import HookRegistry
 from tqdm import tqdm
 
 from benchmarks.quality import ADAPTIVE, BUDGET_WARMUP, FLEX, GUIDANCE, SPECTRUM_SCHEDULES, STEPS
 from spectrum_xdit import SpectrumConfig, apply_spectrum, remove_spectrum, spectrum_stats
-from spectrum_xdit.hooks import SPECTRUM_INPUT_HOOK, block_inputs, find_spectrum_stack
+from spectrum_xdit.hooks import find_spectrum_stack, unhook_block_inputs
 from spectrum_xdit.models.digits_wan import GENERATION_KWARGS, build_digits_wan_pipeline
 
 DEFAULT_JSON = Path("benchmarks/results/wall_time_cpu.json")
@@ -114,8 +113,7 @@ def generate(pipe, embeds, clock: CallClock, method: Timed) -> dict:
     if method.config is not None:
         apply_spectrum(transformer, method.config)
         if not method.skip_block_inputs:
-            for module in block_inputs(transformer):
-                HookRegistry.check_if_exists_or_initialize(module).remove_hook(SPECTRUM_INPUT_HOOK, recurse=False)
+            unhook_block_inputs(transformer)
     try:
         clock.take()
         t0 = time.perf_counter()

@@ -8,7 +8,7 @@ import torch
 from spectrum_xdit import SpectrumConfig, apply_spectrum, paper_schedule, remove_spectrum, spectrum_stats
 from diffusers.hooks import HookRegistry, ModelHook
 
-from spectrum_xdit.hooks import SPECTRUM_INPUT_HOOK, block_inputs, spectrum_stack
+from spectrum_xdit.hooks import block_inputs, spectrum_stack, unhook_block_inputs
 from spectrum_xdit.models.tiny import build_tiny_flux_pipeline, build_tiny_wan_pipeline, tiny_wan_transformer
 
 STEPS = 50
@@ -117,8 +117,7 @@ def test_forecast_steps_skip_what_only_the_blocks_read(model):
     assert calls == dict.fromkeys(names, 2 * len(DEFAULT_REAL)), "a block input ran on a forecast step"
     remove_spectrum(transformer)
     apply_spectrum(transformer, config)
-    for module in block_inputs(transformer):
-        HookRegistry.check_if_exists_or_initialize(module).remove_hook(SPECTRUM_INPUT_HOOK, recurse=False)
+    unhook_block_inputs(transformer)
     assert torch.equal(run(), skipped)
     assert calls == dict.fromkeys(names, 2 * len(DEFAULT_REAL) + 2 * STEPS)
 
