@@ -28,13 +28,14 @@ that predictors that agree (a singular ``G``) still give finite weights. The wei
 not clipped: a combination may extrapolate beyond its predictors. With ``T`` and ``C`` alone the
 clipped two-predictor weight above is kept.
 
-Schedule. For ``"adaptive"`` the controller models the relative error of the blend in use as
-growing with the square of the gap ``g`` between the last real step and the forecast step (the
-error of a first-order extrapolation of a smooth trajectory is ``O(g^2)``): it keeps an
-exponentially weighted average ``k`` of ``error / gap^2`` over the validations seen, each scored
-at the gap it actually had. After real step ``s`` the next real step is ``s + g`` for the
-largest ``g`` in ``[min_gap, max_gap]`` with ``k g^2 <= error_budget`` (``min_gap`` before the
-first validation). Because a real step's own validation is at the gap ``g`` that was chosen, the
+Error model. Every validation is a sample of the blend's relative error at the gap it had; a
+power law ``e(g) = k g^p`` fitted to them (``error_model.py``: its exponent ``p`` from the
+validations at different gaps, ``p = 1`` until they differ, as measured on the trained models)
+predicts the error of a gap not tried yet.
+
+Schedule. For ``"adaptive"``, after real step ``s`` the next real step is ``s + g`` for the largest
+``g`` in ``[min_gap, max_gap]`` with ``k g^p <= error_budget`` (``min_gap`` before the first
+validation). Because a real step's own validation is at the gap ``g`` that was chosen, the
 forecasts in between (gaps ``1 .. g-1``) are predicted to be within the budget too. The first
 ``warmup_steps`` steps are always real.
 
@@ -43,16 +44,17 @@ error level. The first ``min(warmup_steps, B)`` steps are real. After real step 
 real steps left and ``L`` steps after ``s``: if ``R = 0`` no step is real any more; if ``R >= L``
 every remaining step is; if ``R = 1`` the last step is (the end of the trajectory, where it bends
 and where an extrapolation's error lands in the output, gets the last real evaluation). Otherwise
-the error at gap ``g`` is ``k(t) g^2`` with ``k`` varying along the trajectory; spreading ``R``
-real steps so that every forecast has the same error ``E`` needs gaps ``g(t) = sqrt(E / k(t))``,
-and with the rest of the trajectory as hard as the mean ``k_ref`` of the validations so far the
-next gap is ``g = (L / R) sqrt(k_ref / k)``, ``k`` the smoothed current one: a step harder than
-the generation's average gets real steps closer together, an easier one further apart (the factor
-kept within ``[1/2, 2]``, ``MAX_BUDGET_STRETCH``). ``g`` is rounded and kept in ``[1, L - R + 1]``, so the ``R - 1`` real steps after the next one still fit
-(the last of them at the final step): the generation uses exactly ``B`` real steps (``B`` per
-branch; fewer only if warm-up and the steps left are shorter) and never more, whatever the model
-does. Every input (the all-reduced sums and the step counts) is the same on every rank, so every
-rank takes the same decisions.
+the error at gap ``g`` is ``k(t) g^p`` with the level ``k`` varying along the trajectory; spreading
+``R`` real steps so that every forecast has the same error ``E`` needs gaps
+``g(t) = (E / k(t))^(1/p)``, and with the rest of the trajectory as hard as the mean level
+``k_ref`` of the validations so far (a geometric mean) the next gap is
+``g = (L / R) (k_ref / k)^(1/p)``, ``k`` the current one: a step harder than the generation's
+average gets real steps closer together, an easier one further apart (the factor kept within
+``[1/2, 2]``, ``MAX_BUDGET_STRETCH``). ``g`` is rounded and kept in ``[1, L - R + 1]``, so the
+``R - 1`` real steps after the next one still fit (the last of them at the final step): the
+generation uses exactly ``B`` real steps (``B`` per branch; fewer only if warm-up and the steps
+left are shorter) and never more, whatever the model does. Every input (the all-reduced sums and
+the step counts) is the same on every rank, so every rank takes the same decisions.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ import numpy as np
 import torch
 
 from .config import SpectrumConfig
+from .error_model import GapErrorModel
 from .forecaster import gram_pairs
 from .schedule import fixed_real_steps
 
@@ -73,6 +76,8 @@ DEFAULT_AUTO_WEIGHT = 0.5
 # that one validation (noisy, or of a stretch unlike the rest) cannot spend or hoard the budget.
 MAX_BUDGET_STRETCH = 2.0
 COMBINATION_RIDGE = 1e-9
+# A predicted error on the adaptive schedule's budget up to rounding counts as within it.
+GAP_ROUNDING = 1e-9
 
 
 def all_reduce_over_job(sums: torch.Tensor) -> torch.Tensor:
@@ -105,8 +110,7 @@ class SpectrumController:
         self.next_real = 0
         self._pending: tuple[int, int, torch.Tensor] | None = None
         self._averages: tuple[float, ...] | None = None            # the Gram entries over n
-        self._scale: float | None = None                            # k: error / gap^2
-        self._scale_sum, self._scale_count = 0.0, 0                 # for k_ref, the mean k
+        self.errors = GapErrorModel(self.config.error_smoothing)    # e(g) = k g^p
         self.real_count = 0
         self.weight: float | tuple[float, ...] = self._initial_weight()
         self.log: list[dict] = []
@@ -173,10 +177,7 @@ class SpectrumController:
         else:
             self.weight = tuple(float(w) for w in best_combination(gram_matrix(self._averages, k)))
             error = combination_error(self.weight, gram_matrix(new, k))
-        self._scale = error / gap ** 2 if self._scale is None else (
-            alpha * error / gap ** 2 + (1 - alpha) * self._scale)
-        self._scale_sum += error / gap ** 2
-        self._scale_count += 1
+        self.errors.observe(gap, error)
         self.log.append({"step": step, "gap": gap,
                          **{name: math.sqrt(max(new[i], 0.0)) for i, name in enumerate(self.predictors)},
                          "blend": error, "blend_weight": self.weight})
@@ -193,16 +194,16 @@ class SpectrumController:
             gap = self._budget_gap(s)
         elif s + 1 < cfg.warmup_steps:
             gap = 1
-        elif self._scale is None:
+        elif not self.errors.fitted:
             gap = cfg.min_gap
-        elif self._scale == 0:
-            gap = cfg.max_gap
         else:
-            gap = min(cfg.max_gap, max(cfg.min_gap, math.floor(math.sqrt(cfg.error_budget / self._scale))))
+            largest = self.errors.largest_gap(cfg.error_budget) + GAP_ROUNDING
+            gap = cfg.max_gap if largest >= cfg.max_gap else max(cfg.min_gap, math.floor(largest))
         self.next_real = cfg.num_inference_steps if gap is None else s + gap
         self._planned_from = s
-        self.plan.append({"after": s, "gap": gap,
-                          "predicted_error": None if self._scale is None or gap is None else self._scale * gap ** 2})
+        fitted = self.errors.fitted and gap is not None
+        self.plan.append({"after": s, "gap": gap, "predicted_error": self.errors.predict(gap) if fitted else None,
+                          "exponent": self.errors.exponent if fitted else None})
 
     def _budget_gap(self, s: int) -> int | None:
         """The gap to the next real step under the budget (module docstring), ``None`` for none."""
@@ -216,9 +217,10 @@ class SpectrumController:
             return left
         largest = left - remaining + 1
         factor = 1.0
-        if self._scale is not None and self._scale_sum > 0:
-            ratio = math.inf if self._scale == 0 else self._scale_sum / self._scale_count / self._scale
-            factor = min(MAX_BUDGET_STRETCH, max(1 / MAX_BUDGET_STRETCH, math.sqrt(ratio)))
+        if self.errors.fitted:
+            errors = self.errors
+            stretch = (errors.reference_level - errors.level) / errors.exponent
+            factor = min(MAX_BUDGET_STRETCH, max(1 / MAX_BUDGET_STRETCH, math.exp(stretch)))
         return max(1, min(largest, round(left / remaining * factor)))
 
 

@@ -1,5 +1,7 @@
 """Error-controlled Spectrum: validation scores, the blend they pick and the adaptive schedule."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from numpy.polynomial.chebyshev import chebvander
 
 from spectrum_xdit import SpectrumConfig, SpectrumForecaster, apply_spectrum, spectrum_stats
 from spectrum_xdit.control import SpectrumController, best_blend_weight, blend_error
+from spectrum_xdit.error_model import MIN_EXPONENT, PRIOR_EXPONENT, PRIOR_WEIGHT, GapErrorModel
 from spectrum_xdit.hooks import spectrum_stack
 from spectrum_xdit.models.tiny import build_tiny_flux_pipeline, build_tiny_wan_pipeline
 
@@ -126,17 +129,67 @@ def _controller_run(config, errors_by_gap):
     return real, controller
 
 
-def test_adaptive_gap_follows_the_quadratic_error_model():
+def test_adaptive_gap_follows_the_power_law_error_model():
     config = SpectrumConfig(num_inference_steps=40, warmup_steps=4, schedule="adaptive", error_budget=0.09,
                             max_gap=10, error_smoothing=1.0)
-    # error 0.01 g^2: the budget 0.09 allows g = 3 exactly
-    real, controller = _controller_run(config, lambda g: 0.01 * g * g)
+    # the newest validation alone (smoothing 1) cannot tell the exponent: the prior's, p0 = 1;
+    # error 0.03 g allows g = 3 exactly
+    assert PRIOR_EXPONENT == 1.0
+    real, controller = _controller_run(config, lambda g: 0.03 * g)
     assert real[:4] == [0, 1, 2, 3]
     assert all(b - a == 3 for a, b in zip(real[3:], real[4:])), real
     assert all(entry["predicted_error"] == pytest.approx(0.09) for entry in controller.plan[3:])
-    # twice the error per gap^2: gap 2
-    real, _ = _controller_run(config, lambda g: 0.02 * g * g)
-    assert all(b - a == 2 for a, b in zip(real[3:], real[4:])), real
+    # twice the error per gap: gap floor(1.5) = 1
+    real, _ = _controller_run(config, lambda g: 0.06 * g)
+    assert all(b - a == 1 for a, b in zip(real[3:], real[4:])), real
+
+
+def test_adaptive_schedule_learns_a_steeper_exponent_from_its_gaps():
+    """Errors growing as g^2.5: once validations at different gaps are in, the fitted exponent
+    moves from the prior toward 2.5 and the chosen gaps keep the predicted error within budget."""
+    config = SpectrumConfig(num_inference_steps=60, warmup_steps=3, schedule="adaptive", error_budget=0.05,
+                            max_gap=10, error_smoothing=0.5)
+    real, controller = _controller_run(config, lambda g: 0.002 * g ** 2.5)
+    fitted = [entry["exponent"] for entry in controller.plan if entry["exponent"] is not None]
+    assert fitted[0] == PRIOR_EXPONENT and fitted[-1] > 2.0, fitted
+    assert all(entry["predicted_error"] <= 0.05 * (1 + 1e-9) for entry in controller.plan if entry["exponent"])
+    # the true largest gap within budget is floor((0.05 / 0.002)^(1/2.5)) = 3
+    assert [b - a for a, b in zip(real, real[1:])][-5:] == [3] * 5, real
+
+
+def _penalised_fit_by_least_squares(gaps, errors, alpha):
+    """(log k, p) of error_model's objective: p from one stacked least-squares problem over all
+    validations and the prior, log k the recency-weighted mean of log e - p log g."""
+    n = len(gaps)
+    rows = np.vstack([np.c_[np.ones(n), np.log(gaps)], [0.0, math.sqrt(PRIOR_WEIGHT)]])
+    target = np.append(np.log(errors), math.sqrt(PRIOR_WEIGHT) * PRIOR_EXPONENT)
+    exponent = np.linalg.lstsq(rows, target, rcond=None)[0][1]
+    w = np.array([alpha * (1 - alpha) ** (n - 1 - i) for i in range(n)])
+    return float(w @ (np.log(errors) - exponent * np.log(gaps)) / w.sum()), float(exponent)
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 1.0])
+def test_gap_error_fit_equals_the_penalised_least_squares_solution(alpha):
+    rng = np.random.default_rng(3)
+    gaps = rng.integers(1, 9, size=12)
+    errors = 0.01 * gaps ** 1.4 * np.exp(rng.normal(0, 0.2, size=12))
+    model = GapErrorModel(alpha)
+    for gap, error in zip(gaps, errors):
+        model.observe(int(gap), float(error))
+    level, exponent = _penalised_fit_by_least_squares(gaps, errors, alpha)
+    assert (model.level, model.exponent) == pytest.approx((level, exponent), abs=1e-9)
+    assert model.predict(5) == pytest.approx(math.exp(level) * 5 ** exponent)
+    assert model.predict(model.largest_gap(0.05)) == pytest.approx(0.05)
+
+
+def test_gap_error_model_keeps_the_exponent_positive_and_takes_exact_forecasts():
+    model = GapErrorModel(0.5)
+    for gap, error in [(1, 0.5), (8, 0.01), (2, 0.3), (6, 0.02)]:   # error falling with the gap
+        model.observe(gap, error)
+    assert model.exponent == MIN_EXPONENT
+    exact = GapErrorModel(0.5)
+    exact.observe(3, 0.0)
+    assert exact.largest_gap(1e-3) > 1e6 and exact.largest_gap(0.0) == 0.0
 
 
 def _wan_run(config, steps=STEPS):
