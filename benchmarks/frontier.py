@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -52,8 +51,8 @@ from tqdm import tqdm
 
 from benchmarks.digits_classifier import load_classifier
 from benchmarks.quality import (BUDGET_WARMUP, FAMILY_STYLE, FLEX, GUIDANCE, STEPS, Bench, Method, ReuseMethod,
-                                SpectrumMethod, benchmark_pairs, digit_accuracy, held_out_pairs, psnr, ssim,
-                                summarise)
+                                SpectrumMethod, benchmark_pairs, digit_accuracy, held_out_pairs, machine_description,
+                                psnr, ssim, summarise)
 from spectrum_xdit import SpectrumConfig
 from spectrum_xdit.schedule import paper_schedule
 
@@ -273,8 +272,7 @@ def run(num_pairs: int, budgets: list[int], steps: list[int] | None, out_json: P
 
     meta = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                                       f"{platform.processor() or platform.platform()}",
+        "command": command, "machine": machine_description(),
         "torch": torch.__version__, "model": "digits-wan (spectrum_xdit/models/assets/digits_wan)",
         "reference_steps": STEPS, "guidance_scale": GUIDANCE, "pairs": num_pairs,
         "steps": {str(budget): grid for budget, grid in grids.items()},

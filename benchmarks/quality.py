@@ -145,6 +145,11 @@ BENCH_MODELS = {
 
 # ----------------------------------------------------------------------------- metrics
 
+def machine_description() -> str:
+    """The machine a figure was taken on: architecture, torch threads, processor."""
+    return f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or platform.platform()}"
+
+
 def psnr(frames: np.ndarray, reference: np.ndarray) -> float:
     """PSNR (dB) of grey frames in [0, 1] against the reference of the same seed."""
     return float(peak_signal_noise_ratio(reference, frames, data_range=1.0))
@@ -654,8 +659,7 @@ def run(num_pairs: int, budgets: list[int], out_json: Path, threads: int, tune_i
 
     meta = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                                       f"{platform.processor() or platform.platform()}",
+        "command": command, "machine": machine_description(),
         "torch": torch.__version__,
         "model": f"{spec.name} (spectrum_xdit/models/assets/{spec.name.replace('-', '_')})",
         "steps": STEPS, spec.guidance_field: spec.guidance, "pairs": num_pairs,

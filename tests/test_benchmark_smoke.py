@@ -204,3 +204,26 @@ def test_frontier_benchmark_quick(tmp_path):
     assert best["psnr"] == max(r["psnr"] for r in rows[2:-1]) and best["plain_psnr"] == by_family["plain"]["psnr"]
     assert best["reuse_psnr"] == by_family["reuse"]["psnr"]
     assert "| 7 | 14 |" in out.with_suffix(".md").read_text()
+
+
+def test_gap_error_benchmark_fits_an_exponent_per_predictor(tmp_path):
+    """`benchmarks.gap_error` on one held-out pair of digits-wan: every predictor gets a finite
+    exponent per third, and the best combination is never worse than a predictor it combines."""
+    from benchmarks import gap_error
+
+    out = tmp_path / "gap.json"
+    result = gap_error.main(["--models", "digits-wan", "--pairs", "1", "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text())["meta"]["pairs"] == 1
+    for suffix in (".md", ".png"):
+        assert out.with_suffix(suffix).stat().st_size > 0
+    part = result["models"]["digits-wan"]
+    assert [(r["anchors"], r["predictor"]) for r in part["exponents"]] == [
+        (list(third), name) for third in gap_error.THIRDS for name in gap_error.PREDICTORS]
+    for row in part["exponents"]:
+        assert 0.0 < row["exponent"] < 4.0 and list(row["mean_error_by_gap"]) == list(range(1, gap_error.MAX_GAP + 1))
+    by_name = {(tuple(r["anchors"]), r["predictor"]): r["mean_error_by_gap"] for r in part["exponents"]}
+    for third in gap_error.THIRDS:
+        best = by_name[(third, "best combination")]
+        for name in ("linear", "chebyshev", "reuse", "blend 0.5"):
+            assert all(best[g] <= by_name[(third, name)][g] + 1e-9 for g in best), (third, name)
+    assert len(part["degree_ridge"]) == len(gap_error.DEGREES) * len(gap_error.RIDGES)
