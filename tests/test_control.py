@@ -8,7 +8,7 @@ import torch
 from numpy.polynomial.chebyshev import chebvander
 
 from spectrum_xdit import SpectrumConfig, SpectrumForecaster, apply_spectrum, spectrum_stats
-from spectrum_xdit.control import SpectrumController, best_blend_weight, blend_error
+from spectrum_xdit.control import TAIL_SHARE, SpectrumController, best_blend_weight, blend_error
 from spectrum_xdit.error_model import MIN_EXPONENT, PRIOR_EXPONENT, PRIOR_WEIGHT, GapErrorModel
 from spectrum_xdit.hooks import spectrum_stack
 from spectrum_xdit.models.tiny import build_tiny_flux_pipeline, build_tiny_wan_pipeline
@@ -307,18 +307,21 @@ def test_budget_is_spent_exactly_whatever_the_errors(steps, target):
 
 
 def test_budget_puts_real_steps_where_the_error_is_highest():
-    """A stretch harder than the generation's average gets shorter gaps, an easier one longer."""
+    """The tail's steps are real; before it, a stretch harder than the generation's average gets
+    shorter gaps, an easier one longer."""
     config = SpectrumConfig(num_inference_steps=50, target_nfe=14, warmup_steps=3, error_smoothing=1.0)
+    tail = round(TAIL_SHARE * 14)
     even, _ = _budget_run(config, lambda s, g: 1e-3 * g * g)          # uniform difficulty: even gaps
-    assert len(even) == 14 and np.ptp(np.diff(even[2:])) <= 1, even
+    assert len(even) == 14 and even[-tail:] == list(range(50 - tail, 50)), even
+    assert np.ptp(np.diff(even[2:-tail + 1])) <= 1, even
     hard_end, _ = _budget_run(config, lambda s, g: (1e-3 if s < 30 else 1e-1) * g * g)
     easy_end, _ = _budget_run(config, lambda s, g: (1e-1 if s < 20 else 1e-3) * g * g)
-    assert len(hard_end) == len(easy_end) == 14 and hard_end[-1] == easy_end[-1] == 49
+    assert len(hard_end) == len(easy_end) == 14 and hard_end[-tail:] == easy_end[-tail:] == even[-tail:]
 
     def gaps_within(real, lo, hi):
         return [b - a for a, b in zip(real, real[1:]) if lo <= a and b < hi]
 
-    assert np.mean(gaps_within(hard_end, 30, 49)) < min(gaps_within(hard_end, 3, 30)), hard_end
+    assert np.mean(gaps_within(hard_end, 30, 50 - tail)) < min(gaps_within(hard_end, 3, 30)), hard_end
     assert min(gaps_within(easy_end, 22, 44)) > max(gaps_within(even, 22, 44)), (even, easy_end)
 
 
