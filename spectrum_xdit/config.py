@@ -59,6 +59,9 @@ class SpectrumConfig(BaseModel):
     target_nfe: Optional[int] = Field(None, ge=1, le=MAX_STEPS, description=(
         "the budget schedule: at most this many block-stack evaluations per guidance branch in a generation "
         "(a pipeline's experts share it by their number of steps)"))
+    budget_tail: float = Field(0.2, ge=0, le=1, allow_inf_nan=False, description=(
+        "the budget schedule: the share of target_nfe spent on consecutive real steps at the end of the "
+        "trajectory, where a forecast's error grows fastest (at least the final step)"))
     error_budget: float = Field(0.05, ge=0, le=MAX_ERROR_BUDGET, allow_inf_nan=False, description=(
         "the largest relative L2 error of a forecast the adaptive schedule accepts (0 runs every step)"))
     min_gap: int = Field(1, ge=1, le=MAX_STEPS, description="smallest distance between two real steps of the adaptive schedule")

@@ -41,7 +41,7 @@ forecasts in between (gaps ``1 .. g-1``) are predicted to be within the budget t
 
 Budget. For ``"budget"`` the user gives the number ``B`` of real steps (``target_nfe``), not an
 error level. The first ``min(warmup_steps, B)`` steps are real, and so are the last
-``T = max(1, round(TAIL_SHARE * B))`` (the tail; the end of the trajectory is where the error of
+``T = max(1, round(budget_tail * B))`` (the tail; the end of the trajectory is where the error of
 a forecast grows fastest, ``benchmarks.gap_error``, and where it lands in the output unsmoothed).
 Between them, after real step ``s`` with ``R`` real steps left before the tail and ``D`` steps from
 ``s`` to the tail's first step: if ``R = 0`` the next real step is the tail's first; if
@@ -52,10 +52,12 @@ closer together, an easier one further apart; the factor kept within ``[1/2, 2]`
 ``MAX_BUDGET_STRETCH``), rounded and kept in ``[1, D - R]`` so that the ``R - 1`` real steps after
 the next one and the tail still fit. So the generation uses exactly ``B`` real steps (``B`` per
 branch; fewer only if warm-up and the steps left are shorter) and never more, whatever the model
-does. Measured on held-out seeds of digits-wan (6 pairs, 50 steps): a tail of 20% of the budget
-took ``target_nfe=14`` from 39.4 to 45.7 dB and 10 from 32.1 to 35.4 (7, with a tail of one step,
-unchanged at 20.1); 15% and 30% did no better. The pacing ratio at the power law's fitted exponent
-or in logs did worse by 2 to 6 dB at 14, so it stays the quadratic's. Every input (the all-reduced
+does. The default ``budget_tail`` 0.2 was chosen on held-out seeds (``python -m
+benchmarks.budget_tail``: 6 pairs of digits-wan, 50 steps): against no tail it took
+``target_nfe=14`` from 39.4 to 45.7 dB and 10 from 32.1 to 35.4 (7, with a tail of one step,
+unchanged at 20.1); 0.15 and 0.3 did no better. A pacing ratio at the power law's fitted exponent, or
+of logs, was tried on the same seeds and did worse at 14 (by 2.0 and 6.4 dB, without a tail), so it
+stays the quadratic's. Every input (the all-reduced
 sums and the step counts) is the same on every rank, so every rank takes the same decisions.
 """
 
@@ -77,8 +79,6 @@ DEFAULT_AUTO_WEIGHT = 0.5
 # The budget schedule moves a gap at most this factor from the even spread of the budget left, so
 # that one validation (noisy, or of a stretch unlike the rest) cannot spend or hoard the budget.
 MAX_BUDGET_STRETCH = 2.0
-# The budget schedule's consecutive real steps at the end, as a share of the budget.
-TAIL_SHARE = 0.2
 COMBINATION_RIDGE = 1e-9
 # A predicted error on the adaptive schedule's budget up to rounding counts as within it.
 GAP_ROUNDING = 1e-9
@@ -220,7 +220,7 @@ class SpectrumController:
         steps = self.config.num_inference_steps
         if remaining <= 0 or s >= steps - 1:
             return None
-        tail = min(remaining, max(1, round(TAIL_SHARE * self.budget)))
+        tail = min(remaining, max(1, round(self.config.budget_tail * self.budget)))
         to_tail = steps - tail - s
         if s + 1 < self.config.warmup_steps or to_tail <= 1:
             return 1

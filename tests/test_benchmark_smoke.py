@@ -227,3 +227,18 @@ def test_gap_error_benchmark_fits_an_exponent_per_predictor(tmp_path):
         for name in ("linear", "chebyshev", "reuse", "blend 0.5"):
             assert all(best[g] <= by_name[(third, name)][g] + 1e-9 for g in best), (third, name)
     assert len(part["degree_ridge"]) == len(gap_error.DEGREES) * len(gap_error.RIDGES)
+
+
+def test_budget_tail_benchmark_scores_each_share_on_held_out_seeds(tmp_path):
+    """`benchmarks.budget_tail`: each share keeps the budget and ends on that many consecutive real steps."""
+    from benchmarks import budget_tail
+
+    out = tmp_path / "tail.json"
+    result = budget_tail.main(["--pairs", "1", "--budgets", "10", "--shares", "0", "0.3", "--threads", "1",
+                               "--json", str(out)])
+    assert json.loads(out.read_text()) == result and out.with_suffix(".md").stat().st_size > 0
+    assert result["meta"]["seeds"][0] >= 1000          # held out from the quality benchmark's pairs
+    for row, tail in zip(result["rows"], (1, 3)):
+        steps = row["real_steps_first_pair"]
+        assert row["nfe_max"] == 10 and len(steps) == 10 and 10.0 < row["psnr"] < 80.0
+        assert steps[-tail:] == list(range(50 - tail, 50)) and steps[-tail - 1] < 50 - tail - 1, steps

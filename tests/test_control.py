@@ -8,7 +8,7 @@ import torch
 from numpy.polynomial.chebyshev import chebvander
 
 from spectrum_xdit import SpectrumConfig, SpectrumForecaster, apply_spectrum, spectrum_stats
-from spectrum_xdit.control import TAIL_SHARE, SpectrumController, best_blend_weight, blend_error
+from spectrum_xdit.control import SpectrumController, best_blend_weight, blend_error
 from spectrum_xdit.error_model import MIN_EXPONENT, PRIOR_EXPONENT, PRIOR_WEIGHT, GapErrorModel
 from spectrum_xdit.hooks import spectrum_stack
 from spectrum_xdit.models.tiny import build_tiny_flux_pipeline, build_tiny_wan_pipeline
@@ -310,7 +310,7 @@ def test_budget_puts_real_steps_where_the_error_is_highest():
     """The tail's steps are real; before it, a stretch harder than the generation's average gets
     shorter gaps, an easier one longer."""
     config = SpectrumConfig(num_inference_steps=50, target_nfe=14, warmup_steps=3, error_smoothing=1.0)
-    tail = round(TAIL_SHARE * 14)
+    tail = round(config.budget_tail * 14)
     even, _ = _budget_run(config, lambda s, g: 1e-3 * g * g)          # uniform difficulty: even gaps
     assert len(even) == 14 and even[-tail:] == list(range(50 - tail, 50)), even
     assert np.ptp(np.diff(even[2:-tail + 1])) <= 1, even
