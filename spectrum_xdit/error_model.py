@@ -19,9 +19,7 @@ the error always grows with the gap.
 
 Level: ``level_i = y_i - p x_i`` is validation ``i``'s ``log k``. The current level is their mean
 with weight ``alpha (1 - alpha)^age`` (``alpha`` the controller's ``error_smoothing``: the
-newest weighs most, as in its other averages), because the level changes along the trajectory;
-``reference_level`` is their plain mean (the generation's average so far), which the budget
-schedule compares it with.
+newest weighs most, as in its other averages), because the level changes along the trajectory.
 
 Why not ``k g^2``, the error of a first-order extrapolation of a smooth trajectory: measured on
 both trained models (``python -m benchmarks.gap_error``, 3 held-out seeds each, every step real
@@ -69,16 +67,8 @@ class GapErrorModel:
         self.exponent = min(MAX_EXPONENT, max(MIN_EXPONENT, p))
         alpha = self.smoothing
         weights = [alpha * (1 - alpha) ** (n - 1 - i) for i in range(n)]
-        self.level = sum(w * level for w, level in zip(weights, self._levels())) / sum(weights)
-
-    def _levels(self) -> list[float]:
-        return [y - self.exponent * x for x, y in zip(self._x, self._y)]
-
-    @property
-    def reference_level(self) -> float:
-        """The plain mean of the validations' ``log k`` at the current exponent."""
-        levels = self._levels()
-        return sum(levels) / len(levels)
+        levels = [y - self.exponent * x for x, y in zip(self._x, self._y)]
+        self.level = sum(w * level for w, level in zip(weights, levels)) / sum(weights)
 
     def predict(self, gap: float) -> float:
         """The predicted relative error at ``gap``."""
