@@ -1,6 +1,6 @@
 """The budget schedule's tail: how many consecutive real steps to keep at the end, on held-out seeds.
 
-    python -m benchmarks.budget_tail                       # digits-wan, 6 held-out pairs, ~2 min
+    python -m benchmarks.budget_tail                       # digits-wan, 6 held-out pairs, < 1 min
     python -m benchmarks.budget_tail --model digits-flux
     python -m benchmarks.budget_tail --json benchmarks/results/budget_tail_cpu.json
 

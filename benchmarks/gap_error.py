@@ -1,6 +1,6 @@
 """How a forecast's error grows with the gap to the last real step, and what degree and ridge do.
 
-    python -m benchmarks.gap_error              # both trained models, 3 held-out seeds each, ~2 min
+    python -m benchmarks.gap_error              # both trained models, 3 held-out seeds each, < 1 min
     python -m benchmarks.gap_error --json benchmarks/results/gap_error_cpu.json
 
 The evidence for ``spectrum_xdit/error_model.py``. Each model generates held-out (prompt, seed)
