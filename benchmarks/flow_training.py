@@ -24,6 +24,42 @@ from tqdm.auto import tqdm
 SIGMA_SAMPLING = "uniform u, shifted s*u/(1+(s-1)*u)"
 
 
+def training_parser(description: str, out: Path, steps: int, transformer: str, example: str) -> argparse.ArgumentParser:
+    """The flags both training scripts take; ``transformer`` and ``example`` name the overrides."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=out)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--ema", type=float, default=0.998)
+    ap.add_argument("--cfg-dropout", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run (20 steps, batch 8)")
+    ap.add_argument("--transformer-overrides", type=json.loads, default={},
+                    help=f"JSON dict of {transformer} config overrides, e.g. '{example}'")
+    return ap
+
+
+def start_run(ap: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, torch.Generator]:
+    """Parse the flags (``--quick`` shrinks the run), make torch deterministic and seeded; the
+    generator that draws the batches."""
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.batch_size, args.warmup = 20, 8, 5
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(args.seed)
+    return args, torch.Generator().manual_seed(args.seed)
+
+
+def training_digits(split: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training digits and their labels of ``digits_data.load_split()``."""
+    return torch.from_numpy(split["train_x"]), torch.from_numpy(split["train_y"])
+
+
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine from ``base`` down to ``base / 10``."""
     if step < warmup:

@@ -29,9 +29,7 @@ rerun gives the same weights.
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline
@@ -47,28 +45,8 @@ VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=1, block_out_ch
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=df.ASSETS)
-    ap.add_argument("--steps", type=int, default=6000)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=150)
-    ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--ema", type=float, default=0.998)
-    ap.add_argument("--cfg-dropout", type=float, default=0.1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run (20 steps, batch 8)")
-    ap.add_argument("--transformer-overrides", type=json.loads, default={},
-                    help='JSON dict of FluxTransformer2DModel config overrides, e.g. \'{"num_single_layers": 2}\'')
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.steps, args.batch_size, args.warmup = 20, 8, 5
-
-    torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    ap = ft.training_parser(__doc__, df.ASSETS, 6000, "FluxTransformer2DModel", '{"num_single_layers": 2}')
+    args, gen = ft.start_run(ap, argv)
 
     # components: the frozen text encoders from their seeds, the transformer from the training seed
     tokenizer = builders.build_tokenizer()
@@ -91,9 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     side = dd.FRAME // 2                         # packed 2x2 patches per side
     img_ids = pipe._prepare_latent_image_ids(1, side, side, torch.device("cpu"), torch.float32)
 
-    split = dd.load_split()
-    train_x = torch.from_numpy(split["train_x"])
-    train_y = torch.from_numpy(split["train_y"])
+    train_x, train_y = ft.training_digits(dd.load_split())
     n_train = train_x.shape[0]
     n_params = sum(p.numel() for p in transformer.parameters())
     print(f"transformer {n_params / 1e6:.3f} M params, {side * side} image + {emb.shape[1]} text tokens; "

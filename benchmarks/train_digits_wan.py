@@ -28,10 +28,8 @@ rerun gives the same weights.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-from pathlib import Path
 
 import torch
 from safetensors.torch import save_model
@@ -89,30 +87,10 @@ def set_cross_attn_processor(transformer, processor) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=dw.ASSETS)
-    ap.add_argument("--steps", type=int, default=5000)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=150)
-    ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--ema", type=float, default=0.998)
-    ap.add_argument("--cfg-dropout", type=float, default=0.1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run (20 steps, batch 8)")
+    ap = ft.training_parser(__doc__, dw.ASSETS, 5000, "WanTransformer3DModel", '{"num_layers": 6}')
     ap.add_argument("--spatial", type=int, default=builders.VAE_CONFIG["scale_factor_spatial"],
                     help="pass-through VAE space-to-depth factor (1 or 2)")
-    ap.add_argument("--transformer-overrides", type=json.loads, default={},
-                    help='JSON dict of WanTransformer3DModel config overrides, e.g. \'{"num_layers": 6}\'')
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.steps, args.batch_size, args.warmup = 20, 8, 5
-
-    torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    args, gen = ft.start_run(ap, argv)
 
     # components: the frozen text encoder from its seed, the transformer from the training seed
     tokenizer = builders.build_tokenizer()
@@ -151,9 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     if err > 1e-4:
         raise RuntimeError("shortened cross-attention does not match the full one")
 
-    split = dd.load_split()
-    train_x = torch.from_numpy(split["train_x"])
-    train_y = torch.from_numpy(split["train_y"])
+    train_x, train_y = ft.training_digits(dd.load_split())
     n_train = train_x.shape[0]
 
     n_params = sum(p.numel() for p in transformer.parameters())
