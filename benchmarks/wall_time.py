@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks.quality import ADAPTIVE, BUDGET_WARMUP, FLEX, GUIDANCE, SPECTRUM_SCHEDULES, STEPS
+from benchmarks.quality import ADAPTIVE, BUDGET_WARMUP, FLEX, GUIDANCE, SPECTRUM_SCHEDULES, STEPS, machine_description
 from spectrum_xdit import SpectrumConfig, apply_spectrum, remove_spectrum, spectrum_stats
 from spectrum_xdit.hooks import find_spectrum_stack, unhook_block_inputs
 from spectrum_xdit.models.digits_wan import GENERATION_KWARGS, build_digits_wan_pipeline
@@ -191,7 +190,7 @@ def run(budgets: list[int], repeats: int, threads: int, out_json: Path | None, q
                 outside_ms=1e3 * statistics.median(r["seconds"] - sum(r["real"]) for r in full.runs) / STEPS)
     rows = [summarise(m, base) for m in methods]
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command,
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.platform()}",
+            "machine": machine_description(),
             "torch": torch.__version__, "model": "digits-wan", "steps": STEPS, "guidance_scale": GUIDANCE,
             "repeats": repeats, "prompt": PROMPT}
     result = {"meta": meta, "rows": rows}
