@@ -26,24 +26,11 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..models import DEFAULT_MODEL, resolve_model
-from ..parallel.patches import pads_correctly
+from .flags import REQUEST_SETTINGS, add_flags, flag_fields, flag_of, request_from_settings, values_from_flags
+from .images import MAX_IMAGE_BYTES
 from .quiet import quiet_engines
-from .request import (
-    MAX_IMAGE_BYTES,
-    REQUEST_SETTINGS,
-    ParallelLayout,
-    RequestError,
-    add_flags,
-    check_layout,
-    check_request,
-    check_sizes,
-    flag_fields,
-    model_defaults,
-    parse_layout,
-    parse_request,
-    request_from_settings,
-    values_from_flags,
-)
+from .request import ParallelLayout, RequestError, model_defaults, parse_layout, parse_request
+from .validate import validate
 
 DEFAULT_PROMPT = "digit 7 moving right"
 _GENERATE_SETTINGS = ("prompt", *(name for name in REQUEST_SETTINGS if name != "output_format"))
@@ -112,17 +99,15 @@ def check_arguments(args, parser, world_size: int):
         outputs = OutputPaths.model_validate(values_from_flags(args, OutputPaths.model_fields))
     except ValidationError as error:
         problem = RequestError.from_validation(error)
-        parser.error(f"{problem.flag}: {problem.message}")
+        parser.error(f"{flag_of(problem.field)}: {problem.message}")
     if outputs.output:
         payload["output_format"] = Path(outputs.output).suffix.lower().removeprefix(".")
     if args.image is not None:
         payload["image"] = _read_image(args.image, parser)
     try:
         layout = parse_layout(values_from_flags(args, ParallelLayout.model_fields))
-        check_layout(layout, spec, world_size)
         request = parse_request(payload, model_defaults(spec))
-        check_request(request, spec, layout)
-        check_sizes(request, spec.sizes, layout, pads_correctly(), model=spec.name)
+        validate(request, spec, layout, world_size=world_size)
     except RequestError as error:
         fail(parser, error)
     return spec, layout, request, outputs
@@ -141,7 +126,7 @@ def _read_image(path: str, parser) -> str:
 
 def fail(parser, error: RequestError) -> None:
     """The parser's error (exit code 2) naming the flag of the request field."""
-    flag = "--output" if error.field == "output_format" else error.flag
+    flag = "--output" if error.field == "output_format" else flag_of(error.field)
     parser.error(f"{flag}: {error.message}")
 
 
@@ -153,7 +138,7 @@ def generate(args, parser) -> dict:
 
     rank_pipeline = init_rank(spec, layout)
     try:   # the built model is the truth where the spec's size rules were a family's defaults
-        check_sizes(request, rank_pipeline.size_rules(), layout, pads_correctly(), model=spec.name)
+        validate(request, spec, layout, world_size=world_size, sizes=rank_pipeline.size_rules())
     except RequestError as error:
         fail(parser, error)
     result = rank_pipeline.generate(request, decode=bool(outputs.output), started=start)

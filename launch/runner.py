@@ -29,7 +29,8 @@ from ..experts import (
 )
 from ..models import ModelSpec, SizeRules, size_rules
 from ..parallel import patches
-from .request import GenerationRequest, ParallelLayout, decode_image, guidance_branches
+from .images import decode_image
+from .request import GenerationRequest, ParallelLayout, guidance_branches
 
 FLUX_TEXT_TOKENS = 64   # max_sequence_length of FLUX.1 requests whose model names none
 

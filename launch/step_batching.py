@@ -25,7 +25,8 @@ import torch
 from diffusers.hooks.hooks import CacheContext
 
 from ..hooks import SpectrumStack, hook_transformer, unhook_transformer
-from .request import GenerationRequest, decode_image
+from .images import decode_image
+from .request import GenerationRequest
 from .runner import GenerationResult, RankPipeline, text_length
 
 

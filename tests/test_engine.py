@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from spectrum_xdit.launch.request import model_defaults, parse_request
+from spectrum_xdit.launch.request import Limits, model_defaults, parse_request
 from spectrum_xdit.launch.serve import engine as engine_module
 from spectrum_xdit.launch.serve.rank_group import RequestFailed
 from spectrum_xdit.launch.serve.settings import ServeSettings
@@ -75,7 +75,7 @@ def _request(steps: int, seed: int = 0):
 async def _engine(monkeypatch, fail_at=None, **settings):
     monkeypatch.setattr(engine_module, "RankGroup", lambda s: StandInGroup(s, fail_at))
     monkeypatch.setattr(engine_module, "ServeMetrics", NoMetrics)
-    return engine_module.Engine(ServeSettings(model="tiny-wan", **settings), "tiny-wan")
+    return engine_module.Engine(ServeSettings(model="tiny-wan", **settings), SPEC)
 
 
 async def _outcome(job):
@@ -110,7 +110,8 @@ def test_continuous_admits_at_the_next_tick_and_batched_only_into_an_empty_loop(
 
 def test_a_deleted_or_timed_out_job_leaves_at_the_next_tick_and_the_others_go_on(monkeypatch):
     async def scenario():
-        engine = await _engine(monkeypatch, batching="continuous", request_timeout_s=0.3)
+        engine = await _engine(monkeypatch, batching="continuous", request_timeout_s=0.3,
+                               limits=Limits(max_steps=10_000))
         deleted, slow, quick = (engine.submit(_request(steps), kept=True) for steps in (9000, 10_000, 4))
         await asyncio.sleep(0.05)
         engine.remove(deleted.id)

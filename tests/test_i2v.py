@@ -13,15 +13,9 @@ import torch
 from serving import image_base64, image_file
 from spectrum_xdit import SpectrumConfig, apply_spectrum, paper_schedule, remove_spectrum, spectrum_stats
 from spectrum_xdit.launch.cli import build_parser, check_arguments
-from spectrum_xdit.launch.request import (
-    MAX_IMAGE_BYTES,
-    ParallelLayout,
-    RequestError,
-    check_request,
-    decode_image,
-    model_defaults,
-    parse_request,
-)
+from spectrum_xdit.launch.images import MAX_IMAGE_BYTES, decode_image
+from spectrum_xdit.launch.request import ParallelLayout, RequestError, model_defaults, parse_request
+from spectrum_xdit.launch.validate import validate
 from spectrum_xdit.models import resolve_model
 from spectrum_xdit.parallel.testing import run_distributed
 
@@ -72,15 +66,15 @@ def test_png_and_jpeg_are_read_and_the_model_decides_whether_an_image_belongs():
     wrapped = "\n".join(re.findall(".{1,76}", image_base64(1)))    # as `base64` wraps its lines
     for image in (image_base64(0), image_base64(2, format="JPEG"), wrapped):
         request = _request({"image": image})
-        check_request(request, I2V, ParallelLayout())
+        validate(request, I2V, ParallelLayout())
         decoded = decode_image(request.image)
         assert decoded.mode == "RGB" and decoded.size == (48, 40)
     with pytest.raises(RequestError, match="image: tiny-wan takes no image") as info:
-        check_request(_request({}), resolve_model("tiny-wan"), ParallelLayout())
+        validate(_request({}), resolve_model("tiny-wan"), ParallelLayout())
     assert info.value.field == "image"
     without = parse_request({"prompt": "x"}, DEFAULTS)
     with pytest.raises(RequestError, match="image: tiny-wan-i2v makes videos from an image: give the first frame"):
-        check_request(without, I2V, ParallelLayout())
+        validate(without, I2V, ParallelLayout())
 
 
 def test_i2v_checkpoints_are_recognised(tmp_path):

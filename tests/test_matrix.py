@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from serving import image_base64
-from spectrum_xdit.launch.request import ParallelLayout, check_layout, check_request, model_defaults, parse_request
+from spectrum_xdit.launch.request import ParallelLayout, model_defaults, parse_request
+from spectrum_xdit.launch.validate import validate
 from spectrum_xdit.models import resolve_model
 from spectrum_xdit.parallel.testing import run_distributed
 
@@ -66,10 +67,9 @@ def test_every_cell_equals_one_process(model, layout):
     spec = resolve_model(model)
     schedules = [schedule for m, l, schedule in CELLS if (m, l) == (model, layout)]
     parallel = ParallelLayout(**LAYOUTS[layout])
-    check_layout(parallel, spec, 2)
     requests = _requests(model, schedules)
     for request in requests:   # the rules every launch of this cell passes
-        check_request(request, spec, parallel)
+        validate(request, spec, parallel, world_size=2)
     single = init_rank(spec, ParallelLayout())
     expected = [single.generate(request) for request in requests]
     sharded = run_distributed(_sharded, 2, args=(model, LAYOUTS[layout], schedules), timeout=280)

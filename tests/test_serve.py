@@ -39,13 +39,8 @@ from serving import (  # noqa: E402
     served_latents,
     until_idle,
 )
-from spectrum_xdit.launch.request import (  # noqa: E402
-    ParallelLayout,
-    RequestError,
-    check_sizes,
-    model_defaults,
-    parse_request,
-)
+from spectrum_xdit.launch.request import ParallelLayout, RequestError, model_defaults, parse_request  # noqa: E402
+from spectrum_xdit.launch.validate import validate  # noqa: E402
 from spectrum_xdit.models import SizeRules, resolve_model  # noqa: E402
 from spectrum_xdit.parallel.testing import free_port  # noqa: E402
 
@@ -198,9 +193,9 @@ def _varied_requests(count: int, sizes: dict) -> list[dict]:
         height, width = (int(v) for v in rng.choice([16, 32, 48], size=2))
         frames = int(rng.choice([1, 5, 9]))
         try:
-            check_sizes(parse_request({"prompt": "x", "height": height, "width": width, "num_frames": frames},
-                                      model_defaults(resolve_model("tiny-wan"))),
-                        SizeRules(**sizes), ParallelLayout(ulysses_degree=2), padded=True)
+            validate(parse_request({"prompt": "x", "height": height, "width": width, "num_frames": frames},
+                                   model_defaults(resolve_model("tiny-wan"))),
+                     resolve_model("tiny-wan"), ParallelLayout(ulysses_degree=2), sizes=SizeRules(**sizes))
         except RequestError:
             continue  # a 422, tested with the bad requests
         payload = {"prompt": f"digit {len(payloads) % 10}", "seed": int(rng.integers(0, 10**6)),

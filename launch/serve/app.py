@@ -25,36 +25,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from ...parallel.patches import pads_correctly
-from ..request import (
-    CONTENT_TYPES,
-    RequestError,
-    check_request,
-    check_sizes,
-    from_openai,
-    parse_json,
-    parse_request,
-)
+from ..request import CONTENT_TYPES, RequestError, parse_request
+from ..validate import validate
+from .body import parse_json, read_body
 from .engine import Engine, QueueFull
+from .openai_shapes import from_openai
 from .rank_group import GroupUnavailable, RequestFailed
 from .settings import ServeSettings
 
 APP_NAME = "spectrum-xdit"
 
 api = FastAPI(title="spectrum-xdit", description="Spectrum + xDiT generation (see the README, 'Serving').")
-
-
-async def read_body(http_request: Request, max_bytes: int) -> bytes:
-    """The body, refused (413) as soon as it grows past ``max_bytes``, before it is all read."""
-    declared = http_request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise RequestError("body", f"is {declared} bytes, more than the server's max_body_bytes {max_bytes}", 413)
-    body = bytearray()
-    async for chunk in http_request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise RequestError("body", f"is more than the server's max_body_bytes {max_bytes}", 413)
-    return bytes(body)
 
 
 def _failure(error: Exception) -> JSONResponse:
@@ -91,7 +72,7 @@ class SpectrumServer:
         self.spec = self.settings.check()
         self.defaults = self.settings.request_defaults(self.spec)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.engine = Engine(self.settings, self.spec.name)
+        self.engine = Engine(self.settings, self.spec)
 
     async def _checked(self, http_request: Request, openai: Optional[tuple[str, ...]] = None):
         """The request of a body, checked completely; with ``openai`` (a tuple of names), OpenAI's
@@ -102,8 +83,7 @@ class SpectrumServer:
         if openai is not None:
             payload, extra = from_openai(payload, self._model_name(), openai)
         request = parse_request(payload, self.defaults)
-        check_request(request, self.spec, self.settings.layout, limits)
-        check_sizes(request, self.spec.sizes, self.settings.layout, pads_correctly(), limits, self.spec.name)
+        validate(request, self.spec, self.settings.layout, limits)
         return request, extra
 
     def _submit(self, request, kept: bool = False):

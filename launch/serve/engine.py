@@ -22,8 +22,9 @@ import secrets
 import time
 from typing import Optional
 
-from ...models import SizeRules
-from ..request import RequestError, check_sizes
+from ...models import ModelSpec, SizeRules
+from ..request import RequestError
+from ..validate import validate
 from .metrics import ServeMetrics
 from .rank_group import GroupUnavailable, RankGroup, RequestFailed
 from .settings import ServeSettings
@@ -93,9 +94,9 @@ class KeptJobs(dict):
 
 
 class Engine:
-    def __init__(self, settings: ServeSettings, model: str):
+    def __init__(self, settings: ServeSettings, spec: ModelSpec):
         self.settings = settings
-        self.model = model
+        self.spec = spec
         self.group = RankGroup(settings)
         self.metrics = ServeMetrics()
         self.pending: collections.deque[Job] = collections.deque()
@@ -190,9 +191,8 @@ class Engine:
         """``job`` leaves the queue for the ranks, once the built model's size rules (which a hub
         checkpoint's spec could only guess) accept it."""
         job.queue_seconds = time.perf_counter() - job.arrived
-        first = generation.infos[0]
-        check_sizes(job.request, SizeRules(**first["sizes"]), self.settings.layout,
-                    "padding" in first["xfuser_patches"]["installed"], self.settings.limits, self.model)
+        validate(job.request, self.spec, self.settings.layout, self.settings.limits,
+                 sizes=SizeRules(**generation.infos[0]["sizes"]))
         job.status = "in_progress"
         job.started = time.perf_counter()
         self.counters["dispatched"] += 1

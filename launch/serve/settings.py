@@ -10,23 +10,18 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from ...models import DEFAULT_MODEL, ModelSpec, resolve_model
+from ..flags import REQUEST_SETTINGS, add_flags, flag_fields, request_from_settings, values_from_flags
 from ..request import (
     OUTPUT_FORMATS,
-    REQUEST_SETTINGS,
     GenerationRequest,
     Limits,
     ParallelLayout,
     RequestError,
-    add_flags,
-    check_layout,
-    check_request,
-    flag_fields,
     model_defaults,
     mp4_available,
     parse_request,
-    request_from_settings,
-    values_from_flags,
 )
+from ..validate import validate
 
 SERVED_LAYOUT = ("ulysses_degree", "ring_degree")
 
@@ -152,11 +147,10 @@ class ServeSettings(BaseModel):
             raise ValueError(f"batching: {self.batching} runs Wan models with one transformer; serve {kind} "
                              "models with batching sequential (or auto)")
         try:
-            check_layout(self.layout, spec)
             defaults = self.default_request(spec)
             if spec.needs_image:   # checked as a request that gives its first frame, as each must
                 defaults = defaults.model_copy(update={"image": "the request's own"})
-            check_request(defaults, spec, self.layout, self.limits)
+            validate(defaults, spec, self.layout, self.limits)
         except RequestError as error:
             if error.field in ParallelLayout.model_fields:
                 raise ValueError(str(error)) from None

@@ -95,6 +95,25 @@ def _masking_padding(usp_function: Callable) -> Callable:
     return mark(usp)
 
 
+class PaddingUnsupported(ValueError):
+    """A token count whose padding the fix cannot mask (the message says how many tokens would do)."""
+
+
+def sequence_padding(tokens: int, degree: int) -> int:
+    """The padding xDiT's wrappers add to ``tokens`` over a sequence-parallel ``degree``.
+
+    The padding keys are dropped from the last rank's shard, so the padding must be shorter than
+    that shard: :class:`PaddingUnsupported` otherwise. The request checks call this too, so that
+    a request is refused by the same rule the forward would fail on."""
+    padding = -tokens % degree
+    per_rank = (tokens + padding) // degree
+    if padding and padding >= per_rank:
+        raise PaddingUnsupported(
+            f"give {tokens} tokens, which the sequence-parallel degree {degree} (ulysses x ring) would pad by "
+            f"{padding}, not fewer than each rank's {per_rank}; use at least {degree * (degree - 1)} tokens")
+    return padding
+
+
 def _padding_for(tokens: int) -> int:
     """The padding xDiT's wrappers add to ``tokens``; refuses layouts the fix cannot serve."""
     from xfuser.core.distributed import (
@@ -105,17 +124,12 @@ def _padding_for(tokens: int) -> int:
         get_ulysses_parallel_world_size,
     )
 
-    degree = get_sequence_parallel_world_size()
-    padding = -tokens % degree
+    try:
+        padding = sequence_padding(tokens, get_sequence_parallel_world_size())
+    except PaddingUnsupported as error:
+        raise NotImplementedError(str(error)) from None
     if not padding:
         return 0
-    per_rank = (tokens + padding) // degree
-    if padding >= per_rank:
-        raise NotImplementedError(
-            f"{tokens} tokens over a sequence-parallel degree of {degree} pad {padding} tokens, "
-            f"not fewer than the {per_rank} each rank holds; use at least "
-            f"{degree * (degree - 1)} tokens"
-        )
     expected_rank = get_ring_parallel_rank() * get_ulysses_parallel_world_size() + get_ulysses_parallel_rank()
     if get_sequence_parallel_rank() != expected_rank:
         raise NotImplementedError(
