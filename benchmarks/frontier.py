@@ -5,7 +5,7 @@
     python -m benchmarks.frontier --threads 1 --json benchmarks/results/frontier_cpu.json   # 29 min
 
 On a CPU other jobs share, ``--threads 1`` is several times faster than 2 (two threads contending
-for cores spin); the committed results ran so, on the 2-core machine with two other jobs.
+for cores spin).
 
 Issue 16: a budget of B block-stack evaluations per guidance branch can be the plain sampler at B
 steps, or Spectrum at any N > B steps with exactly B real ones. ``benchmarks.quality`` compares
@@ -28,8 +28,8 @@ Every row's NFE is counted; a row with any clip off its budget is flagged (``off
 JSON, ``!`` in the table). Each row is also scored on the calibration seeds (``psnr_calibration``,
 seeds >= 1000, never the benchmark pairs), and per budget the setting a user can ask for (the
 plain sampler or a ``SpectrumConfig``) of best calibration PSNR is the recommendation
-(``recommended``): the README's table quotes its PSNR on the benchmark pairs, so no choice of N or
-setting is made on the pairs it is judged on.
+(``recommended``): benchmarks/README.md's table quotes its PSNR on the benchmark pairs, so no
+choice of N or setting is made on the pairs it is judged on.
 
 Writes the JSON (``--json``), a Markdown table beside it (``.md``: the summary per budget and N,
 then every row) and a plot of PSNR against N per budget, the plain sampler as a line (``.png``).

@@ -4,9 +4,9 @@
     python -m benchmarks.gpu_check --small                                          # CPU rehearsal
 
 1. Accuracy: the forecaster on the device in float32 and bf16 against a float64 host oracle
-   (chebvander design, ridge solve with F right-hand sides, blend, straight from SPEC.md) on
-   smooth random trajectories, and the reference vectors of ``../shared/reference`` replayed on
-   the device.
+   (chebvander design, ridge solve with F right-hand sides, blend, as docs/method.md states it) on
+   smooth random trajectories, and the reference vectors (``tests/data/spectrum_vectors.npz``)
+   replayed on the device.
 2. Speed: ``update`` and ``forecast`` at the per-rank feature sizes of Wan2.1-14B at 480x832x81
    (32,760 tokens x 5120) for a sequence-parallel degree of 1, 2, 4, 8, in bf16, timed with
    device events, with the forecast's achieved bandwidth (state read + output written) against
@@ -45,7 +45,7 @@ from spectrum_xdit import SpectrumConfig, SpectrumForecaster, paper_schedule
 HIDDEN = 5120
 WAN14B_TOKENS = 32760   # 480x832, 81 frames
 DEGREES = (1, 2, 4, 8)
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "spectrum_vectors.npz"
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "data" / "spectrum_vectors.npz"
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
 WAN14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
               text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
@@ -112,24 +112,23 @@ def accuracy(device: torch.device, features: int) -> dict:
             want = _oracle(real[:len(seen)], np.stack(seen), step, config)
             worst = max(worst, float(np.linalg.norm(got - want) / np.linalg.norm(want)))
         out[name] = worst
-    if REFERENCE.exists():
-        data = np.load(REFERENCE)
-        case, worst = 0, 0.0
-        while f"case{case}_params" in data:
-            steps, warmup, window, flex, degree, lam, weight = data[f"case{case}_params"].tolist()
-            cfg = SpectrumConfig(num_inference_steps=int(steps), warmup_steps=int(warmup), window_size=window,
-                                 flex_window=flex, degree=int(degree), ridge_lambda=lam, blend_weight=weight)
-            expected = dict(zip(data[f"case{case}_pred_steps"].tolist(), data[f"case{case}_pred"]))
-            traj = torch.from_numpy(data[f"case{case}_traj"]).to(device)
-            forecaster = SpectrumForecaster(cfg)
-            for step in range(cfg.num_inference_steps):
-                if step in expected:
-                    got = forecaster.forecast(step).cpu().numpy()
-                    worst = max(worst, float(np.linalg.norm(got - expected[step]) / np.linalg.norm(expected[step])))
-                else:
-                    forecaster.update(step, traj[step])
-            case += 1
-        out["reference_vectors"] = worst
+    data = np.load(REFERENCE)
+    case, worst = 0, 0.0
+    while f"case{case}_params" in data:
+        steps, warmup, window, flex, degree, lam, weight = data[f"case{case}_params"].tolist()
+        cfg = SpectrumConfig(num_inference_steps=int(steps), warmup_steps=int(warmup), window_size=window,
+                             flex_window=flex, degree=int(degree), ridge_lambda=lam, blend_weight=weight)
+        expected = dict(zip(data[f"case{case}_pred_steps"].tolist(), data[f"case{case}_pred"]))
+        traj = torch.from_numpy(data[f"case{case}_traj"]).to(device)
+        forecaster = SpectrumForecaster(cfg)
+        for step in range(cfg.num_inference_steps):
+            if step in expected:
+                got = forecaster.forecast(step).cpu().numpy()
+                worst = max(worst, float(np.linalg.norm(got - expected[step]) / np.linalg.norm(expected[step])))
+            else:
+                forecaster.update(step, traj[step])
+        case += 1
+    out["reference_vectors"] = worst
     return out
 
 

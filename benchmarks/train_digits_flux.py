@@ -18,10 +18,10 @@ unconditional branch; the model is not guidance-distilled (``guidance_embeds=Fal
 need a guided teacher.
 
 Defaults: 6000 AdamW steps of batch 32 (lr 1e-3, 150 warm-up steps, cosine to 1e-4, weight decay
-0.01 on matrices, grad-norm clip 1.0), fresh samples every step: final loss 0.086. About 0.3 s a
-step on two quiet CPU cores (30 min); the shipped run took 51 min on cores shared with other jobs
-(``training_info.json``). Run it under ``nice -n 10``, with ``OMP_WAIT_POLICY=PASSIVE`` when the
-cores are busy (spinning OpenMP threads of a niced job can be 10x slower).
+0.01 on matrices, grad-norm clip 1.0), fresh samples every step. About 30 min on two quiet CPU
+cores (the shipped run: ``training_info.json``, benchmarks/README.md). Run it under ``nice -n 10``,
+with ``OMP_WAIT_POLICY=PASSIVE`` when the cores are busy (spinning OpenMP threads of a niced job
+can be 10x slower).
 
 Everything is seeded (``torch.use_deterministic_algorithms``); on one machine and thread count a
 rerun gives the same weights.

@@ -1,4 +1,4 @@
-"""Configuration of the Spectrum forecaster (SPEC.md: schedule, basis, fit and blend).
+"""Configuration of the Spectrum forecaster (docs/method.md: schedule, basis, fit and blend).
 
 A pydantic model, so that every input (Python, the CLI's flags, an HTTP body, the Serve YAML,
 xDiT's ``--cache_config`` JSON) is checked by these field definitions and nothing else; a bad

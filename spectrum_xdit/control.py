@@ -1,70 +1,25 @@
 """Which steps run the block stack, and which blend a forecast uses: one decision for the whole job.
 
 With the paper's schedule and a fixed blend weight this is the fixed rule of ``schedule.py``.
-With ``blend_weight="auto"`` or ``schedule="adaptive"`` every real step is first used as a test
-of the forecasters (``SpectrumForecaster.score``): before the new feature ``h`` joins the fit,
-the local linear extrapolation ``T`` and the Chebyshev forecast ``C`` of that step are compared
-with it through four sums, ``a = |T-h|^2``, ``b = |C-h|^2``, ``c = <T-h, C-h>``, ``n = |h|^2``.
+With ``blend_weight="auto"`` or the adaptive or budget schedule every real step is first a test
+of the predictors (``SpectrumForecaster.score``): the sums of their errors over the elements,
+added over the guidance branches and all-reduced over every rank of the job (once per real step,
+at the first call of the next step). So every rank holds the same numbers and takes the same
+decisions, and no rank skips a collective that another enters.
 
-Reduction. The sums of every guidance branch on this rank are added up, then summed over every
-rank of the job (one all-reduce of four float64 numbers, at the first call of the next step), so
-they are the sums over the whole latent of both branches, and every rank holds the same numbers
-and takes the same decisions from them. Shards of one feature add up exactly because the sums are
-over elements.
+From exponentially weighted averages of those sums the controller takes:
 
-Blend. The controller keeps exponentially weighted averages (weight ``error_smoothing`` on the
-newest) of ``a/n``, ``b/n`` and ``c/n``. The squared relative error of the blend
-``(1-w) T + w C`` is ``(1-w)^2 A + w^2 B + 2 w (1-w) X`` in those averages; with ``"auto"`` a
-forecast uses its minimiser ``w* = (A - X) / (A + B - 2X)``, clipped to [0, 1] (0.5 while no
-validation has been seen or when the two predictors agree exactly).
+- the blend: the weight of least validated error, ``w* = (A - X) / (A + B - 2X)`` clipped to
+  [0, 1], or with ``reuse`` the affine weights ``G^-1 1 / (1^T G^-1 1)`` of the three predictors;
+- the adaptive schedule's next real step: the largest gap whose error, predicted by the power law
+  of ``error_model.py``, stays within ``error_budget``;
+- the budget schedule's next real step: the budget left spread evenly up to a tail of consecutive
+  real steps at the end, each gap stretched by ``sqrt(k_ref / k)`` within ``[1/2, 2]``, so that a
+  generation never runs more than ``target_nfe`` real steps.
 
-More predictors. With ``reuse`` the last real feature ``R`` is a third predictor, and the sums are
-the entries of the ``K x K`` Gram matrix ``G_ij = <P_i - h, P_j - h>`` of the predictors' errors
-(``K(K+1)/2`` numbers, then ``n``; all in the same one all-reduce). For weights summing to 1 the
-combination's error is ``sum_i w_i (P_i - h)``, of squared norm ``w^T G w``; minimising that
-subject to ``1^T w = 1`` (a Lagrange multiplier: ``G w = mu 1``) gives ``w = G^-1 1 / (1^T G^-1 1)``,
-computed on the averaged ``G`` plus a ridge of ``COMBINATION_RIDGE`` times its mean diagonal, so
-that predictors that agree (a singular ``G``) still give finite weights. The weights are affine,
-not clipped: a combination may extrapolate beyond its predictors. With ``T`` and ``C`` alone the
-clipped two-predictor weight above is kept.
-
-Degree and ridge are not scored online, though the fit's moments would give a lower degree or
-another ridge for one more forecast each: scored offline the same way (``benchmarks.gap_error``,
-degrees 2 to 6, ridges 0.01 to 1), the Chebyshev forecast alone moves by a factor of 4.6 in error,
-but the least-error combination with ``T`` and reuse by at most 9% on digits-wan and 2.5% on
-digits-flux: the combination already absorbs what the degree and the ridge would change.
-
-Error model. Every validation is a sample of the blend's relative error at the gap it had; a
-power law ``e(g) = k g^p`` fitted to them (``error_model.py``: its exponent ``p`` from the
-validations at different gaps, ``p = 1`` until they differ, as measured on the trained models)
-predicts the error of a gap not tried yet.
-
-Schedule. For ``"adaptive"``, after real step ``s`` the next real step is ``s + g`` for the largest
-``g`` in ``[min_gap, max_gap]`` with ``k g^p <= error_budget`` (``min_gap`` before the first
-validation). Because a real step's own validation is at the gap ``g`` that was chosen, the
-forecasts in between (gaps ``1 .. g-1``) are predicted to be within the budget too. The first
-``warmup_steps`` steps are always real.
-
-Budget. For ``"budget"`` the user gives the number ``B`` of real steps (``target_nfe``), not an
-error level. The first ``min(warmup_steps, B)`` steps are real, and so are the last
-``T = max(1, round(budget_tail * B))`` (the tail; the end of the trajectory is where the error of
-a forecast grows fastest, ``benchmarks.gap_error``, and where it lands in the output unsmoothed).
-Between them, after real step ``s`` with ``R`` real steps left before the tail and ``D`` steps from
-``s`` to the tail's first step: if ``R = 0`` the next real step is the tail's first; if
-``R >= D - 1`` every step is real; otherwise the even spread has gap ``D / (R + 1)``, stretched by
-``sqrt(k_ref / k)`` with ``k`` the recency-weighted and ``k_ref`` the plain mean of the
-validations' ``error / gap^2`` (a stretch harder than the generation's average gets real steps
-closer together, an easier one further apart; the factor kept within ``[1/2, 2]``,
-``MAX_BUDGET_STRETCH``), rounded and kept in ``[1, D - R]`` so that the ``R - 1`` real steps after
-the next one and the tail still fit. So the generation uses exactly ``B`` real steps (``B`` per
-branch; fewer only if warm-up and the steps left are shorter) and never more, whatever the model
-does. The default ``budget_tail`` 0.2 was chosen on held-out seeds (``python -m
-benchmarks.budget_tail``: 6 pairs of digits-wan, 50 steps): against no tail it took
-``target_nfe=14`` from 39.4 to 45.7 dB and 10 from 32.1 to 35.4 (7, with a tail of one step,
-unchanged at 20.1); 0.15 and 0.3 did no better. A pacing ratio at the power law's fitted exponent, or
-of logs, was tried on the same seeds and did worse at 14 (by 2.0 and 6.4 dB, without a tail), so it
-stays the quadratic's. Every input (the all-reduced
-sums and the step counts) is the same on every rank, so every rank takes the same decisions.
+The derivations, and why degree and ridge are not scored online: docs/method.md ("Validation",
+"The adaptive schedule", "The budget schedule"). How the tail's default was chosen:
+benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -221,7 +176,7 @@ class SpectrumController:
                           "exponent": self.errors.exponent if fitted else None})
 
     def _budget_gap(self, s: int) -> int | None:
-        """The gap to the next real step under the budget (module docstring), ``None`` for none."""
+        """The gap to the next real step under the budget (docs/method.md), ``None`` for none."""
         remaining = self.budget - self.real_count
         steps = self.config.num_inference_steps
         if remaining <= 0 or s >= steps - 1:

@@ -1,32 +1,21 @@
 """The forecast error against the gap to the last real step, fitted to the validations seen.
 
 Every validation scores a forecast at the gap ``g`` it actually had (``control.py``), so a
-generation's validations are samples ``(g_i, e_i)`` of one curve. The model is a power law
-``e(g) = k g^p``, in logs ``y = log e = log k + p x`` with ``x = log g``.
+generation's validations are samples ``(g_i, e_i)`` of one curve, fitted by a power law
+``e(g) = k g^p`` in logs:
 
-Exponent: least squares over all of the generation's validations alike, with a ridge pull toward
-``PRIOR_EXPONENT`` of weight ``PRIOR_WEIGHT``,
+- the exponent ``p`` by least squares over all the validations alike, pulled toward
+  ``PRIOR_EXPONENT`` with weight ``PRIOR_WEIGHT`` (so ``p = p0`` while they are all at one gap),
+  and kept in ``[MIN_EXPONENT, MAX_EXPONENT]`` so that the error always grows with the gap; all
+  alike because a schedule settles on one gap for a stretch, and the latest few validations
+  alone would often have no spread of gaps to tell ``p`` by;
+- the level ``log k`` recency-weighted (the controller's ``error_smoothing``), because it changes
+  along the trajectory.
 
-    minimise  sum_i (y_i - c - p x_i)^2 + rho (p - p0)^2,
-
-so with means ``x_bar``, ``y_bar`` and central sums ``Sxx = sum (x - x_bar)^2`` and
-``Sxy = sum (x - x_bar)(y - y_bar)``: ``p = (Sxy + rho p0) / (Sxx + rho)``. All alike, not
-recency-weighted: a schedule settles on one gap for a stretch, and the latest few validations
-alone would often have no spread of gaps to tell ``p`` by. Validations at a single gap
-(``Sxx = 0``) give ``p = p0``; the evidence grows with their number, and ``rho = 0.5`` weighs as
-much as four validations at gaps a factor 2 apart (``Sxx = 4 log(2)^2 / 4``). ``p`` is kept in ``[MIN_EXPONENT, MAX_EXPONENT]`` so that
-the error always grows with the gap.
-
-Level: ``level_i = y_i - p x_i`` is validation ``i``'s ``log k``. The current level is their mean
-with weight ``alpha (1 - alpha)^age`` (``alpha`` the controller's ``error_smoothing``: the
-newest weighs most, as in its other averages), because the level changes along the trajectory.
-
-Why not ``k g^2``, the error of a first-order extrapolation of a smooth trajectory: measured on
-both trained models (``python -m benchmarks.gap_error``, 3 held-out seeds each, every step real
-and each predictor scored at gaps 1 to 8), the error grows about linearly with the gap: ``p``
-between 0.68 and 1.22 for every predictor and their best combination, by thirds of the trajectory.
-A quadratic calibrated at one gap over-predicts the error of a longer one, so it placed real steps
-closer than needed, and under-reacted to a validation that came in above or below the target.
+The prior is 1, not the 2 of a first-order extrapolation of a smooth curve, because the measured
+error grows about linearly with the gap (``python -m benchmarks.gap_error``); a quadratic
+over-predicts longer gaps. The derivation: docs/method.md, "The error model"; the figures:
+benchmarks/README.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The paper's schedule: which denoising steps run the block stack (SPEC.md)."""
+"""The paper's schedule: which denoising steps run the block stack (docs/method.md, "The paper's schedule")."""
 
 from __future__ import annotations
 

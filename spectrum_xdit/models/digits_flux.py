@@ -11,10 +11,9 @@ the latents are the pixels, so FluxPipeline's own 2x2 packing makes the 64 image
 Guidance: the model is not guidance-distilled (``guidance_embeds=False``, ``guidance_scale`` is
 ignored): distilling FLUX.1-dev's embedded guidance needs a guided teacher. It was trained with 10%
 empty prompts instead, so it takes true classifier-free guidance as FLUX.1 pipelines do
-(``true_cfg_scale`` with ``negative_prompt=""``, two transformer calls per step). Measured at full
-compute (50 steps, 80 images, ``eval_info.json``): 97.5% of the images are recognised as the
-prompted digit without guidance, 100% at true CFG 2, 3.5 and 5 (the digit on the prompted side:
-100% at every scale). ``TRUE_CFG_SCALE`` is the smallest scale with the best recognition.
+(``true_cfg_scale`` with ``negative_prompt=""``, two transformer calls per step).
+``TRUE_CFG_SCALE`` is the smallest scale with the best recognition at full compute
+(``eval_info.json``; the figures: docs/models.md).
 
 Generate at ``GENERATION_KWARGS``: 16x16 and ``max_sequence_length`` 16. FLUX attends jointly over
 every T5 position with no padding mask, so the model only knows the text length it was trained at;
