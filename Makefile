@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 LINT   := build/lint
 
-.PHONY: run test lint install clean
+.PHONY: run test test-fast lint install clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+# The quick loop: everything but the multi-process and Ray tests (markers in pyproject.toml).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not distributed and not ray"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(gen.add_argument_group("parallel layout"), ParallelLayout.model_fields)
     add_flags(gen.add_argument_group("outputs"), OutputPaths.model_fields)
     gen.add_argument("--verbose", action="store_true", help="show the engines' own logs and warnings")
-    serve = commands.add_parser("serve", help="serve generation over HTTP with Ray Serve (see the README)")
+    serve = commands.add_parser("serve", help="serve generation over HTTP with Ray Serve (docs/serving.md)")
     add_serve_arguments(serve)
     commands.add_parser("xdit", help="xDiT's own `xdit` launcher and runner, with --cache_method spectrum and "
                                      "the embedded models (every argument is xDiT's)", add_help=False)

@@ -51,7 +51,7 @@ def serve_app(settings: dict, metrics_port: list):
     from spectrum_xdit.launch.serve.main import wait_until_ready
 
     port = free_port()
-    context = ray.init(num_cpus=4, include_dashboard=False)
+    context = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)   # shown on failure (conftest)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)

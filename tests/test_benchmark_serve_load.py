@@ -2,6 +2,8 @@
 
 import pytest
 
+pytestmark = pytest.mark.ray
+
 
 @pytest.mark.timeout(400)
 def test_serve_load_benchmark_measures_both_loads_and_writes_table_and_plot(tmp_path):

@@ -95,6 +95,7 @@ def test_state_memory_measures_true_per_rank_state():
     assert by_degree[1]["reference_peak_bytes"] == 2 * 32760 * 5120 * (14 * 2 + 14 * 4 + 5 * 4)
 
 
+@pytest.mark.distributed
 def test_throughput_benchmark_launches_and_reports(tmp_path):
     from benchmarks import throughput
 

@@ -146,6 +146,7 @@ def _generate(tmp_path, name, nproc, extra):
     return np.load(latents), json.loads(report.read_text())
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("model", ["tiny-wan", "tiny-flux"])
 def test_torchrun_ulysses2_equals_single_process(tmp_path, model, single_process):
@@ -166,6 +167,7 @@ def test_torchrun_ulysses2_equals_single_process(tmp_path, model, single_process
     assert "xfuser.envs: patch_envs" in sharded_report["xfuser_patches"]["applied"]
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("layout", [["--use_cfg_parallel"], ["--use_cfg_parallel", "--ulysses_degree", "2"]],
                          ids=["cfg2", "cfg2xulysses2"])
@@ -185,6 +187,7 @@ def test_cfg_parallel_wan_equals_single_process(tmp_path, layout, single_process
     assert report["state_bytes_per_rank"] * 2 * sp == single_report["state_bytes_per_rank"]
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_wan22_two_experts_under_sequence_and_cfg_parallel_equal_single_process(tmp_path):
     """tiny-wan22: each layout wraps or splits both experts; each expert keeps its own schedule and
@@ -205,6 +208,7 @@ def test_wan22_two_experts_under_sequence_and_cfg_parallel_equal_single_process(
         assert report["state_bytes_per_rank"] * 2 == single_report["state_bytes_per_rank"], name
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_torchrun_pipefusion_spectrum(tmp_path):
     """`--pipefusion_parallel_degree 2`: xDiT's PipeFusion FLUX.1 pipeline with Spectrum and distilled
@@ -223,6 +227,7 @@ def test_torchrun_pipefusion_spectrum(tmp_path):
     assert report["state_bytes_by_rank"] == [0, single_report["state_bytes_per_rank"]]
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_cfg_parallel_adaptive_spectrum_equals_single_process(tmp_path):
     """Error-controlled Spectrum through the CLI under CFG parallelism: each half scores one branch,
@@ -263,6 +268,7 @@ def _xdit_cache_method_latents(generate_kwargs: dict, cache_config: str, model: 
     return pipe(**generate_kwargs, generator=torch.Generator().manual_seed(0)).frames.numpy()
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("model", ["tiny-wan", "tiny-wan22"])
 def test_xdit_cache_method_spectrum_equals_generate(tmp_path, model):

@@ -237,6 +237,7 @@ def _ulysses_i2v() -> dict:
             "real_steps": [r.report["real_steps"] for r in solo]}
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_ulysses_2_equals_one_process_alone_and_in_the_step_loop(rank_pipeline):
     single = [rank_pipeline.generate(request) for _, request in _i2v_requests()]
@@ -249,6 +250,7 @@ def test_ulysses_2_equals_one_process_alone_and_in_the_step_loop(rank_pipeline):
 
 # ---- the CLI ----------------------------------------------------------------------------------
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_generate_i2v_saves_evaluations_and_ulysses_and_cfg_parallel_equal_one_process(tmp_path):
     from test_cli import _generate

@@ -1,4 +1,4 @@
-"""The support matrix of the README, cell by cell: each embedded model under each parallel layout
+"""The support matrix of docs/parallel.md, cell by cell: each embedded model under each parallel layout
 it supports, with the paper, adaptive and budget schedules, against the same request in one
 process (2 gloo ranks per launch; every schedule in one launch)."""
 
@@ -36,7 +36,7 @@ CELLS = [
     ("tiny-flux", "pipefusion2", "paper"),
 ]
 # PipeFusion's stale patches after its warm-up are the only semantic difference from one process
-# (README, PipeFusion); everything else is numerics.
+# (docs/pipefusion.md); everything else is numerics.
 TOLERANCE = {"pipefusion2": 2e-3}
 DEFAULT_TOLERANCE = 1e-5
 
@@ -59,6 +59,7 @@ def _sharded(model: str, layout: dict, schedules: list[str]) -> list:
     return [(result.latents, result.report["real_steps"]) for result in results]
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("model,layout", sorted({(model, layout) for model, layout, _ in CELLS}))
 def test_every_cell_equals_one_process(model, layout):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from spectrum_xdit.parallel.testing import DistributedError, DistributedTimeout, run_distributed
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 
 STEPS = 20
 TEXT_TOKENS = 16

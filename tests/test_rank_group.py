@@ -14,7 +14,7 @@ from spectrum_xdit.launch.serve import rank_group  # noqa: E402
 from spectrum_xdit.launch.serve.rank_group import RankGroup, RequestFailed  # noqa: E402
 from spectrum_xdit.launch.serve.settings import ServeSettings  # noqa: E402
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 
 class StandInRank:
@@ -69,7 +69,7 @@ def local_ray():
 
     # the stand-in class travels to the workers by value: they cannot import this test module
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)   # shown on failure (conftest)
     yield
     ray.shutdown()
 

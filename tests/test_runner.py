@@ -43,6 +43,7 @@ def _stop_wished_by_rank_zero_only(after_step: int) -> dict:
             "full_report": full.report, "stopped_latents": stopped.latents, "full_latents": full.latents}
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(240)
 def test_every_rank_stops_after_the_step_any_rank_asks_for():
     result = run_distributed(_stop_wished_by_rank_zero_only, 2, args=(3,), timeout=200)

@@ -14,6 +14,7 @@ import pytest
 
 psutil = pytest.importorskip("psutil")
 requests = pytest.importorskip("requests")
+pytestmark = pytest.mark.ray
 
 from spectrum_xdit.launch.serve.main import wait_until_ready  # noqa: E402
 from spectrum_xdit.parallel.testing import free_port  # noqa: E402

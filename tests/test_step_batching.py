@@ -125,6 +125,7 @@ def _ulysses_batch(drop=None) -> dict:
     return _compare(rank_pipeline, _requests(spec), drop)
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_step_batches_under_ulysses_2_equal_solo_runs():
     outcome = run_distributed(_ulysses_batch, 2, timeout=280)
@@ -145,6 +146,7 @@ def _divergent_joins():
     batcher.tick()
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(200)
 def test_ranks_that_disagree_about_a_tick_fail_alike_instead_of_hanging():
     with pytest.raises(DistributedError, match="step batches differ across ranks"):

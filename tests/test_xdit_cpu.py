@@ -17,7 +17,7 @@ import torch
 
 from spectrum_xdit.parallel.testing import DistributedError, DistributedTimeout, run_distributed
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 
 TOLERANCE = 1e-5
 LAUNCH_TIMEOUT = 180.0

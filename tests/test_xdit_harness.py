@@ -28,10 +28,12 @@ def _hang():
     time.sleep(600)
 
 
+@pytest.mark.distributed
 def test_returns_rank_zero_result_from_a_gloo_world():
     assert run_distributed(_rank_and_sum, 2, timeout=60) == (0, 2, 3)
 
 
+@pytest.mark.distributed
 def test_a_failing_rank_raises_its_traceback_without_waiting_for_the_timeout():
     start = time.monotonic()
     with pytest.raises(DistributedError, match="rank one is broken"):
@@ -39,6 +41,7 @@ def test_a_failing_rank_raises_its_traceback_without_waiting_for_the_timeout():
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.distributed
 def test_a_hanging_run_is_killed_at_the_timeout():
     start = time.monotonic()
     with pytest.raises(DistributedTimeout):

@@ -23,6 +23,7 @@ def _xdit(tmp_path, *args: str, timeout: float = 300) -> subprocess.CompletedPro
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("model,branches,output", [
     ("digits-wan", ("cond", "uncond"), "digits_wan_u2r1_tc_False_16x16_0.mp4"),
@@ -44,6 +45,7 @@ def test_the_issue_command_runs_under_ulysses2(tmp_path, model, branches, output
     assert (tmp_path / "timings.json").exists()
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_the_runner_takes_the_embedded_image_to_video_model(tmp_path):
     """xDiT's Wan2.1 I2V runner, its first frame from `--input_images`, with Spectrum."""
@@ -60,6 +62,7 @@ def test_the_runner_takes_the_embedded_image_to_video_model(tmp_path):
     assert (tmp_path / "tiny_wan_i2v_u1r1_tc_False_32x32_0.mp4").stat().st_size > 0
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(200)
 def test_spectrum_is_refused_for_a_model_it_does_not_support(tmp_path):
     result = _xdit(tmp_path, "--model", "Wan2.1-VACE-1.3B", "--cache_method", "spectrum", "--prompt", "x",
@@ -124,6 +127,7 @@ RUNNER_ARGV = ["--cache_method", "spectrum", "--cache_config", '{"flex_window": 
                "--prompt", "a red square", "--num_inference_steps", "20", "--seed", "3"]
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("model", ["tiny-wan", "tiny-wan22"])
 def test_runner_python_path_equals_generate(model):
@@ -146,6 +150,7 @@ def test_runner_python_path_equals_generate(model):
     assert len(timings) == 1 and timings[0] > 0   # the runner's own timing, on the host clock
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(400)
 def test_runner_use_torch_compile_with_spectrum_equals_eager():
     """xDiT's `--use_torch_compile`: with a cache method it compiles block by block and warms up

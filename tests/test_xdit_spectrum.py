@@ -16,7 +16,7 @@ import torch
 
 from spectrum_xdit.parallel.testing import DistributedError, DistributedTimeout, run_distributed
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
 STEPS = 20
 LAYOUTS = {"ulysses2": (2, 1), "ring2": (1, 2), "usp2x2": (2, 2)}

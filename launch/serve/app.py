@@ -35,7 +35,7 @@ from .settings import ServeSettings
 
 APP_NAME = "spectrum-xdit"
 
-api = FastAPI(title="spectrum-xdit", description="Spectrum + xDiT generation (see the README, 'Serving').")
+api = FastAPI(title="spectrum-xdit", description="Spectrum + xDiT generation (docs/serving.md).")
 
 
 def _failure(error: Exception) -> JSONResponse:
