@@ -7,10 +7,11 @@ rules between fields, the model and the layout are ``validate``'s.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from ..config import SpectrumConfig, validation_problems
 from ..models import ModelSpec
@@ -192,6 +193,32 @@ def parse_request(body: Any, defaults: dict) -> GenerationRequest:
         allowed = [name for name in model.model_fields if name not in known]
         problem = RequestError(problem.field, f"unknown field; allowed: {', '.join(allowed)}")
     raise problem
+
+
+def from_text(values: dict, model: type[BaseModel] = GenerationRequest) -> dict:
+    """Values that came as text (a multipart form's fields) read as ``model``'s fields read text
+    (``"8"`` for an integer is 8, ``"true"`` for a flag is true, ``"0.5"`` or ``"auto"`` for the
+    blend weight), nested models too. A text no field type reads, or of an unknown field, stays
+    text, for the model to refuse naming the field; constraints are the model's, as for JSON."""
+    read = {}
+    for name, value in values.items():
+        field = model.model_fields.get(name)
+        annotation = field.annotation if field is not None else None
+        if isinstance(value, dict) and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            read[name] = from_text(value, annotation)
+        elif isinstance(value, str) and field is not None:
+            try:
+                read[name] = _text_reader(model, name).validate_python(value, strict=False)
+            except ValidationError:
+                read[name] = value
+        else:
+            read[name] = value
+    return read
+
+
+@functools.cache
+def _text_reader(model: type[BaseModel], name: str) -> TypeAdapter:
+    return TypeAdapter(model.model_fields[name].annotation)
 
 
 def parse_layout(values: dict) -> ParallelLayout:

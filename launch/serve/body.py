@@ -1,15 +1,44 @@
 """An HTTP request's body: read within the server's byte limit (413 before it is all read) and
-parsed as JSON within a depth limit (400), so that the request model sees plain values and names
-the field of every other problem."""
+parsed, as JSON within a depth limit or as a multipart form (what OpenAI's SDK sends) within part
+limits (400 otherwise), so that the request model sees plain values and names the field of every
+other problem."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from ..request import RequestError
 
 MAX_JSON_DEPTH = 16   # a request is two levels deep
+MAX_FORM_FIELDS = 64  # a request with every cache setting has about 30
+MAX_FORM_FILES = 1    # input_reference
+MAX_FORM_DEPTH = 2    # cache[degree], input_reference[image_url]
+_FORM_KEY = re.compile(r"([^\[\]]+)((?:\[[^\[\]]*\])*)")
+
+
+@dataclass(frozen=True)
+class FilePart:
+    """A file of a multipart form, read into memory (the body limit bounds it)."""
+
+    filename: str
+    content_type: Optional[str]
+    data: bytes
+
+
+async def read_payload(http_request, max_bytes: int) -> tuple[Any, bool]:
+    """The values of a request's body and whether they are text: a multipart form's fields,
+    nested by their bracketed names, text for the request model to read by each field's type
+    (``True``), or a JSON value (``False``)."""
+    from python_multipart.multipart import parse_options_header
+
+    body = await read_body(http_request, max_bytes)
+    content_type, _ = parse_options_header(http_request.headers.get("content-type", ""))
+    if content_type == b"multipart/form-data":
+        return await parse_form(http_request.headers, body, max_bytes), True
+    return parse_json(body), False
 
 
 async def read_body(http_request, max_bytes: int) -> bytes:
@@ -23,6 +52,55 @@ async def read_body(http_request, max_bytes: int) -> bytes:
         if len(body) > max_bytes:
             raise RequestError("body", f"is more than the server's max_body_bytes {max_bytes}", 413)
     return bytes(body)
+
+
+async def parse_form(headers, body: bytes, max_part_size: int) -> dict:
+    """A multipart body's fields (text) and files (:class:`FilePart`) as a nested object, parsed
+    by Starlette's parser within the part limits; its spooled files are closed, so none is left."""
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def chunks():
+        yield body
+
+    parser = MultiPartParser(headers, chunks(), max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS,
+                             max_part_size=max_part_size)
+    try:
+        form = await parser.parse()
+    except MultiPartException as error:
+        raise RequestError("body", f"is not a multipart form this server reads: {error.message}", status=400) from None
+    try:
+        items = [(name, FilePart(value.filename or "", value.content_type, await value.read())
+                  if isinstance(value, UploadFile) else value) for name, value in form.multi_items()]
+    finally:
+        await form.close()
+    return nest_form(items)
+
+
+def nest_form(items) -> dict:
+    """Form fields by their bracketed names, as OpenAI's SDK writes nested values
+    (``cache[degree]``, ``input_reference[image_url]``), as a nested object; a list (``name[]``),
+    a name given twice or deeper than ``MAX_FORM_DEPTH`` is refused naming it."""
+    body: dict = {}
+    for key, value in items:
+        match = _FORM_KEY.fullmatch(key)
+        if match is None:
+            raise RequestError(key or "body", "is not a field name")
+        path = [match[1], *re.findall(r"\[([^\[\]]*)\]", match[2])]
+        field = ".".join(name for name in path if name)
+        if "" in path:
+            raise RequestError(field, "must be one value, not a list")
+        if len(path) > MAX_FORM_DEPTH:
+            raise RequestError(field, f"nests deeper than {MAX_FORM_DEPTH} levels")
+        target = body
+        for depth, name in enumerate(path[:-1]):
+            target = target.setdefault(name, {})
+            if not isinstance(target, dict):
+                raise RequestError(".".join(path[:depth + 1]), "is given both as a value and as an object")
+        if path[-1] in target:
+            raise RequestError(field, "is given twice")
+        target[path[-1]] = value
+    return body
 
 
 class HugeInteger:
