@@ -10,7 +10,9 @@ docs/xfuser-0.7.0.md):
 - ``runner_cpu``: xDiT's model runner in CPU processes (only with ``install(runner=True)``, and
   only where ``cpu_gloo`` is wanted).
 
-Call :func:`install` before anything imports xfuser (on CPU it must come first).
+Call :func:`install` before anything imports xfuser (on CPU it must come first). Beside them, the
+one change to Ray Serve 2.60.0, installed by each serve replica with its own ``install``:
+``ray_serve_grpc``, the replica's gRPC server bound to loopback on a local instance.
 """
 
 from __future__ import annotations
