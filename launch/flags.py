@@ -58,6 +58,9 @@ def add_flags(parser, fields: dict, defaults: Optional[dict] = None) -> None:
         shown = "" if default is PydanticUndefined else f" (default: {default})"
         if field.annotation is bool:
             parser.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help=field.description)
+        elif typing.get_origin(field.annotation) is list:
+            parser.add_argument(f"--{name}", action="append", default=argparse.SUPPRESS, metavar=name.upper(),
+                                help=f"{field.description or ''} (repeatable)")
         else:
             parser.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar=name.upper(),
                                 help=f"{field.description or ''}{shown}")

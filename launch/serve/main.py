@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 
+from .auth import exposure_warning
 from .settings import settings_from_args
 
 # Ray's single-machine mode (its default on macOS and Windows): the node's address is loopback,
@@ -37,10 +39,13 @@ def serve_main(args, parser) -> None:
     """With no ``--address``, a local Ray instance that listens on loopback only (``--host``
     opens HTTP alone to other machines); with one, Ray's own settings apply."""
     try:
-        settings = settings_from_args(args)
+        settings = settings_from_args(args).with_api_keys()
         settings.check()
     except ValueError as error:
         parser.error(str(error))
+    warning = exposure_warning(args.host, settings.api_key)
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
     if args.address is None:
         for name, value in LOCAL_ONLY_ENV.items():
             os.environ.setdefault(name, value)

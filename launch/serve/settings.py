@@ -5,6 +5,8 @@ names; request defaults go through the request model. Nothing here imports Ray."
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -24,6 +26,7 @@ from ..request import (
 from ..validate import validate
 
 SERVED_LAYOUT = ("ulysses_degree", "ring_degree")
+API_KEY_ENV = "SPECTRUM_XDIT_API_KEY"
 
 
 class ServeSettings(BaseModel):
@@ -59,8 +62,39 @@ class ServeSettings(BaseModel):
     max_batch_size: int = Field(8, ge=1, le=256, description=(
         "most requests in a replica's batch (their block-stack rows are at most this, twice with guidance)"))
     debug: bool = Field(False, description="show PIDs, node addresses and model paths in /healthz and /v1/config")
+    api_key: list[str] = Field(default_factory=list, repr=False, description=(
+        "a key every request but /healthz must give as Authorization: Bearer KEY (repeat for several; also "
+        f"api_key_file and {API_KEY_ENV})"))
+    api_key_file: Optional[str] = Field(None, description="a file of API keys, one per line (# starts a comment)")
     limits: Limits = Field(default_factory=Limits)
     defaults: dict = Field(default_factory=dict, description="request defaults, request-shaped")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _one_or_more_keys(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("api_key")
+    @classmethod
+    def _printable_keys(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            _check_key(key, "a key")
+        return keys
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _readable_key_file(cls, path: Optional[str]) -> Optional[str]:
+        if path is not None:
+            _file_keys(path)
+        return path
+
+    def with_api_keys(self) -> "ServeSettings":
+        """These settings with every API key in ``api_key``: the flags' or YAML's, the file's and
+        the environment's, read here (on the machine that deploys, not on the replicas' nodes)."""
+        keys = [*self.api_key, *(_file_keys(self.api_key_file) if self.api_key_file else ())]
+        if os.environ.get(API_KEY_ENV):
+            keys.append(_check_key(os.environ[API_KEY_ENV], API_KEY_ENV))
+        return self.model_copy(update={"api_key": list(dict.fromkeys(keys)), "api_key_file": None})
 
     @field_validator("min_replicas")
     @classmethod
@@ -159,6 +193,25 @@ class ServeSettings(BaseModel):
 
     def output_formats(self, spec: ModelSpec) -> tuple[str, ...]:
         return OUTPUT_FORMATS[spec.family]
+
+
+def _check_key(key: str, what: str) -> str:
+    """A key as a Bearer token carries it: printable ASCII, no spaces (never shown in errors)."""
+    if not key or not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+        raise ValueError(f"{what} must be printable ASCII without spaces")
+    return key
+
+
+def _file_keys(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+    keys = [line.split("#", 1)[0].strip() for line in lines]
+    keys = [_check_key(key, f"each key of {path}") for key in keys if key]
+    if not keys:
+        raise ValueError(f"{path} holds no key")
+    return keys
 
 
 def setting_fields() -> dict:
