@@ -5,7 +5,9 @@ A replica checks a request completely (the request model, the model's and the la
 the model's size rules, the server's limits) before it is queued; the engine then runs it on
 every rank in lock-step, alone or in the replica's step loop with the other jobs, and rank 0
 returns the latents or the encoded media. Several replicas, each with its own group, scale out
-across the cluster.
+across the cluster. Beside ``/v1/generate`` the replica speaks OpenAI's video and image APIs as
+the official SDK calls them (``openai_shapes``, ``openai_answers``), with OpenAI's error shape on
+every endpoint (``errors``) and, when configured, API keys (``auth``).
 Start it with ``spectrum-xdit serve`` or ``serve run`` of ``launch/serve/serve_config.yaml``
 (application builder :func:`build_app`).
 """
@@ -18,48 +20,83 @@ import dataclasses
 import json
 import os
 import time
-from typing import Optional
+from typing import Literal, Optional
 
 import ray
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.exceptions import HTTPException
 
-from ..request import CONTENT_TYPES, RequestError, parse_request
+from ...parallel.patches import ray_serve_grpc
+from ..media import IMAGE_CONTENT_TYPES, SPRITE_SHEET_FORMAT, THUMBNAIL_FORMAT, sprite_sheet, thumbnail, transcode_image
+from ..request import CONTENT_TYPES, RequestError, from_text, parse_request
 from ..validate import validate
-from .body import parse_json, read_body
+from .auth import RequireApiKey
+from .body import read_payload
 from .engine import Engine, QueueFull
-from .openai_shapes import from_openai
+from .errors import error_object, error_response
+from .openai_answers import VideoJob, images_answer, list_page, page_of, poll_after_ms, video_object
+from .openai_shapes import (
+    ImageFields,
+    VideoFields,
+    openai_names,
+    renamed,
+    request_body,
+    split_fields,
+    video_request_body,
+)
 from .rank_group import GroupUnavailable, RequestFailed
 from .settings import ServeSettings
 
 APP_NAME = "spectrum-xdit"
+FILE_SUFFIXES = {"jpeg": "jpg"}
+
+
+def _replica_api_keys() -> list:
+    """The API keys of the replica that serves the request (its settings)."""
+    return serve.get_replica_context().servable_object.settings.api_key
+
 
 api = FastAPI(title="spectrum-xdit", description="Spectrum + xDiT generation (docs/serving.md).")
+api.add_middleware(RequireApiKey, keys=_replica_api_keys)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(http_request: Request, error: HTTPException):
+    """FastAPI's own answers (an unknown path, a wrong method) in OpenAI's shape."""
+    return error_response(error.status_code, str(error.detail), headers=error.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _bad_parameter(http_request: Request, error: RequestValidationError):
+    """A bad query parameter (``limit``, ``order``, ``variant``), named."""
+    problem = error.errors()[0]
+    param = str(problem["loc"][-1])
+    return error_response(422, f"{param}: {problem['msg'][0].lower()}{problem['msg'][1:]}, got "
+                               f"{problem.get('input')!r}", param)
+
+
+def _failure_parts(error: Exception) -> tuple[int, str, Optional[str], Optional[dict]]:
+    """A job's error as its status, message, field and headers."""
+    if isinstance(error, GroupUnavailable):
+        return 503, f"the rank group is not available: {error}", None, {"Retry-After": "30"}
+    if isinstance(error, RequestError):
+        return error.status, str(error), error.field, None
+    if isinstance(error, RequestFailed):
+        return error.status, str(error), error.field, error.headers
+    return 500, f"{type(error).__name__}: {error}", None, None
 
 
 def _failure(error: Exception) -> JSONResponse:
     """The answer of a job that did not complete."""
-    if isinstance(error, GroupUnavailable):
-        return _error(503, f"the rank group is not available: {error}", headers={"Retry-After": "30"})
-    if isinstance(error, RequestError):
-        return _error(error.status, str(error), error.field)
-    if isinstance(error, RequestFailed):
-        return _error(error.status, str(error), error.field, headers=error.headers)
-    return _error(500, f"{type(error).__name__}: {error}")
+    status, message, field, headers = _failure_parts(error)
+    return error_response(status, message, field, headers)
 
 
-def _image_count(n, most: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
-        raise RequestError("n", f"must be an integer from 1 to {most} (the server's max_images), got {n!r}")
-    return n
-
-
-def _error(status: int, message: str, field: Optional[str] = None, headers: Optional[dict] = None) -> JSONResponse:
-    body = {"error": message}
-    if field is not None:
-        body["field"] = field
-    return JSONResponse(body, status_code=status, headers=headers)
+def _refusal(error: RequestError) -> JSONResponse:
+    return error_response(error.status, str(error), error.field)
 
 
 @serve.deployment
@@ -72,25 +109,37 @@ class SpectrumServer:
         self.spec = self.settings.check()
         self.defaults = self.settings.request_defaults(self.spec)
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.ray_patches = ray_serve_grpc.install()
         self.engine = Engine(self.settings, self.spec)
 
-    async def _checked(self, http_request: Request, openai: Optional[tuple[str, ...]] = None):
-        """The request of a body, checked completely; with ``openai`` (a tuple of names), OpenAI's
-        ``model`` and ``size`` are read too, and those fields returned apart."""
+    async def _checked(self, http_request: Request, fields=None, defaults: Optional[dict] = None):
+        """The request of a body (JSON or a multipart form), checked completely, and OpenAI's
+        ``fields`` of it (``VideoFields``, ``ImageFields``; none for this API's own body);
+        ``defaults``: what the body leaves out (the server's)."""
         limits = self.settings.limits
-        payload = parse_json(await read_body(http_request, limits.max_body_bytes))
-        extra = {}
-        if openai is not None:
-            payload, extra = from_openai(payload, self._model_name(), openai)
-        request = parse_request(payload, self.defaults)
-        validate(request, self.spec, self.settings.layout, limits)
-        return request, extra
+        payload, as_text = await read_payload(http_request, limits.max_body_bytes)
+        given, names = None, {}
+        if fields is None:
+            body = from_text(payload) if as_text else payload
+        else:
+            given, rest = split_fields(payload, fields, as_text)
+            if fields is VideoFields:
+                body = video_request_body(given, rest, self._model_name(), self.settings.fps, self.spec.sizes)
+            else:
+                body = dict(request_body(given, rest, self._model_name()), output_format="png")
+            names = openai_names(given, rest)
+        try:
+            request = parse_request(body, self.defaults if defaults is None else defaults)
+            validate(request, self.spec, self.settings.layout, limits)
+        except RequestError as error:
+            raise renamed(error, names, body, self.settings.fps) from None
+        return request, given
 
     def _submit(self, request, kept: bool = False):
         try:
             return self.engine.submit(request, kept=kept), None
         except QueueFull as error:
-            return None, _error(429, f"the server is busy: {error}; retry later", headers={"Retry-After": "10"})
+            return None, error_response(429, f"the server is busy: {error}; retry later", headers={"Retry-After": "10"})
 
     @api.post("/v1/generate")
     async def generate(self, http_request: Request):
@@ -98,7 +147,7 @@ class SpectrumServer:
         try:
             request, _ = await self._checked(http_request)
         except RequestError as error:
-            return _error(error.status, str(error), error.field)
+            return _refusal(error)
         job, refused = self._submit(request)
         if refused is not None:
             return refused
@@ -123,36 +172,86 @@ class SpectrumServer:
         }
         return Response(content=answer["media"], media_type=content_type, headers=headers)
 
-    # -- OpenAI's shapes ------------------------------------------------------------------------
+    # -- OpenAI's video and image APIs ----------------------------------------------------------
 
     @api.post("/v1/videos")
     async def create_video(self, http_request: Request):
-        """An asynchronous video job: answered at once with the job object; poll it, fetch its
-        content once completed, or delete it."""
+        """An asynchronous video job: answered at once with the video object; poll it, fetch its
+        content once completed, remix it, or delete it."""
         if not self.spec.is_video:
-            return _error(404, f"{self._model_name()} makes images: use POST /v1/images/generations")
+            return error_response(404, f"{self._model_name()} makes images: use POST /v1/images/generations")
         try:
-            request, _ = await self._checked(http_request, openai=())
+            request, _ = await self._checked(http_request, VideoFields)
         except RequestError as error:
-            return _error(error.status, str(error), error.field)
-        job, refused = self._submit(request, kept=True)
-        return refused if refused is not None else JSONResponse(await self._video(job))
+            return _refusal(error)
+        return await self._new_video(request)
+
+    @api.get("/v1/videos")
+    async def list_videos(self, after: Optional[str] = None, limit: int = Query(20, ge=1, le=100),
+                          order: Literal["asc", "desc"] = "desc"):
+        """The kept video jobs, newest first unless ``order=asc``, a page of ``limit`` after the id
+        ``after``, as the SDK's pagination reads them."""
+        try:
+            ids, more = page_of(self._video_ids(), after, limit, order)
+        except RequestError as error:
+            return _refusal(error)
+        objects = []
+        for video_id in ids:
+            job = self._kept(video_id)
+            if not isinstance(job, JSONResponse):   # not deleted meanwhile
+                objects.append(self._video_object(await self._video_job(job)))
+        return JSONResponse(list_page(objects, more))
 
     @api.get("/v1/videos/{video_id}")
     async def get_video(self, video_id: str):
         job = self._kept(video_id)
-        return job if isinstance(job, JSONResponse) else JSONResponse(await self._video(job))
+        if isinstance(job, JSONResponse):
+            return job
+        view = await self._video_job(job)
+        return JSONResponse(self._video_object(view), headers={"openai-poll-after-ms": str(poll_after_ms(view))})
 
     @api.get("/v1/videos/{video_id}/content")
-    async def get_video_content(self, video_id: str):
+    async def get_video_content(self, video_id: str,
+                                variant: Literal["video", "thumbnail", "spritesheet"] = "video"):
+        """The video as made (``output_format``), its first frame (WebP) or a sprite sheet of its
+        frames (JPEG), both made from the stored media."""
         job = self._kept(video_id)
         if isinstance(job, JSONResponse):
             return job
-        if job.status != "completed":
-            return _error(409, f"video {video_id} is {job.status}, not completed; poll GET /v1/videos/{video_id}")
-        output_format = job.request.output_format
-        return Response(content=job.answer["media"], media_type=CONTENT_TYPES[output_format],
-                        headers={"Content-Disposition": f'inline; filename="{video_id}.{output_format}"'})
+        view = await self._video_job(job)
+        if view.status != "completed":
+            return _refusal(RequestError("video_id", f"video {video_id} is {view.status}, not completed; poll GET "
+                                         f"/v1/videos/{video_id}", 409))
+        output_format, media = view.request.output_format, self._media(job)
+        if variant == "video":
+            return Response(content=media, media_type=CONTENT_TYPES[output_format],
+                            headers={"Content-Disposition": f'inline; filename="{video_id}.{output_format}"'})
+        if output_format == "npy":
+            return _refusal(RequestError("variant", f"video {video_id} was made as latents (output_format npy), "
+                                         f"which have no {variant}", 404))
+        make, image_format = (thumbnail, THUMBNAIL_FORMAT) if variant == "thumbnail" else \
+            (sprite_sheet, SPRITE_SHEET_FORMAT)
+        image = await asyncio.to_thread(make, media, output_format)
+        suffix = FILE_SUFFIXES.get(image_format, image_format)
+        return Response(content=image, media_type=IMAGE_CONTENT_TYPES[image_format],
+                        headers={"Content-Disposition": f'inline; filename="{video_id}-{variant}.{suffix}"'})
+
+    @api.post("/v1/videos/{video_id}/remix")
+    async def remix_video(self, video_id: str, http_request: Request):
+        """A new video job of a completed one's request with a new prompt: the same seed, size and
+        settings, but for what the body gives."""
+        job = self._kept(video_id)
+        if isinstance(job, JSONResponse):
+            return job
+        view = await self._video_job(job)
+        if view.status != "completed":
+            return _refusal(RequestError("video_id", f"video {video_id} is {view.status}: remix a completed video", 409))
+        source = view.request.model_dump(exclude={"cache": {"num_inference_steps"}})
+        try:
+            request, _ = await self._checked(http_request, VideoFields, defaults=source)
+        except RequestError as error:
+            return _refusal(error)
+        return await self._new_video(request, remixed_from=video_id)
 
     @api.delete("/v1/videos/{video_id}")
     async def delete_video(self, video_id: str):
@@ -161,64 +260,78 @@ class SpectrumServer:
         try:
             self.engine.remove(video_id)
         except KeyError:
-            return _error(404, f"no video {video_id}", "video_id")
-        return JSONResponse({"id": video_id, "object": "video", "deleted": True})
+            return _refusal(RequestError("video_id", f"no video {video_id}", 404))
+        return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
 
     @api.post("/v1/images/generations")
     async def create_images(self, http_request: Request):
         """OpenAI's image generation, synchronous: ``n`` images of seeds ``seed .. seed + n - 1``,
-        as ``b64_json`` PNGs."""
+        as ``b64_json`` in the ``output_format`` asked (PNG from the ranks, re-encoded here)."""
         if self.spec.is_video:
-            return _error(404, f"{self._model_name()} makes videos: use POST /v1/videos")
+            return error_response(404, f"{self._model_name()} makes videos: use POST /v1/videos")
         arrived = time.perf_counter()
         try:
-            request, extra = await self._checked(http_request, openai=("n", "response_format"))
-            count = _image_count(extra.get("n", 1), self.settings.max_images)
-            if extra.get("response_format", "b64_json") != "b64_json":
-                raise RequestError("response_format", f"must be b64_json (this server keeps no files), got "
-                                   f"{extra['response_format']!r}")
-            if request.output_format != "png":
-                raise RequestError("output_format", "images are answered as PNG")
+            request, fields = await self._checked(http_request, ImageFields)
+            count = fields.n or 1
+            if count > self.settings.max_images:
+                raise RequestError("n", f"must be at most {self.settings.max_images} (the server's max_images), "
+                                   f"got {count}")
         except RequestError as error:
-            return _error(error.status, str(error), error.field)
+            return _refusal(error)
         if len(self.engine.pending) + count > self.settings.max_queue_size:
-            return _error(429, f"the server is busy: {len(self.engine.pending)} jobs are waiting; retry later",
-                          headers={"Retry-After": "10"})
+            return error_response(429, f"the server is busy: {len(self.engine.pending)} jobs are waiting; retry "
+                                  "later", headers={"Retry-After": "10"})
         jobs = [self.engine.submit(request.model_copy(update={"seed": request.seed + index}))
                 for index in range(count)]
         try:
             answers = await asyncio.shield(asyncio.gather(*[job.done for job in jobs]))
         except Exception as error:
             return _failure(error)
-        return JSONResponse({"created": int(time.time()),
-                             "data": [{"b64_json": base64.b64encode(answer["media"]).decode("ascii")}
-                                      for answer in answers],
-                             "reports": [dict(self._report(job), request_seconds=time.perf_counter() - arrived)
-                                         for job in jobs]})
+        images = await asyncio.to_thread(
+            lambda: [transcode_image(answer["media"], fields.image_format, fields.output_compression)
+                     for answer in answers])
+        reports = [dict(self._report(job), request_seconds=time.perf_counter() - arrived) for job in jobs]
+        return JSONResponse(images_answer(images, fields, request, reports))
+
+    async def _new_video(self, request, remixed_from: Optional[str] = None) -> JSONResponse:
+        job, refused = self._submit(request, kept=True)
+        if refused is not None:
+            return refused
+        job.remixed_from_video_id = remixed_from
+        return JSONResponse(self._video_object(await self._video_job(job)))
+
+    def _video_object(self, view: VideoJob) -> dict:
+        return video_object(view, self._model_name(), self.settings.fps, self.settings.result_ttl_s)
+
+    # -- the jobs, as the answers read them: the one place that knows where jobs are kept ----------
 
     def _kept(self, video_id: str):
         try:
             return self.engine.job(video_id)
         except KeyError:
-            return _error(404, f"no video {video_id} (never created, deleted, or expired)", "video_id")
+            return _refusal(RequestError("video_id", f"no video {video_id} (never created, deleted, or expired)", 404))
 
-    async def _video(self, job) -> dict:
-        """OpenAI's video object of a job, with this server's report once it is completed."""
-        request = job.request
+    def _video_ids(self) -> list[str]:
+        """The ids of the kept video jobs, in the order they were created."""
+        self.engine.jobs.evict()
+        return list(self.engine.jobs)
+
+    async def _video_job(self, job) -> VideoJob:
         steps = await self.engine.progress(job)
-        body = {"id": job.id, "object": "video", "model": self._model_name(), "status": job.status,
-                "progress": 100 if job.status == "completed" else int(100 * steps / request.num_inference_steps),
-                "created_at": job.created_at, "size": f"{request.width}x{request.height}",
-                "num_frames": request.num_frames, "output_format": request.output_format}
-        if job.completed_at is not None:
-            body["completed_at"] = int(job.completed_at)
-        if job.status == "completed":
-            body["report"] = self._report(job)
+        running = job.status == "in_progress" and job.started is not None and steps > 0
+        error = None
         if job.status == "failed":
-            error = job.error
-            body["error"] = {"message": str(error), "code": getattr(error, "status", 500),
-                             "field": getattr(error, "field", None)}
-        return body
+            status, message, field, _ = _failure_parts(job.error)
+            error = error_object(status, message, field)
+        return VideoJob(id=job.id, status=job.status, request=job.request, created_at=job.created_at,
+                        completed_at=job.completed_at, steps_done=steps,
+                        step_seconds=(time.perf_counter() - job.started) / steps if running else None,
+                        report=self._report(job) if job.status == "completed" else None, error=error,
+                        remixed_from_video_id=job.remixed_from_video_id)
+
+    @staticmethod
+    def _media(job) -> bytes:
+        return job.answer["media"]
 
     def _report(self, job) -> dict:
         request = job.request
@@ -240,7 +353,7 @@ class SpectrumServer:
                 "max_queue_size": self.settings.max_queue_size, "kept_jobs": len(engine.jobs),
                 "counters": dict(engine.counters, rebuilds=group.rebuilds),
                 "workers": [{key: info[key] for key in shown} for info in infos],
-                "xfuser_patches": infos[0]["xfuser_patches"] if infos else None}
+                "xfuser_patches": infos[0]["xfuser_patches"] if infos else None, "ray_patches": self.ray_patches}
         if self.settings.debug:
             body["replica_pid"] = os.getpid()
         if group.last_rebuild is not None:
@@ -263,6 +376,7 @@ class SpectrumServer:
             "defaults": settings.default_request(spec).model_dump(exclude={"prompt": True,
                                                                              "cache": {"num_inference_steps"}}),
             "output_formats": list(settings.output_formats(spec)),
+            "fps": settings.fps,
             "sizes": group.infos[0]["sizes"] if group.infos else dataclasses.asdict(spec.sizes),
             "batching": {"mode": self.engine.step_batching or "sequential",
                          "max_batch_size": settings.max_batch_size if self.engine.step_batching else 1},
@@ -300,6 +414,7 @@ def build_app(args: Optional[dict] = None):
     calls with the config's ``args``: the flat setting names of ``spectrum-xdit serve``)."""
     settings = args if isinstance(args, ServeSettings) else ServeSettings.from_flat(dict(args or {}))
     settings.check()
+    settings = settings.with_api_keys()
     settings = settings.model_copy(update={"device": resolve_device(settings)})
     return SpectrumServer.options(**deployment_options(settings)).bind(settings.model_dump())
 

@@ -55,6 +55,7 @@ class Job:
         self.answer: Optional[dict] = None    # rank 0's media and report
         self.error: Optional[Exception] = None
         self.started: Optional[float] = None
+        self.remixed_from_video_id: Optional[str] = None   # OpenAI's remix: the video it remade
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
 
     @property
