@@ -115,6 +115,14 @@ def until_idle(url, timeout: float = 120) -> dict:
         time.sleep(0.2)
 
 
+def openai_client(url, key: str = "sk-where-none-is-configured", asynchronous: bool = False):
+    """OpenAI's official SDK pointed at the server, without retries (a test sees each answer)."""
+    import openai
+
+    kind = openai.AsyncOpenAI if asynchronous else openai.OpenAI
+    return kind(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=REQUEST_TIMEOUT)
+
+
 def create_video(url, payload):
     return requests.post(f"{url}/v1/videos", json=payload, timeout=REQUEST_TIMEOUT)
 

@@ -313,8 +313,33 @@ def test_an_i2v_server_takes_a_base64_image_and_refuses_bad_ones(i2v_server, ran
     wrong = []
     for what, extra, status, field, message in bad:
         response = post(i2v_server, {"prompt": "x", **extra})
-        answer = response.json()
-        if response.status_code != status or answer.get("field") != field or message not in answer.get("error", ""):
+        answer = response.json()["error"]
+        if response.status_code != status or answer["param"] != field or message not in answer["message"]:
             wrong.append((what, response.status_code, response.text[:300]))
     assert not wrong, wrong
     assert healthz(i2v_server)["counters"]["rebuilds"] == 0
+
+
+@pytest.mark.timeout(300)
+def test_the_sdk_s_input_reference_is_the_first_frame(i2v_server):
+    """OpenAI's ``input_reference``, as a file part and as ``{image_url: a data: URL}`` (the SDK's
+    bracketed form fields), gives the video that ``/v1/generate`` makes with the same ``image``."""
+    import openai
+    from serving import npy, openai_client, post
+
+    client = openai_client(i2v_server)
+    extras = {"seed": 5, "num_inference_steps": 4, "output_format": "npy"}
+    url = "data:image/png;base64," + image_base64(3)
+    as_file = client.videos.create_and_poll(prompt="a red square", input_reference=("frame.png", image_file(3),
+                                                                                    "image/png"), extra_body=extras)
+    as_url = client.videos.create_and_poll(prompt="a red square", extra_body={**extras, "input_reference": {
+        "image_url": url}})
+    assert as_file.status == as_url.status == "completed", (as_file, as_url)
+    expected, other = (torch.from_numpy(npy(post(i2v_server, {"prompt": "a red square", "image": image_base64(seed),
+                                                             **extras}).content)) for seed in (3, 4))
+    assert _relative(other, expected) > 1e-2   # the first frame matters
+    for video in (as_file, as_url):
+        assert _relative(torch.from_numpy(npy(client.videos.download_content(video.id).read())), expected) <= TOLERANCE
+    with pytest.raises(openai.UnprocessableEntityError) as missing:
+        client.videos.create(prompt="no first frame")
+    assert missing.value.param == "input_reference" and "give the first frame" in missing.value.message

@@ -5,6 +5,7 @@ One server for the module (starting Ray, Serve and the rank group takes most of 
 The dead-worker test kills a rank and must stay last. Every request and every wait is bounded.
 """
 
+import asyncio
 import base64
 import json
 import os
@@ -21,6 +22,7 @@ import pytest
 
 pytest.importorskip("ray.serve")
 requests = pytest.importorskip("requests")
+openai = pytest.importorskip("openai")
 
 from serving import (  # noqa: E402
     LONG_REQUEST,
@@ -32,6 +34,7 @@ from serving import (  # noqa: E402
     healthz,
     image_base64,
     npy,
+    openai_client,
     poll_video,
     post,
     relative_error,
@@ -328,8 +331,8 @@ def test_bad_requests_get_4xx_naming_the_field_and_never_reach_the_workers(serve
         else:
             response = post(server, None, data=json.dumps(body).encode())
         statuses.append(response.status_code)
-        answer = response.json() if response.headers.get("content-type") == "application/json" else {}
-        if response.status_code != status or answer.get("field") != field or field not in answer.get("error", ""):
+        answer = response.json()["error"] if response.headers.get("content-type") == "application/json" else {}
+        if response.status_code != status or answer.get("param") != field or field not in answer.get("message", ""):
             wrong.append((what, response.status_code, response.text[:300]))
     after = healthz(server)
     print(f"\n{len(BAD_REQUESTS)} bad bodies: {sum(400 <= s < 500 for s in statuses)} answered 4xx, "
@@ -404,7 +407,7 @@ def test_video_jobs_from_queued_to_completed_to_deleted(server):
     assert job["object"] == "video" and job["status"] in ("queued", "in_progress") and job["size"] == "48x32"
     assert len(job["id"]) >= 20 and job["model"] == "tiny-wan" and isinstance(job["created_at"], int)
     early = requests.get(f"{server}/v1/videos/{job['id']}/content", timeout=30)
-    assert early.status_code == 409 and "not completed" in early.json()["error"]
+    assert early.status_code == 409 and "not completed" in early.json()["error"]["message"]
     done, seen = poll_video(server, job["id"])
     assert done["status"] == "completed" and done["progress"] == 100, done
     assert all(0 <= p <= 100 for p in seen) and seen == sorted(seen)
@@ -415,7 +418,7 @@ def test_video_jobs_from_queued_to_completed_to_deleted(server):
                             "num_inference_steps": 40}, STEPS)
     assert relative_error(npy(content.content), fresh) <= 1e-5
     deleted = requests.delete(f"{server}/v1/videos/{job['id']}", timeout=30)
-    assert deleted.json() == {"id": job["id"], "object": "video", "deleted": True}
+    assert deleted.json() == {"id": job["id"], "object": "video.deleted", "deleted": True}
     for path in (f"/v1/videos/{job['id']}", f"/v1/videos/{job['id']}/content"):
         assert requests.get(f"{server}{path}", timeout=30).status_code == 404
     assert requests.delete(f"{server}/v1/videos/{job['id']}", timeout=30).status_code == 404
@@ -427,20 +430,220 @@ def test_video_jobs_from_queued_to_completed_to_deleted(server):
     ({"prompt": "x", "size": "48by32"}, 422, "size"),
     ({"prompt": "x", "size": 48}, 422, "size"),
     ({"prompt": "x", "size": "48x32", "width": 48}, 422, "size"),
-    ({"prompt": "x", "size": "40x32"}, 422, "width"),
-    ({"prompt": "x", "seconds": "4"}, 422, "seconds"),
+    ({"prompt": "x", "size": "40x32"}, 422, "size"),
+    ({"prompt": "x", "seconds": "1", "num_frames": 9}, 422, "seconds"),
+    ({"prompt": "x", "seconds": "100"}, 422, "seconds"),
+    ({"prompt": "x", "seconds": 0}, 422, "seconds"),
     ({"prompt": "x", "cache": {"degree": 10**9}}, 422, "cache.degree"),
     ({"size": "48x32"}, 422, "prompt"),
     ([1], 400, "body"),
 ])
 def test_hostile_video_bodies_get_4xx_naming_the_field(server, body, status, field):
     response = requests.post(f"{server}/v1/videos", json=body, timeout=REQUEST_TIMEOUT)
-    assert response.status_code == status and response.json()["field"] == field, response.text
+    assert response.status_code == status and response.json()["error"]["param"] == field, response.text
 
 
 def test_images_endpoint_refuses_a_video_model(server):
     response = requests.post(f"{server}/v1/images/generations", json={"prompt": "x"}, timeout=30)
-    assert response.status_code == 404 and "use POST /v1/videos" in response.json()["error"]
+    assert response.status_code == 404 and "use POST /v1/videos" in response.json()["error"]["message"]
+
+
+# What a client of OpenAI's video API sends besides the request fields: a short clip (1 s at the
+# server's 8 fps is 9 frames) as a GIF, four steps.
+SDK_EXTRAS = {"seed": 21, "num_inference_steps": 4, "output_format": "gif"}
+
+
+def _gif_frames(content: bytes) -> np.ndarray:
+    import imageio.v3 as iio
+
+    return np.stack(list(iio.imiter(content, extension=".gif")))
+
+
+def _image(content: bytes):
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(content))
+
+
+@pytest.mark.timeout(300)
+def test_the_openai_sdk_creates_lists_downloads_remixes_and_deletes_videos(server):
+    """The official SDK, unmodified (a key given though the server has none): create_and_poll,
+    the three content variants, list with pagination, remix and delete."""
+    client = openai_client(server)
+    made = [client.videos.create_and_poll(prompt=f"digit {i}", seconds="1", size="48x32", extra_body=SDK_EXTRAS)
+            for i in range(3)]
+    for video in made:
+        assert (video.status, video.progress, video.seconds, video.size) == ("completed", 100, "1", "48x32"), video
+        assert video.expires_at == video.completed_at + 3600 and video.report["num_frames"] == 9
+    first = made[0]
+    frames = _gif_frames(client.videos.download_content(first.id).read())
+    thumbnail = _image(client.videos.download_content(first.id, variant="thumbnail").read())
+    sheet = _image(client.videos.download_content(first.id, variant="spritesheet").read())
+    assert frames.shape[:3] == (9, 32, 48)
+    assert (thumbnail.format, thumbnail.size, sheet.format, sheet.size) == ("WEBP", (48, 32), "JPEG", (144, 96))
+    assert np.abs(np.asarray(thumbnail.convert("RGB"), dtype=float) - frames[0, ..., :3]).mean() < 12
+
+    page = client.videos.list(limit=2)
+    assert [video.id for video in page.data] == [made[2].id, made[1].id] and page.has_more
+    newest_first = [video.id for video in client.videos.list(limit=2)]   # the SDK follows last_id
+    assert newest_first[:3] == [video.id for video in reversed(made)]
+    assert [video.id for video in client.videos.list(order="asc", limit=1)] == newest_first[::-1]
+
+    remix = client.videos.poll(client.videos.remix(first.id, prompt="digit 9").id)
+    assert (remix.status, remix.remixed_from_video_id, remix.size, remix.seconds) == ("completed", first.id,
+                                                                                      "48x32", "1")
+    assert remix.report["seed"] == 21 and remix.prompt == "digit 9" and remix.report["num_inference_steps"] == 4
+    remixed = _gif_frames(client.videos.download_content(remix.id).read())
+    assert remixed.shape == frames.shape and not np.array_equal(remixed, frames)
+
+    for video in (*made, remix):
+        deleted = client.videos.delete(video.id)
+        assert (deleted.id, deleted.object, deleted.deleted) == (video.id, "video.deleted", True)
+    with pytest.raises(openai.NotFoundError) as gone:
+        client.videos.retrieve(first.id)
+    assert gone.value.param == "video_id" and first.id in str(gone.value)
+
+
+@pytest.mark.timeout(300)
+def test_the_async_openai_sdk_does_the_same(server):
+    async def session():
+        client = openai_client(server, asynchronous=True)
+        made = await asyncio.gather(*[client.videos.create_and_poll(prompt=f"async {i}", seconds="1",
+                                                                     extra_body=SDK_EXTRAS) for i in range(2)])
+        assert all(video.status == "completed" and video.seconds == "1" for video in made), made
+        variants = {variant: (await client.videos.download_content(made[0].id, variant=variant)).read()
+                    for variant in ("video", "thumbnail", "spritesheet")}
+        listed = [video.id async for video in client.videos.list(limit=1)]
+        remix = await client.videos.poll((await client.videos.remix(made[1].id, prompt="async remix")).id)
+        deleted = [await client.videos.delete(video.id) for video in (*made, remix)]
+        return made, variants, listed, remix, deleted
+
+    made, variants, listed, remix, deleted = asyncio.run(session())
+    assert variants["video"][:6] == b"GIF89a" and _image(variants["thumbnail"]).format == "WEBP"
+    assert _image(variants["spritesheet"]).size == (96, 96)   # 9 frames of 32 x 32, 3 x 3
+    assert {video.id for video in made} <= set(listed)
+    assert remix.status == "completed" and remix.remixed_from_video_id == made[1].id
+    assert all(answer.deleted for answer in deleted)
+
+
+@pytest.mark.timeout(120)
+def test_bad_input_raises_the_sdk_s_exception_naming_the_field(server):
+    client = openai_client(server)
+    png = ("frame.png", base64.b64decode(image_base64(0)), "image/png")
+    calls = [
+        (lambda: client.videos.create(prompt="x", size="40x32"), openai.UnprocessableEntityError, "size"),
+        (lambda: client.videos.create(prompt="x", seconds="1", extra_body={"num_frames": 9}),
+         openai.UnprocessableEntityError, "seconds"),
+        (lambda: client.videos.create(prompt="x", seconds="100"), openai.UnprocessableEntityError, "seconds"),
+        (lambda: client.videos.create(prompt="x", model="sora-2"), openai.UnprocessableEntityError, "model"),
+        (lambda: client.videos.create(prompt="  "), openai.UnprocessableEntityError, "prompt"),
+        (lambda: client.videos.create(prompt="x", input_reference=png), openai.UnprocessableEntityError,
+         "input_reference"),
+        (lambda: client.videos.create(prompt="x", extra_body={"cache": {"degree": 99}}),
+         openai.UnprocessableEntityError, "cache.degree"),
+        (lambda: client.videos.create(prompt="x", extra_body={"seed": -1}), openai.UnprocessableEntityError, "seed"),
+        (lambda: client.videos.create(prompt="x" * (2 << 20)), openai.APIStatusError, "body"),
+        (lambda: client.videos.retrieve("no-such-video"), openai.NotFoundError, "video_id"),
+        (lambda: client.videos.download_content("no-such-video"), openai.NotFoundError, "video_id"),
+        (lambda: client.videos.download_content("x", variant="poster"), openai.UnprocessableEntityError, "variant"),
+        (lambda: client.videos.remix("no-such-video", prompt="x"), openai.NotFoundError, "video_id"),
+        (lambda: client.videos.delete("no-such-video"), openai.NotFoundError, "video_id"),
+        (lambda: client.videos.list(after="no-such-video"), openai.NotFoundError, "after"),
+        (lambda: client.videos.list(limit=0), openai.UnprocessableEntityError, "limit"),
+        (lambda: client.videos.list(order="sideways"), openai.UnprocessableEntityError, "order"),
+        (lambda: client.images.generate(prompt="x"), openai.NotFoundError, None),
+    ]
+    wrong = []
+    for call, exception, field in calls:
+        try:
+            call()
+            wrong.append((field, "no error"))
+        except exception as error:
+            if error.param != field or (field is not None and field not in error.message):
+                wrong.append((field, error.status_code, error.message))
+    assert not wrong, wrong
+
+
+@pytest.mark.timeout(300)
+def test_the_hostile_bodies_as_multipart_forms_and_as_json_to_v1_videos_get_4xx(server):
+    """Every bad body of the suite, to /v1/videos as JSON and as the SDK's multipart form (its
+    values text, numbers read by each field's type): the same 4xx naming the same field, but for
+    the few that are fine once every value is text."""
+    from openai._base_client import make_request_options
+
+    client = openai_client(server)
+    form_headers = make_request_options(extra_headers={"Content-Type": "multipart/form-data"})
+    valid_as_text = {"prompt not a string", "height a string", "width a float"}
+    before = healthz(server)
+    answers, wrong, created = [], [], []
+    for what, body, status, field in BAD_REQUESTS:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        as_json = requests.post(f"{server}/v1/videos", data=raw, timeout=REQUEST_TIMEOUT)
+        answers.append(as_json.status_code)
+        if as_json.status_code != status or as_json.json()["error"]["param"] != field:
+            wrong.append(("json", what, as_json.status_code, as_json.text[:200]))
+        values = _as_text_values(body)
+        if values is None:   # not a JSON object a form could carry
+            continue
+        try:
+            job = client.post("/videos", cast_to=object, body=values, options=form_headers)
+            answers.append(200)
+            created.append(job["id"])
+            if what not in valid_as_text:
+                wrong.append(("form", what, 200, job["status"]))
+        except openai.APIStatusError as error:
+            answers.append(error.status_code)
+            if (error.status_code, error.param) != (status, field) or what in valid_as_text:
+                wrong.append(("form", what, error.status_code, error.message[:200]))
+    for what, files, raw, status, field in FORM_BODIES:
+        if raw is None:
+            response = requests.post(f"{server}/v1/videos", files=files, timeout=REQUEST_TIMEOUT)
+        else:
+            response = requests.post(f"{server}/v1/videos", data=raw[1], headers={"Content-Type": raw[0]},
+                                     timeout=REQUEST_TIMEOUT)
+        answers.append(response.status_code)
+        if (response.status_code, response.json()["error"]["param"]) != (status, field):
+            wrong.append(("form", what, response.status_code, response.text[:200]))
+    for video_id in created:
+        client.videos.delete(video_id)
+    after = until_idle(server)
+    print(f"\n{len(answers)} hostile bodies to /v1/videos (JSON and multipart): "
+          f"{sum(400 <= s < 500 for s in answers)} 4xx, {sum(s >= 500 for s in answers)} 5xx, "
+          f"{len(created)} valid once text ({sorted(valid_as_text)}), rebuilds "
+          f"{after['counters']['rebuilds'] - before['counters']['rebuilds']}")
+    assert not wrong, wrong
+    assert len(created) == len(valid_as_text) and all(s < 500 for s in answers)
+    assert after["counters"]["rebuilds"] == before["counters"]["rebuilds"] and after["group"] == before["group"]
+
+
+# Forms no JSON body can be: (what, files, raw (content type, body), status, field)
+FORM_BODIES = [
+    ("65 fields", {f"cache[f{i}]": (None, "1") for i in range(64)} | {"prompt": (None, "x")}, None, 400, "body"),
+    ("two files", {"prompt": (None, "x"), "input_reference": ("a.png", b"1"), "more": ("b.png", b"2")}, None, 400,
+     "body"),
+    ("a file as the prompt", {"prompt": ("prompt.txt", b"x")}, None, 422, "prompt"),
+    ("a list", {"prompt": (None, "x"), "negative_prompt[]": (None, "a")}, None, 422, "negative_prompt"),
+    ("brackets three deep", {"prompt": (None, "x"), "cache[a][b]": (None, "1")}, None, 422, "cache.a.b"),
+    ("a field given twice", [("prompt", (None, "x")), ("prompt", (None, "y"))], None, 422, "prompt"),
+    ("no boundary", None, ("multipart/form-data", b"--x\r\n"), 400, "body"),
+    ("a part without a name", None, ("multipart/form-data; boundary=x",
+                                     b"--x\r\nContent-Disposition: form-data\r\n\r\nx\r\n--x--\r\n"), 400, "body"),
+    ("not multipart at all", None, ("multipart/form-data; boundary=x", b"\x00" * 100), 400, "body"),
+]
+
+
+def _as_text_values(body):
+    """A bad body as a form carries it: a JSON object, numbers as the text they were written in;
+    ``None`` for what no form can carry (not an object, not UTF-8, not JSON)."""
+    if isinstance(body, bytes):
+        try:
+            body = json.loads(body, parse_int=str, parse_float=str, parse_constant=str)
+            json.dumps(body, ensure_ascii=False).encode("utf-8")   # a lone surrogate is not UTF-8
+        except (ValueError, RecursionError):
+            return None
+    return body if isinstance(body, dict) else None
 
 
 @pytest.mark.timeout(300)
@@ -450,8 +653,9 @@ def test_cancel_in_the_queue_and_in_flight_and_a_full_queue(server):
     poll_video(server, running["id"], until=("in_progress",))
     queued = [create_video(server, {"prompt": f"queued {i}", "num_inference_steps": 4}) for i in range(10)]
     assert all(r.status_code == 200 and r.json()["status"] == "queued" for r in queued), [r.text for r in queued]
-    full = create_video(server, {"prompt": "one too many"})
-    assert full.status_code == 429 and full.headers["retry-after"] == "10", full.text
+    with pytest.raises(openai.RateLimitError) as full:
+        openai_client(server).post("/videos", cast_to=object, body={"prompt": "one too many"})
+    assert full.value.response.headers["retry-after"] == "10" and "busy" in full.value.message
     assert healthz(server)["queue_depth"] == 10
     for response in queued:   # cancelled in the queue: gone at once, never run
         assert requests.delete(f"{server}/v1/videos/{response.json()['id']}", timeout=30).status_code == 200
@@ -500,7 +704,7 @@ def test_killed_worker_gives_503_then_the_group_is_rebuilt(server):
         os.kill(old_pids[1], signal.SIGKILL)
         response = future.result(timeout=REQUEST_TIMEOUT)
     assert response.status_code == 503, response.text
-    assert "rank 1" in response.json()["error"] and "died" in response.json()["error"]
+    assert "rank 1" in response.json()["error"]["message"] and "died" in response.json()["error"]["message"]
 
     from spectrum_xdit.launch.serve.main import wait_until_ready
 
@@ -520,7 +724,7 @@ def test_a_rank_death_fails_the_running_job_and_the_queued_ones_complete(server)
     queued = [create_video(server, {"prompt": f"survives {i}", "seed": i, "output_format": "npy"}).json() for i in range(2)]
     os.kill(health["workers"][1]["pid"], signal.SIGKILL)
     failed, _ = poll_video(server, running["id"])
-    assert failed["status"] == "failed" and failed["error"]["code"] == 503 and "died" in failed["error"]["message"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "unavailable" and "died" in failed["error"]["message"]
     for i, job in enumerate(queued):
         done, _ = poll_video(server, job["id"])
         assert done["status"] == "completed", done

@@ -107,7 +107,7 @@ def test_a_rank_death_fails_the_jobs_in_the_loop_and_the_queued_ones_complete(se
     killed = time.monotonic()
     for job in running:
         failed, _ = poll_video(server, job["id"])
-        assert failed["status"] == "failed" and failed["error"]["code"] == 503, failed
+        assert failed["status"] == "failed" and failed["error"]["code"] == "unavailable", failed
         assert "died" in failed["error"]["message"]
     for i, job in enumerate(queued):
         done, _ = poll_video(server, job["id"])
