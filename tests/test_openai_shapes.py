@@ -152,6 +152,9 @@ def test_input_reference_becomes_the_first_frame(reference):
     ({"prompt": "x", "seconds": "nan"}, "seconds", 422),
     ({"prompt": "x", "size": "40x32"}, "size", 422),               # width not a multiple of 16
     ({"prompt": "x", "size": "large"}, "size", 422),
+    ({"prompt": "x", "size": "\u00b2x\u00b2"}, "size", 422),   # digits to str.isdigit, not to int()
+    ({"prompt": "x", "size": "9" * 5000 + "x32"}, "size", 422),
+    ({"prompt": "x", "seconds": "1e308"}, "seconds", 422),     # x fps would be infinite
     ({"prompt": "x", "model": "sora-2"}, "model", 422),
     ({"prompt": "x", "seed": "1.5"}, "seed", 422),
     ({"prompt": "x", "seed": "true"}, "seed", 422),

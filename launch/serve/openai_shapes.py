@@ -17,6 +17,7 @@ An error about a request field the client gave as an OpenAI field names the Open
 from __future__ import annotations
 
 import base64
+import re
 from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -26,6 +27,9 @@ from ..request import RequestError, from_text
 from .body import FilePart
 
 _FIELDS = ConfigDict(strict=True, extra="forbid", frozen=True)
+_SIZE = re.compile(r"([0-9]{1,6})x([0-9]{1,6})")
+# a day: far beyond any server's max_frames, and seconds x fps stays a finite count
+MAX_SECONDS = 86_400
 
 
 class _OpenAIFields(BaseModel):
@@ -39,9 +43,8 @@ class _OpenAIFields(BaseModel):
     @field_validator("size")
     @classmethod
     def _width_x_height(cls, size: Optional[str]) -> Optional[str]:
-        width, _, height = (size or "auto").partition("x")
-        if size not in (None, "auto") and not (width.isdigit() and height.isdigit()):
-            raise ValueError(f'must be "WIDTHxHEIGHT" such as "832x480", or "auto", got {size!r}')
+        if size not in (None, "auto") and _SIZE.fullmatch(size) is None:
+            raise ValueError(f'must be "WIDTHxHEIGHT" such as "832x480", or "auto", got {size[:40]!r}')
         return size
 
 
@@ -57,7 +60,7 @@ class ImageReference(BaseModel):
 class VideoFields(_OpenAIFields):
     """OpenAI's own fields of ``POST /v1/videos`` and of a remix."""
 
-    seconds: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description=(
+    seconds: Optional[float] = Field(None, gt=0, le=MAX_SECONDS, allow_inf_nan=False, description=(
         "the duration: num_frames by the served frame rate, to the nearest count the model takes"))
     input_reference: Optional[Union[FilePart, dict]] = Field(None, description=(
         "image-to-video models: the first frame, a file part or {image_url: a data: URL}"))
@@ -165,7 +168,7 @@ def request_body(fields: _OpenAIFields, rest: dict, served_model: str) -> dict:
     if fields.size not in (None, "auto"):
         if "width" in rest or "height" in rest:
             raise RequestError("size", "give size or width and height, not both")
-        width, _, height = fields.size.partition("x")
+        width, height = _SIZE.fullmatch(fields.size).groups()
         body.update(width=int(width), height=int(height))
     return body
 
