@@ -51,7 +51,8 @@ def serve_app(settings: dict, metrics_port: list):
     from spectrum_xdit.launch.serve.main import wait_until_ready
 
     port = free_port()
-    context = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)   # shown on failure (conftest)
+    # a cluster of its own (never one another process started), its logs shown on failure (conftest)
+    context = ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)

@@ -69,7 +69,8 @@ def local_ray():
 
     # the stand-in class travels to the workers by value: they cannot import this test module
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)   # shown on failure (conftest)
+    # a cluster of its own (never one another process started), its logs shown on failure (conftest)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
