@@ -5,7 +5,8 @@ With ``blend_weight="auto"`` or the adaptive or budget schedule every real step 
 of the predictors (``SpectrumForecaster.score``): the sums of their errors over the elements,
 added over the guidance branches and all-reduced over every rank of the job (once per real step,
 at the first call of the next step). So every rank holds the same numbers and takes the same
-decisions, and no rank skips a collective that another enters.
+decisions, and no rank skips a collective that another enters. The reduced sums travel to the host
+without blocking it (:class:`HostCopy`); the host waits for them only when a decision reads them.
 
 From exponentially weighted averages of those sums the controller takes:
 
@@ -24,9 +25,10 @@ benchmarks/README.md.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -65,6 +67,7 @@ class SpectrumController:
         self.auto_blend = config.blend_weight == "auto"
         self.predictors = config.predictors
         self.fixed_steps = fixed_real_steps(config)
+        self.clock = ValidationClock()
         self.start()
 
     def start(self) -> None:
@@ -74,15 +77,33 @@ class SpectrumController:
         self._planned_from: int | None = None
         self.next_real = 0
         self._pending: tuple[int, int, torch.Tensor] | None = None
+        self._unread: tuple[int, int, HostCopy] | None = None          # reduced, on its way to the host
         self._averages: tuple[float, ...] | None = None            # the Gram entries over n
         self.errors = GapErrorModel(self.config.error_smoothing)    # e(g) = k g^p
         self._pace: float | None = None                             # the budget's k: error / gap^2
         self._pace_sum, self._pace_count = 0.0, 0                   # for k_ref, the mean k
         self.real_count = 0
-        self.weight: float | tuple[float, ...] = self._initial_weight()
-        self.log: list[dict] = []
+        self._weight: float | tuple[float, ...] = self._initial_weight()
+        self._log: list[dict] = []
         self.plan: list[dict] = []
-        self.validation_seconds = 0.0
+        self.clock.reset()
+
+    @property
+    def weight(self) -> float | tuple[float, ...]:
+        """The blend weight of the next forecast (with ``reuse``, one per predictor)."""
+        self._read()
+        return self._weight
+
+    @property
+    def log(self) -> list[dict]:
+        """One entry per validated real step: its gap, each predictor's and the blend's error."""
+        self._read()
+        return self._log
+
+    @property
+    def validation_seconds(self) -> float:
+        """Seconds of this rank's validation work in the current generation (:class:`ValidationClock`)."""
+        return self.clock.seconds
 
     # -- called by the hooks ------------------------------------------------------------------
 
@@ -109,9 +130,8 @@ class SpectrumController:
             self.last_real = step
             self.real_count += 1
 
-    def observe(self, step: int, gap: int, sums: torch.Tensor, seconds: float = 0.0) -> None:
+    def observe(self, step: int, gap: int, sums: torch.Tensor) -> None:
         """Add one branch's validation sums of real step ``step`` (scored at ``gap``)."""
-        self.validation_seconds += seconds
         if self._pending is not None and self._pending[0] == step:
             _, pending_gap, total = self._pending
             if pending_gap != gap:
@@ -123,13 +143,24 @@ class SpectrumController:
     # -- decisions ------------------------------------------------------------------------------
 
     def _settle(self) -> None:
+        """Reduce the last real step's sums over the job and start their copy to the host; the
+        adaptive and budget schedules plan the next real step from them now, the blend reads them
+        at the next forecast."""
         if self._pending is None:
             return
+        self._read()
         step, gap, sums = self._pending
         self._pending = None
-        t0 = time.perf_counter()
-        *entries, n = (float(v) for v in self.reducer(sums).cpu())
-        self.validation_seconds += time.perf_counter() - t0
+        with self.clock.timing(sums.device):
+            reduced = self.reducer(sums)
+        self._unread = (step, gap, HostCopy(reduced))
+
+    def _read(self) -> None:
+        if self._unread is None:
+            return
+        step, gap, copy = self._unread
+        self._unread = None
+        *entries, n = copy.values()
         if not n > 0:
             return   # an all-zero feature says nothing about relative error
         new = tuple(entry / n for entry in entries)
@@ -139,18 +170,18 @@ class SpectrumController:
         k = len(self.predictors)
         if k == 2:
             if self.auto_blend:
-                self.weight = best_blend_weight(*self._averages)
-            error = blend_error(self.weight, *new)
+                self._weight = best_blend_weight(*self._averages)
+            error = blend_error(self._weight, *new)
         else:
-            self.weight = tuple(float(w) for w in best_combination(gram_matrix(self._averages, k)))
-            error = combination_error(self.weight, gram_matrix(new, k))
+            self._weight = tuple(float(w) for w in best_combination(gram_matrix(self._averages, k)))
+            error = combination_error(self._weight, gram_matrix(new, k))
         self.errors.observe(gap, error)
         self._pace = error / gap ** 2 if self._pace is None else alpha * error / gap ** 2 + (1 - alpha) * self._pace
         self._pace_sum += error / gap ** 2
         self._pace_count += 1
-        self.log.append({"step": step, "gap": gap,
-                         **{name: math.sqrt(max(new[i], 0.0)) for i, name in enumerate(self.predictors)},
-                         "blend": error, "blend_weight": self.weight})
+        self._log.append({"step": step, "gap": gap,
+                          **{name: math.sqrt(max(new[i], 0.0)) for i, name in enumerate(self.predictors)},
+                          "blend": error, "blend_weight": self._weight})
 
     def _initial_weight(self) -> float | tuple[float, ...]:
         if len(self.predictors) > 2:
@@ -158,6 +189,7 @@ class SpectrumController:
         return DEFAULT_AUTO_WEIGHT if self.auto_blend else self.config.blend_weight
 
     def _plan(self) -> None:
+        self._read()
         s = self.last_real
         cfg = self.config
         if self.budget is not None:
@@ -233,3 +265,59 @@ def combination_error(weights, gram: np.ndarray) -> float:
     """Relative L2 error of ``sum_i w_i P_i`` from the normalised Gram matrix of the errors."""
     w = np.asarray(weights)
     return math.sqrt(max(float(w @ gram @ w), 0.0))
+
+
+class HostCopy:
+    """A small device tensor's values on their way to the host: on a GPU a non-blocking copy into
+    pinned memory and an event after it, so that the host queues on and waits (for that point of
+    the stream only) when it reads the values; elsewhere the tensor itself."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._event = None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor.detach()
+
+    def values(self) -> list[float]:
+        if self._event is not None:
+            self._event.synchronize()
+        return [float(v) for v in self._host.tolist()]
+
+
+class ValidationClock:
+    """Seconds of validation work: on a GPU CUDA events around it, so that the work is timed and not
+    its launch (read at the end of a generation); elsewhere the wall clock."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._seconds = 0.0
+        self._events: list = []
+
+    @contextlib.contextmanager
+    def timing(self, device: torch.device) -> Iterator[None]:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((start, end))
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds += time.perf_counter() - t0
+
+    @property
+    def seconds(self) -> float:
+        for start, end in self._events:
+            end.synchronize()
+            self._seconds += start.elapsed_time(end) / 1e3
+        self._events.clear()
+        return self._seconds

@@ -14,7 +14,6 @@ state_dict keys, LoRA, offloading and compilation still work.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
@@ -195,11 +194,10 @@ class SpectrumStack:
         forecaster = state.forecaster
         # (the last step's score would inform no decision: skip it)
         if self.config.validates and state.step < self.config.num_inference_steps - 1:
-            t0 = time.perf_counter()
-            sums = forecaster.score(state.step, features)
+            with self.controller.clock.timing(features.device):
+                sums = forecaster.score(state.step, features)
             if sums is not None:
-                self.controller.observe(state.step, state.step - forecaster.real_steps[-1], sums,
-                                        seconds=time.perf_counter() - t0)
+                self.controller.observe(state.step, state.step - forecaster.real_steps[-1], sums)
         forecaster.update(state.step, features)
         state.stats["state_bytes"] = max(state.stats["state_bytes"], forecaster.nbytes)
         self._release_after_last_step(state)

@@ -87,9 +87,9 @@ def _compare_with_single_process(engine_config, kind: str, size: dict, steps: in
     local_sums = []  # this rank's validation sums before the job-wide reduction
     observe = controller.observe
 
-    def recording_observe(step, gap, sums, seconds=0.0):
+    def recording_observe(step, gap, sums):
         local_sums.append((step, sums.tolist()))
-        observe(step, gap, sums, seconds)
+        observe(step, gap, sums)
 
     controller.observe = recording_observe
     init_xdit_runtime(pipe, engine_config)
