@@ -57,6 +57,9 @@ class RankPipeline:
     rank: int
     layout: ParallelLayout
     device: str
+    # What the step-boundary stop agrees over: a gloo group of the world's ranks (None: the world
+    # itself, already on gloo, or one process).
+    host_group: Any = None
 
     @property
     def world_size(self) -> int:
@@ -73,8 +76,8 @@ class RankPipeline:
         ``decode``: rank 0 also decodes the latents into frames. ``started``: the
         ``time.perf_counter()`` the report's ``total_seconds`` counts from (default: now).
         ``stop``: asked after every denoising step whether to stop there; the ranks agree (one
-        all-reduce per step), so all of them stop after the same step, and the report says which
-        (``stopped_after_step``; the latents are then those of that step).
+        all-reduce of a host flag per step), so all of them stop after the same step, and the
+        report says which (``stopped_after_step``; the latents are then those of that step).
         """
         started = time.perf_counter() if started is None else started
         pipe, config = self.pipe, request.spectrum
@@ -89,7 +92,7 @@ class RankPipeline:
         call = self._pipeline_call(request)
         boundary = None
         if stop is not None:
-            boundary = call["callback_on_step_end"] = _StopAtStepBoundary(stop, self.world_size, self.device)
+            boundary = call["callback_on_step_end"] = _StopAtStepBoundary(stop, self.world_size, self.host_group)
         stats: dict = {}
         denoise_start = time.perf_counter()
         try:
@@ -276,23 +279,29 @@ class PipeFusionRankPipeline(RankPipeline):
 class _StopAtStepBoundary:
     """diffusers' ``callback_on_step_end``: after each step every rank's wish to stop is
     all-reduced (max), and on the first step any rank wishes it the pipeline is interrupted (the
-    remaining steps are skipped, as diffusers' ``interrupt`` does)."""
+    remaining steps are skipped, as diffusers' ``interrupt`` does).
 
-    def __init__(self, stop: Callable[[], bool], world_size: int, device: str):
+    The wish is a host tensor reduced over a gloo group, so that the host never waits for the
+    device here: the device keeps the steps already queued, and the host queues the next one."""
+
+    def __init__(self, stop: Callable[[], bool], world_size: int, group=None):
         self.stop = stop
         self.world_size = world_size
-        self.device = device
+        self.group = group
         self.stopped_after: Optional[int] = None
 
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        if self.stopped_after is None:
-            wish = torch.tensor([1.0 if self.stop() else 0.0], device=self.device)
-            if self.world_size > 1:
-                dist.all_reduce(wish, op=dist.ReduceOp.MAX)
-            if wish.item():
-                self.stopped_after = step
-                pipe._interrupt = True
+        if self.stopped_after is None and self._agreed(self.stop()):
+            self.stopped_after = step
+            pipe._interrupt = True
         return callback_kwargs
+
+    def _agreed(self, wish: bool) -> bool:
+        if self.world_size == 1:
+            return wish
+        flag = torch.tensor([int(wish)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag[0])
 
 
 def init_rank(spec: ModelSpec, layout: ParallelLayout, store=None) -> RankPipeline:
@@ -300,6 +309,7 @@ def init_rank(spec: ModelSpec, layout: ParallelLayout, store=None) -> RankPipeli
     pipeline. The layout must have passed ``request.check_layout`` for ``spec``. ``store``: the
     torch.distributed store to rendezvous through (default: ``MASTER_ADDR``/``MASTER_PORT``)."""
     rank, device = _join_world(layout.world_size, store)
+    host_group = _host_group() if layout.world_size > 1 else None
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if layout.pipefusion_parallel_degree > 1:
         builder = _build_pipefusion
@@ -307,7 +317,15 @@ def init_rank(spec: ModelSpec, layout: ParallelLayout, store=None) -> RankPipeli
         builder = _build_cfg_parallel
     else:
         builder = _build_sequence_parallel
-    return builder(spec, layout, rank, device, dtype)
+    rank_pipeline = builder(spec, layout, rank, device, dtype)
+    rank_pipeline.host_group = host_group
+    return rank_pipeline
+
+
+def _host_group():
+    """A gloo group of every rank for host flags, made by every rank at the same point (after
+    joining, before xDiT's groups); ``None`` where the world itself runs on gloo."""
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
 
 def _join_world(world_size: int, store=None) -> tuple[int, str]:

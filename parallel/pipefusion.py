@@ -148,7 +148,9 @@ class SpectrumPipeFusion:
         # call, forecasts included
         self.block_calls: list[tuple[int, Optional[int]]] = []
         self.current: Optional[tuple[int, Optional[int]]] = None
-        self._step_of: dict[float, int] = {}
+        # the step index of each timestep handed to xDiT's loops, by identity (_timesteps_from)
+        self._step_of: dict[int, int] = {}
+        self._timesteps: list = []
         # per patch, what its forecast steps pass to xDiT's forward
         self._forecast_inputs: dict = {}
         self.set_spectrum(spectrum)
@@ -183,7 +185,8 @@ class SpectrumPipeFusion:
 
     def _sync_pipeline(self, latents, *args, timesteps, sync_only: bool = False, **kwargs):
         """xDiT's synchronous loop, the first of every generation (even with no warm-up)."""
-        self._index_timesteps()
+        self._step_of, self._timesteps = {}, []
+        timesteps = self._timesteps_from(timesteps, first=0)
         if self.spectrum_config is None:
             return super()._sync_pipeline(latents, *args, timesteps=timesteps, sync_only=sync_only, **kwargs)
         steps = len(self.scheduler.timesteps)
@@ -195,14 +198,13 @@ class SpectrumPipeFusion:
 
             self.last_stage_spectrum.start(get_runtime_state().pp_patches_token_num)
         real = self._real_timesteps(timesteps)
-        all_timesteps = self.scheduler.timesteps
-        later_real = [t for t in all_timesteps[len(timesteps):] if self._step_of[float(t)] in self.real_steps]
+        later_real = self.real_steps.intersection(range(len(timesteps), steps))
         # without real steps after this loop, xDiT's asynchronous loop returns at once and would
         # not receive the latents this loop sends back to stage 0 after its last step
         return super()._sync_pipeline(latents, *args, timesteps=real, sync_only=sync_only or not later_real, **kwargs)
 
     def _async_pipeline(self, latents, *args, timesteps, **kwargs):
-        self._index_timesteps()
+        timesteps = self._timesteps_from(timesteps, first=len(self.scheduler.timesteps) - len(timesteps))
         if self.spectrum_config is not None:
             timesteps = self._real_timesteps(timesteps)
         return super()._async_pipeline(latents, *args, timesteps=timesteps, **kwargs)
@@ -212,7 +214,7 @@ class SpectrumPipeFusion:
         from xfuser.core.distributed import get_runtime_state
 
         runtime = get_runtime_state()
-        step = self._step_of[float(t)]
+        step = self._step_of[id(t)]
         patch = runtime.pipeline_patch_idx if runtime.patch_mode else None
         self.current = (step, patch)
         self.block_calls.append(self.current)
@@ -228,7 +230,7 @@ class SpectrumPipeFusion:
     def _scheduler_step(self, noise_pred, latents, t):
         if self.spectrum_config is None:
             return super()._scheduler_step(noise_pred, latents, t)
-        step = self._step_of[float(t)]
+        step = self._step_of[id(t)]
         latents = self._scheduler_step_at(step, noise_pred, latents)
         spectrum = self.last_stage_spectrum
         patch = spectrum.patch
@@ -248,11 +250,17 @@ class SpectrumPipeFusion:
         self.scheduler._step_index = step
         return super()._scheduler_step(noise_pred, latents, self.scheduler.timesteps[step])
 
-    def _index_timesteps(self) -> None:
-        self._step_of = {float(t): index for index, t in enumerate(self.scheduler.timesteps)}
+    def _timesteps_from(self, timesteps, first: int) -> list:
+        """The timesteps of one of xDiT's loops (steps ``first`` on) as the tensors the loop will
+        hand back, each noted with its step index: found by identity, not by value, whose reading
+        would make the host wait for the device at every patch."""
+        timesteps = list(timesteps)
+        self._timesteps.extend(timesteps)     # alive for the call, so that no id is reused
+        self._step_of.update((id(t), first + offset) for offset, t in enumerate(timesteps))
+        return timesteps
 
     def _real_timesteps(self, timesteps):
-        return [t for t in timesteps if self._step_of[float(t)] in self.real_steps]
+        return [t for t in timesteps if self._step_of[id(t)] in self.real_steps]
 
     def spectrum_stats(self) -> dict:
         """This stage's view of the last generation (one branch: xDiT's FLUX.1 pipeline has no
@@ -262,7 +270,7 @@ class SpectrumPipeFusion:
         0 except on the last stage)."""
         spectrum = self.last_stage_spectrum
         real = sorted({step for step, _ in self.block_calls})
-        forecasts = [step for step in range(len(self._step_of)) if step not in real]
+        forecasts = [step for step in range(len(self.scheduler.timesteps)) if step not in real]
         return {
             "real_steps": real,
             "nfe": len(real),
