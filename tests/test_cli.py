@@ -299,6 +299,29 @@ def test_xdit_cache_config_is_checked():
         spectrum_config_from_cache_config(30, '{"num_inference_steps": 3}')
 
 
+def test_xdit_runner_refuses_spectrum_under_fsdp():
+    """``--fully_shard_degree``: FSDP gathers a block's weights before it runs, so forecast steps
+    would still gather every block; the patched validation says so before anything loads."""
+    from types import SimpleNamespace
+
+    from spectrum_xdit.parallel.patches.cache_method import patch_model_validation
+
+    class xFuserModel:   # stands in for xfuser's base class, whose check the patch wraps
+        def _validate_config(self, config):
+            self.validated = config
+
+    class xFuserWan21T2VModel(xFuserModel):
+        settings = SimpleNamespace(step_cache_config={"teacache": None})
+
+    patch_model_validation(SimpleNamespace(xFuserModel=xFuserModel, MODEL_REGISTRY={}))
+    model = xFuserWan21T2VModel()
+    config = dict(cache_method="spectrum", model="Wan2.1-T2V", pipefusion_parallel_degree=1)
+    with pytest.raises(ValueError, match="--cache_method spectrum with --fully_shard_degree > 1"):
+        model._validate_config(SimpleNamespace(**config, fully_shard_degree=2))
+    model._validate_config(SimpleNamespace(**config, fully_shard_degree=1))
+    assert model.validated.fully_shard_degree == 1 and "spectrum" in model.settings.step_cache_config
+
+
 @pytest.mark.parametrize("flags, budget", [(["--spectrum_target_nfe", "7"], 7), (["--spectrum_speedup", "2.5"], 8)])
 def test_budget_flags_select_the_budget_schedule(flags, budget):
     parser = build_parser()

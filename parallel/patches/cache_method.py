@@ -77,7 +77,9 @@ def patch_model_validation(base_model: ModuleType) -> None:
     ``--cache_method`` must be a key of the model's ``settings.step_cache_config``, a literal dict
     of xDiT's methods per model. For the supported models ``spectrum`` joins that dict (it takes no
     preset: ``_apply_step_cache`` then hands ``apply_cache`` the ``--cache_config`` text); any
-    other model is refused with the list of those that are supported."""
+    other model is refused with the list of those that are supported, and so are PipeFusion (the
+    runner's pipeline is not ours) and FSDP (``--fully_shard_degree``: its gathers would run on
+    forecast steps too, until those skip them)."""
 
     def _validate_config(validate, self, config):
         if config.cache_method == CACHE_METHOD:
@@ -88,6 +90,10 @@ def patch_model_validation(base_model: ModuleType) -> None:
             if getattr(config, "pipefusion_parallel_degree", 1) > 1:
                 raise ValueError("--cache_method spectrum with --pipefusion_parallel_degree > 1: xDiT's runner "
                                  "builds its own PipeFusion pipeline; use `spectrum-xdit generate` for PipeFusion")
+            if getattr(config, "fully_shard_degree", 1) > 1:
+                raise ValueError("--cache_method spectrum with --fully_shard_degree > 1: FSDP all-gathers each "
+                                 "block's weights in hooks that run before the block, so a forecast step would "
+                                 "still gather every block it skips; run Spectrum without --fully_shard_degree")
             self.settings.step_cache_config = {**(self.settings.step_cache_config or {}), CACHE_METHOD: None}
         return validate(self, config)
 
