@@ -32,7 +32,9 @@ from ..parallel import patches
 from .images import decode_image
 from .request import GenerationRequest, ParallelLayout, guidance_branches
 
-FLUX_TEXT_TOKENS = 64   # max_sequence_length of FLUX.1 requests whose model names none
+# max_sequence_length of FLUX.1 requests whose model names none: that of xDiT's FLUX.1 runner and of
+# diffusers' FluxPipeline, which the released checkpoints are run at
+FLUX_TEXT_TOKENS = 512
 
 
 def flux_text_tokens(spec: ModelSpec) -> int:

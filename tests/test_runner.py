@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from spectrum_xdit.launch.request import ParallelLayout, model_defaults, parse_request
-from spectrum_xdit.launch.runner import init_rank
+from spectrum_xdit.launch.runner import RankPipeline, flux_text_tokens, init_rank
 from spectrum_xdit.models import BUILTIN_MODELS, resolve_model
 from spectrum_xdit.parallel.testing import run_distributed
 
@@ -99,3 +99,12 @@ def test_distilled_guidance_conditions_tiny_flux(tiny_flux):
     again, _, _ = _flux_run(tiny_flux, guidance_scale=3.5)
     assert torch.equal(default, again)
     assert (low - default).norm() / default.norm() > 1e-3
+
+
+def test_flux_from_the_hub_encodes_512_t5_tokens_and_the_embedded_models_their_own():
+    """xDiT's FLUX.1 runner and diffusers' FluxPipeline run the released checkpoints at
+    max_sequence_length 512; the embedded models keep the length they were built or trained at."""
+    hub = resolve_model("black-forest-labs/FLUX.1-dev")
+    request = parse_request({"prompt": "a red square"}, model_defaults(hub))
+    assert RankPipeline(hub, None, 0, ParallelLayout(), "cpu")._pipeline_call(request)["max_sequence_length"] == 512
+    assert flux_text_tokens(resolve_model("tiny-flux")) == 64 and flux_text_tokens(resolve_model("digits-flux")) == 16

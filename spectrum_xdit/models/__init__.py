@@ -134,7 +134,8 @@ TWO_EXPERTS = ("transformer", "transformer_2")
 # model's rules with its spec's.
 BUILTIN_MODELS = {
     "tiny-wan": ModelSpec("tiny-wan", "wan", 2, 32, 32, 5, _build_tiny_wan, SizeRules("wan", 16, 4, 1, 32)),
-    "tiny-flux": ModelSpec("tiny-flux", "flux", 2, 32, 32, 1, _build_tiny_flux, SizeRules("flux", 4)),
+    "tiny-flux": ModelSpec("tiny-flux", "flux", 2, 32, 32, 1, _build_tiny_flux, SizeRules("flux", 4),
+                           max_sequence_length=64),
     "digits-wan": ModelSpec("digits-wan", "wan", 6, 16, 16, 9, _build_digits_wan, _digits_sizes("wan", "digits_wan")),
     # digits_flux's GENERATION_KWARGS and TRUE_CFG_SCALE (tests compare them)
     "digits-flux": ModelSpec("digits-flux", "flux", 4, 16, 16, 1, _build_digits_flux,
