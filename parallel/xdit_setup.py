@@ -102,26 +102,36 @@ def xdit_transformer(model: torch.nn.Module, **init_kwargs: Any) -> torch.nn.Mod
     ``FluxTransformer2DModel`` becomes ``xFuserFlux1Transformer2DWrapper`` (the classes xDiT's
     runner loads for Wan2.1 and FLUX.1). Needs :func:`setup_xdit_parallel` first: the FLUX
     attention processor reads the sequence-parallel group when it is constructed.
-    ``init_kwargs`` go to the wrapper (for Wan, ``attention_kwargs``).
+    ``init_kwargs`` go to the wrapper (for Wan, ``attention_kwargs``). The wrapper shares the
+    model's parameters: use it in the model's place.
     """
+    from accelerate import init_empty_weights
+
+    # As diffusers' from_pretrained does: the parameters on the meta device (a random float32
+    # model would cost twice a bf16 checkpoint's size in host memory, and minutes of initialisation
+    # for 14B parameters); the buffers, small and partly the wrapper's own (xDiT's head
+    # permutation), built for real.
+    with init_empty_weights():
+        wrapper = xdit_wrapper_class(model).from_config(model.config, **init_kwargs)
+    # assign=True takes each tensor as it is (dtype, device and storage, including modules diffusers
+    # keeps in float32 inside a bf16 model): the wrapper holds the model's own weights, no copy.
+    wrapper.load_state_dict(model.state_dict(), strict=True, assign=True)
+    return wrapper.train(model.training)
+
+
+def xdit_wrapper_class(model: torch.nn.Module) -> type:
+    """The xDiT class that :func:`xdit_transformer` makes of ``model``."""
     from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 
     if isinstance(model, WanTransformer3DModel):
-        from xfuser.model_executor.models.transformers.transformer_wan import (
-            xFuserWanTransformer3DWrapper as wrapper_cls,
-        )
-    elif isinstance(model, FluxTransformer2DModel):
-        from xfuser.model_executor.models.transformers.transformer_flux import (
-            xFuserFlux1Transformer2DWrapper as wrapper_cls,
-        )
-    else:
-        raise TypeError(f"no xDiT wrapper known for {type(model).__name__}")
-    wrapper = wrapper_cls.from_config(model.config, **init_kwargs)
-    # assign=True keeps each tensor's dtype and device, including modules diffusers keeps in
-    # float32 inside a bf16 model; the clones keep the two models independent.
-    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-    wrapper.load_state_dict(state, strict=True, assign=True)
-    return wrapper.train(model.training)
+        from xfuser.model_executor.models.transformers.transformer_wan import xFuserWanTransformer3DWrapper
+
+        return xFuserWanTransformer3DWrapper
+    if isinstance(model, FluxTransformer2DModel):
+        from xfuser.model_executor.models.transformers.transformer_flux import xFuserFlux1Transformer2DWrapper
+
+        return xFuserFlux1Transformer2DWrapper
+    raise TypeError(f"no xDiT wrapper known for {type(model).__name__}")
 
 
 def init_xdit_runtime(pipeline_or_transformer: Any, engine_config) -> None:
