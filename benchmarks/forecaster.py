@@ -46,16 +46,18 @@ class ReferenceStyleForecaster:
 
     def forecast(self, step: int) -> torch.Tensor:
         cfg = self.config
+        device = self.history.device       # the design matrices go where the history is
         if self.coefficients is None:
             history32 = self.history.float()
             X = torch.from_numpy(chebvander(2.0 * np.array(self.steps) / cfg.num_inference_steps - 1,
-                                            cfg.degree)).float()
-            gram = X.T @ X + cfg.ridge_lambda * torch.eye(cfg.num_basis)
+                                            cfg.degree)).float().to(device)
+            gram = X.T @ X + cfg.ridge_lambda * torch.eye(cfg.num_basis, device=device)
             self.coefficients = torch.linalg.solve(gram, X.T @ history32)
             self.peak_bytes = max(self.peak_bytes, self.history.nbytes + history32.nbytes
                                   + self.coefficients.nbytes)
             del history32
-        x = torch.from_numpy(chebvander(np.array([2.0 * step / cfg.num_inference_steps - 1]), cfg.degree)).float()
+        x = torch.from_numpy(chebvander(np.array([2.0 * step / cfg.num_inference_steps - 1]),
+                                        cfg.degree)).float().to(device)
         chebyshev = (x @ self.coefficients)[0]
         k = (step - self.steps[-1]) / (self.steps[-1] - self.steps[-2])
         taylor = self.history[-1].float() + k * (self.history[-1].float() - self.history[-2].float())

@@ -25,6 +25,18 @@ def test_forecaster_benchmark_runs(tmp_path, capsys):
     assert "copy bandwidth" in capsys.readouterr().out
 
 
+def test_reference_style_forecaster_works_where_its_history_is():
+    """Its design matrices go to the history's device (a GPU's; here the meta device, which
+    refuses to meet a host tensor as a GPU does)."""
+    import torch
+
+    forecaster = bench.ReferenceStyleForecaster(SpectrumConfig())
+    for step in bench.REAL_STEPS:
+        forecaster.update(step, torch.empty(1000, device="meta", dtype=torch.bfloat16))
+    forecast = forecaster.forecast(bench.FORECAST_STEPS[0])
+    assert forecast.device.type == "meta" and forecast.shape == (1000,) and forecast.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("model", ["digits-wan", "digits-flux"])
 def test_quality_benchmark_quick(tmp_path, model):
     """`benchmarks.quality --quick` end to end on each trained model (Wan2.1: one block list;
@@ -122,8 +134,27 @@ def test_gpu_check_rehearses_every_section_on_cpu(tmp_path):
     assert errors["float32"] < 1e-4 and errors["bf16"] < 1e-2
     assert [r["sp_degree"] for r in result["speed"]] == [1, 2, 4, 8]
     assert all(r["forecast_ms"] > 0 and r["state_bytes"] > 0 for r in result["speed"])
-    assert result["real_step"]["seconds"] > 0 and result["copy_GBps"] > 0
-    assert json.loads((tmp_path / "gpu.json").read_text())["small"] is True
+    assert result["copy_GBps"] > 0 and result["status"] == 0
+    written = json.loads((tmp_path / "gpu.json").read_text())
+    assert written["small"] is True and set(written["seconds"]) == {"accuracy_max_relative_error", "copy_GBps",
+                                                                    "speed", "memory"}
+
+
+def test_a_failing_section_is_recorded_and_the_next_still_runs(tmp_path):
+    """A device run keeps every figure measured before (and after) a section that fails."""
+    import torch
+
+    from benchmarks.device_run import Sections
+
+    path = tmp_path / "run.json"
+    sections = Sections(path, torch.device("cpu"), "test", small=True)
+    assert sections.run("first", lambda: {"value": 1}) == {"value": 1}
+    assert json.loads(path.read_text())["first"] == {"value": 1}
+    assert sections.run("broken", lambda: 1 / 0) is None
+    sections.run("after", lambda: 2)
+    result = json.loads(path.read_text())
+    assert result["broken"] == {"error": "ZeroDivisionError: division by zero"} and result["after"] == 2
+    assert sections.finish()["status"] == 1 and json.loads(path.read_text())["status"] == 1
 
 
 def test_frontier_grid_and_paper_schedules_land_on_the_budget():
