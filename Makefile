@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 LINT   := build/lint
 
-.PHONY: run test test-fast lint install clean
+.PHONY: run test test-fast lint install clean gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -35,6 +35,17 @@ test: lint
 # The quick loop: everything but the multi-process and Ray tests (markers in pyproject.toml).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not distributed and not ray"
+
+# A lent GPU machine (docs/gpu.md): `make gpu-wheels` here fetches the wheels its image lacks into
+# .whl/; `make gpu-check` there (device tool, carry [".whl"]) installs them and runs the checks with
+# the image's python3, from the source tree. Neither needs .venv there.
+GPU_PYTHON ?= python3
+
+gpu-wheels: $(STAMP)
+	$(PY) -m benchmarks.gpu_wheels
+
+gpu-check:
+	$(GPU_PYTHON) -m benchmarks.gpu_device $(GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
