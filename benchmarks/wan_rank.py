@@ -11,12 +11,15 @@ that xDiT's Ulysses all-to-all gives a rank, all 32,760 tokens at 5 of the 40 he
 (:class:`UlyssesRankAttention`; the all-to-all itself is not run, there is one GPU). Sections, each
 written to the JSON as it ends (``benchmarks.device_run``):
 
-1. ``setup``: the device, the versions, and the attention backend xfuser picks here (its runtime
-   state in a one-process world), whose function the self-attention then calls.
+1. ``build``, ``setup``: the model, the versions, and the attention backend xfuser picks here (its
+   runtime state in a one-process world), whose function the self-attention then calls, tried once
+   at the rank's shapes (torch's SDPA instead, with the error recorded, if it fails).
 2. ``calls``: a real call, and with Spectrum's hooks on (paper schedule) a real and a forecast call.
 3. ``loops``: 50 steps of classifier-free guidance (two branches, an Euler step on the latents)
    with no cache, the paper schedule and ``target_nfe=14``: wall time against the NFE speedup, and
-   the host synchronisations that ``torch.cuda.set_sync_debug_mode`` reports, by source line.
+   the host synchronisations that ``torch.cuda.set_sync_debug_mode`` reports, by source line
+   (scalar reads, blocking copies, stream and device synchronisations; an event wait, as the
+   validation's read of its sums, may not be among them).
 4. ``forecaster``: ``update``, ``forecast`` and ``score`` at the rank's F = 4095 x 5120, as
    achieved bytes per second (the bytes each must touch) against a device copy measured here.
 5. ``batch``: real calls of 1, 2, 4 and 8 rows, what the step loop gains by batching requests.
@@ -193,10 +196,8 @@ def call(model, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tenso
 def setup(model, device: torch.device, shape: RankShape) -> dict:
     import diffusers
 
-    row = {"cuda": torch.version.cuda,
-           "diffusers": diffusers.__version__, "python": platform.python_version(),
-           "tokens_per_rank": shape.tokens(),
-           "ulysses_degree": shape.degree,
+    row = {"cuda": torch.version.cuda, "diffusers": diffusers.__version__, "python": platform.python_version(),
+           "tokens_per_rank": shape.tokens(), "ulysses_degree": shape.degree,
            "heads_per_rank": model.config.num_attention_heads // shape.degree}
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
