@@ -60,16 +60,16 @@ class TrajectoryMethod(SpectrumMethod):
 
     def attach(self, transformer) -> None:
         super().attach(transformer)
-        from spectrum_xdit.hooks import spectrum_stack
+        from spectrum_xdit.hooks import spectrum_policy
 
-        stack = spectrum_stack(transformer)
-        record = stack.record
+        policy = spectrum_policy(transformer)
+        record = policy.record
 
         def keep(features):
-            self.features.setdefault(stack.branch, {})[stack.active.step] = features.detach().float().reshape(-1)
+            self.features.setdefault(policy.row.name, {})[policy.row.step] = features.detach().float().reshape(-1)
             record(features)
 
-        stack.record = keep
+        policy.record = keep
 
     def take(self) -> list[torch.Tensor]:
         """Each branch's (STEPS, F) trajectory of the last generation."""

@@ -84,7 +84,7 @@ from tqdm import tqdm
 from benchmarks import digits_data as dd
 from benchmarks.digits_classifier import load_classifier
 from spectrum_xdit import SpectrumConfig, apply_spectrum, remove_spectrum, spectrum_stats
-from spectrum_xdit.hooks import block_stack, spectrum_stack
+from spectrum_xdit.hooks import block_stack, spectrum_policy
 from spectrum_xdit.models.digits_flux import TRUE_CFG_SCALE as FLUX_TRUE_CFG_SCALE
 
 STEPS = 50
@@ -264,8 +264,8 @@ class SpectrumMethod(Method):
 
     def attach(self, transformer) -> None:
         apply_spectrum(transformer, self.config)
-        stack = spectrum_stack(transformer)
-        forecast, record = self._forecast_fn(stack), stack.record
+        policy = spectrum_policy(transformer)
+        forecast, record = self._forecast_fn(policy), policy.record
 
         def timed_forecast():
             t0 = time.perf_counter()
@@ -278,10 +278,10 @@ class SpectrumMethod(Method):
             record(features)
             self.timings["update"].append(time.perf_counter() - t0)
 
-        stack.forecast, stack.record = timed_forecast, timed_record
+        policy.forecast, policy.record = timed_forecast, timed_record
 
-    def _forecast_fn(self, stack):
-        return stack.forecast
+    def _forecast_fn(self, policy):
+        return policy.forecast
 
     def detach(self, transformer) -> None:
         remove_spectrum(transformer)
@@ -299,9 +299,9 @@ class SpectrumMethod(Method):
 class ReuseMethod(SpectrumMethod):
     """FORA-style: at a skipped step, the block stack's output of the latest real step."""
 
-    def _forecast_fn(self, stack):
+    def _forecast_fn(self, policy):
         # blend_weight 0 keeps the latest real feature; clone so the pipeline can't alias it
-        return lambda: stack.active.forecaster.last_feature.clone()
+        return lambda: policy.row.forecaster.last_feature.clone()
 
 
 class DiffusersCacheMethod(Method):

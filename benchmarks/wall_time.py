@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from benchmarks.quality import ADAPTIVE, BUDGET_WARMUP, FLEX, GUIDANCE, SPECTRUM_SCHEDULES, STEPS, machine_description
 from spectrum_xdit import SpectrumConfig, apply_spectrum, remove_spectrum, spectrum_stats
-from spectrum_xdit.hooks import find_spectrum_stack, unhook_block_inputs
+from spectrum_xdit.hooks import find_spectrum_policy, unhook_block_inputs
 from spectrum_xdit.models.digits_wan import GENERATION_KWARGS, build_digits_wan_pipeline
 
 DEFAULT_JSON = Path("benchmarks/results/wall_time_cpu.json")
@@ -73,8 +73,8 @@ class CallClock:
         self._start = time.perf_counter()
 
     def _after(self, module, args, output):
-        stack = find_spectrum_stack(module)
-        real = stack is None or stack.active.run_blocks
+        policy = find_spectrum_policy(module)
+        real = policy is None or policy.run_blocks
         self.calls["real" if real else "forecast"].append(time.perf_counter() - self._start)
 
     def take(self) -> dict[str, list[float]]:

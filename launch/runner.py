@@ -107,11 +107,7 @@ class RankPipeline:
             if config is not None:
                 stats = pipeline_spectrum_stats(pipe)
                 remove_spectrum_from_pipeline(pipe)
-        # an expert frees its forecasters after its last step (spectrum_xdit.hooks), so the peak
-        # is one expert's
-        own_state_bytes = max((sum(s["state_bytes"] for s in branches.values()) for branches in stats.values()),
-                              default=0)
-        report = self.report(request, self._job_stats(stats), own_state_bytes, denoise_seconds, started)
+        report = self.report(request, self._job_stats(stats), peak_state_bytes(stats), denoise_seconds, started)
         if boundary is not None and boundary.stopped_after is not None:
             report["stopped_after_step"] = boundary.stopped_after
         return GenerationResult(latents, media, report)
@@ -205,6 +201,12 @@ class RankPipeline:
                                         "nfe": {b: s["nfe"] for b, s in stats.get(name, {}).items()}}
                                  for name, own in split.items()}
         return report
+
+
+def peak_state_bytes(stats: dict) -> int:
+    """The most forecaster bytes a job's Spectrum ``stats`` (per expert and branch) held at once:
+    an expert frees its forecasters after its last step (``spectrum_xdit.hooks``), so one expert's."""
+    return max((sum(s["state_bytes"] for s in branches.values()) for branches in stats.values()), default=0)
 
 
 def text_length(pipe) -> int:

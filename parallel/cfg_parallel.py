@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from ..hooks import find_spectrum_stack
+from ..hooks import find_spectrum_policy
 
 _ATTRIBUTE = "_spectrum_xdit_guidance_split"
 
@@ -78,8 +78,8 @@ class GuidanceSplit:
 def _as_unconditional(transformer: torch.nn.Module):
     """The call as the ``uncond`` branch (same step fields), for Spectrum's hooks when applied:
     diffusers' public ``cache_context``, with the fields of the context Spectrum received."""
-    stack = find_spectrum_stack(transformer)
-    current = stack.context.current if stack is not None else None
+    policy = find_spectrum_policy(transformer)
+    current = policy.context.current if policy is not None else None
     if current is None:
         yield
         return

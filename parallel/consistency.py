@@ -14,7 +14,7 @@ import zlib
 import torch.distributed as dist
 
 from ..config import SpectrumConfig
-from ..hooks import spectrum_stack
+from ..hooks import spectrum_state
 from ..schedule import fixed_real_steps
 
 
@@ -52,4 +52,4 @@ def verify_agreement(fingerprint: int, what: str, detail: str, group=None) -> No
 
 def enable_schedule_check(transformer, group=None) -> None:
     """Verify the schedule across ``group`` (default: the whole job) at every generation start."""
-    spectrum_stack(transformer).generation_start_callbacks.append(lambda stack: verify_schedule(stack.config, group))
+    spectrum_state(transformer).generation_start_callbacks.append(lambda state: verify_schedule(state.config, group))

@@ -3,7 +3,7 @@
 
 diffusers' ``WanPipeline`` gives step ``i`` to ``transformer`` while its timestep is at least
 ``boundary_ratio * num_train_timesteps`` and to ``transformer_2`` after that, so each expert runs
-one contiguous part of the steps. Each expert gets its own stack (``spectrum_xdit.hooks``) whose
+one contiguous part of the steps. Each expert gets its own state (``spectrum_xdit.hooks``) whose
 config counts that expert's own steps: the paper schedule's warm-up and growing window, the
 adaptive controller and the Chebyshev time axis all start over at the expert's first step, so
 the second expert warms up from its own real steps and no fit ever sees the other expert's
@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 from .config import SettingError, SpectrumConfig
-from .hooks import apply_spectrum, find_spectrum_stack, remove_spectrum, spectrum_stats
+from .hooks import SpectrumState, apply_spectrum, find_spectrum_policy, remove_spectrum, spectrum_stats
 
 EXPERTS = ("transformer", "transformer_2")
 
@@ -49,20 +49,35 @@ def expert_steps(pipe: Any, num_inference_steps: int) -> dict[str, range]:
     return {"transformer": range(len(high)), "transformer_2": range(len(high), len(scheduler.timesteps))}
 
 
+def expert_configs(config: SpectrumConfig, split: dict[str, range]) -> dict[str, SpectrumConfig]:
+    """Each expert's own config for a ``config.num_inference_steps``-step call split as ``split``
+    (:func:`expert_steps`): its own step count and its share of a budget; experts that run no
+    step get none."""
+    sizes = {name: len(steps) for name, steps in split.items() if steps}
+    budgets = {} if config.nfe_budget is None else share_budget(config.nfe_budget, sizes)
+    configs = {}
+    for name in sizes:
+        own = {"num_inference_steps": sizes[name]}
+        if name in budgets:
+            own.update(target_nfe=budgets[name], speedup=None)
+        configs[name] = SpectrumConfig(**{**config.model_dump(), **own})
+    return configs
+
+
+def expert_states(config: SpectrumConfig, split: dict[str, range]) -> dict[str, SpectrumState]:
+    """A request's :class:`~spectrum_xdit.hooks.SpectrumState` per expert, for a caller that runs
+    the denoising loop itself (the step loop); the same states :func:`apply_spectrum_to_pipeline`
+    gives a pipeline's own loop."""
+    return {name: SpectrumState(own, split[name].start, config.num_inference_steps)
+            for name, own in expert_configs(config, split).items()}
+
+
 def apply_spectrum_to_pipeline(pipe: Any, config: SpectrumConfig) -> dict[str, range]:
     """Apply Spectrum to each expert of ``pipe`` for calls of ``config.num_inference_steps`` steps,
     each with that config over its own steps; returns the split (:func:`expert_steps`)."""
     split = expert_steps(pipe, config.num_inference_steps)
-    sizes = {name: len(steps) for name, steps in split.items() if steps}
-    budgets = {} if config.nfe_budget is None else share_budget(config.nfe_budget, sizes)
-    for name, steps in split.items():
-        if not steps:
-            continue
-        own = {"num_inference_steps": len(steps)}
-        if name in budgets:
-            own.update(target_nfe=budgets[name], speedup=None)
-        own = SpectrumConfig(**{**config.model_dump(), **own})
-        apply_spectrum(getattr(pipe, name), own, first_step=steps.start, total_steps=config.num_inference_steps)
+    for name, own in expert_configs(config, split).items():
+        apply_spectrum(getattr(pipe, name), own, first_step=split[name].start, total_steps=config.num_inference_steps)
     return split
 
 
@@ -85,7 +100,7 @@ def share_budget(budget: int, sizes: dict[str, int]) -> dict[str, int]:
 
 
 def _hooked_experts(pipe: Any) -> dict[str, Any]:
-    return {name: module for name, module in pipeline_experts(pipe).items() if find_spectrum_stack(module) is not None}
+    return {name: module for name, module in pipeline_experts(pipe).items() if find_spectrum_policy(module) is not None}
 
 
 def remove_spectrum_from_pipeline(pipe: Any) -> None:

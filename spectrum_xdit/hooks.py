@@ -28,7 +28,7 @@ from .forecaster import SpectrumForecaster
 SPECTRUM_BLOCK_HOOK = "spectrum_block"
 SPECTRUM_CALL_HOOK = "spectrum_call"
 SPECTRUM_INPUT_HOOK = "spectrum_block_input"
-_STACK_ATTRIBUTE = "_spectrum_stack"
+_POLICY_ATTRIBUTE = "_spectrum_policy"
 DEFAULT_BRANCH = "default"
 
 # Block lists, in call order, of the supported transformers (xDiT's wrappers subclass these), and
@@ -50,8 +50,9 @@ _MAX_PLACEHOLDERS = 64
 
 
 class BlockStackPolicy(Protocol):
-    """What the block hooks of one stack ask; the hook's per-transformer state implements it, and
-    so does the last PipeFusion stage (``spectrum_xdit.parallel.pipefusion``)."""
+    """What the block hooks of one stack ask: :class:`CacheContextPolicy` (a pipeline's own loop),
+    :class:`RowsPolicy` (a call over rows of several requests) and the last PipeFusion stage
+    (``spectrum_xdit.parallel.pipefusion``) implement it."""
 
     @property
     def run_blocks(self) -> bool:
@@ -76,8 +77,8 @@ class CacheContextReceiver(StateManager):
     """Receives each transformer call's ``CacheContext`` (branch name, step index).
 
     diffusers hands the context of ``cache_context(...)`` to every ``StateManager`` a stateful
-    hook holds, through its public ``set_context``; this one only keeps it. The branch states
-    live in :attr:`SpectrumStack.branches`."""
+    hook holds, through its public ``set_context``; this one only keeps it for
+    :class:`CacheContextPolicy`."""
 
     def __init__(self):
         super().__init__(BaseState)
@@ -89,22 +90,45 @@ class CacheContextReceiver(StateManager):
 
 @dataclass
 class BranchState:
-    """One guidance branch: its forecaster and where it is in the current generation."""
+    """One guidance branch of a request: its forecaster, and its decision at its current step.
 
+    :meth:`SpectrumState.begin` returns it with ``real`` decided; the caller then gives it the
+    block stack's output of that step (:meth:`record`) or asks it for the forecast (:meth:`forecast`)."""
+
+    owner: "SpectrumState"
+    name: str
     forecaster: SpectrumForecaster
     next_step: int = 0
     input_key: Optional[tuple] = None
     step: int = 0
-    run_blocks: bool = True
+    real: bool = True
     stats: dict = field(default_factory=dict)
 
     def start(self) -> None:
         self.forecaster.reset()
         self.stats = {"real_steps": [], "forecast_steps": [], "state_bytes": 0, "blend_weights": []}
 
+    def record(self, features: torch.Tensor) -> None:
+        """The last block's output of this branch at its current (real) step."""
+        self.owner._record(self, features)
 
-class SpectrumStack:
-    """The :class:`BlockStackPolicy` of one transformer: config, controller, branch states, stats.
+    def forecast(self) -> torch.Tensor:
+        """The forecast of the last block's output of this branch at its current (forecast) step."""
+        return self.owner._forecast(self)
+
+
+class SpectrumState:
+    """A request's forecasting state on one transformer: config, controller, a :class:`BranchState`
+    per guidance branch, and the stats of its generation.
+
+    The per-row API, for the pipeline hooks (:class:`CacheContextPolicy`) and for any caller that
+    batches requests alike (``spectrum_xdit.launch.step_batching``; docs/method.md)::
+
+        row = state.begin(branch, step, hidden)   # decides: row.real
+        ... row.record(features) if row.real else row.forecast()
+
+    A caller may begin every row of a step (both branches, rows of other requests with their own
+    states) before it records or forecasts any of them.
 
     ``first_step`` and ``total_steps``: the transformer runs the pipeline's steps ``first_step ..
     first_step + config.num_inference_steps - 1`` of ``total_steps`` (an expert of a two-expert
@@ -122,48 +146,32 @@ class SpectrumStack:
         self.total_steps = total_steps
         # Decides run-or-forecast and the blend weight for every branch (control.py).
         self.controller = SpectrumController(config)
-        self.context = CacheContextReceiver()
         self.branches: dict[str, BranchState] = {}
-        self.active: Optional[BranchState] = None
         # What the last generation left for spectrum_stats; None while one runs.
         self._finished: Optional[dict] = None
-        # Called with this stack whenever a branch starts a generation (before its first block
+        # Called with this state whenever a branch starts a generation (before its first block
         # runs); the parallel layer uses it to check that every rank follows the same schedule.
-        self.generation_start_callbacks: list[Callable[[SpectrumStack], None]] = []
+        self.generation_start_callbacks: list[Callable[[SpectrumState], None]] = []
 
-    @property
-    def branch(self) -> str:
-        context = self.context.current
-        return context.name if context is not None else DEFAULT_BRANCH
+    def begin(self, branch: str, step: Optional[int], hidden_states: torch.Tensor) -> BranchState:
+        """Start pipeline step ``step`` of ``branch`` and decide whether its blocks run.
 
-    @property
-    def run_blocks(self) -> bool:
-        return self.active.run_blocks
-
-    def begin_call(self, hidden_states: torch.Tensor) -> None:
-        """Fix the step of this call for its branch and decide whether the blocks run."""
-        context = self.context.current
-        steps = self.config.num_inference_steps
-        if context is not None and context.num_inference_steps not in (None, self.total_steps):
-            how = ("apply_spectrum_to_pipeline(pipe, SpectrumConfig(num_inference_steps=...))" if steps != self.total_steps
-                   else f"SpectrumConfig(num_inference_steps={context.num_inference_steps})")
-            raise ValueError(
-                f"the pipeline runs {context.num_inference_steps} denoising steps but Spectrum was "
-                f"configured for {self.total_steps}; apply it with {how}")
+        ``hidden_states``: the transformer's input, whose shape, dtype and device name the time
+        series (a change starts a new generation). ``step`` ``None``: count this branch's calls;
+        a new input signature or the call after the last step starts a new generation."""
         if self._finished is not None:
             self._finished = None
             self.branches.clear()
-        state = self.branches.get(self.branch)
+        state = self.branches.get(branch)
         if state is None:
-            state = self.branches[self.branch] = BranchState(SpectrumForecaster(self.config))
+            state = self.branches[branch] = BranchState(self, branch, SpectrumForecaster(self.config))
+        steps = self.config.num_inference_steps
         key = (tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device)
-        if context is not None and context.step_index is not None:
-            step = int(context.step_index) - self.first_step
+        if step is not None:
+            step = int(step) - self.first_step
         elif key != state.input_key:
             step = 0
         else:
-            # No step index from the caller: count this branch's calls; a new feature shape or
-            # the call after the last step starts a new generation.
             step = state.next_step % steps
         if not 0 <= step < steps:
             first = self.first_step
@@ -178,19 +186,13 @@ class SpectrumStack:
         state.next_step = step + 1
         self.controller.begin_step(step)
         # A forecast needs history: a branch that starts mid-schedule runs until it has some.
-        state.run_blocks = self.controller.is_real(step) or not state.forecaster.real_steps
-        if state.run_blocks:
+        state.real = self.controller.is_real(step) or not state.forecaster.real_steps
+        if state.real:
             self.controller.mark_real(step)
-        state.stats["real_steps" if state.run_blocks else "forecast_steps"].append(step + self.first_step)
-        self.active = state
+        state.stats["real_steps" if state.real else "forecast_steps"].append(step + self.first_step)
+        return state
 
-    def select(self, branch: str) -> None:
-        """Make ``branch``, already begun at the current step, the one ``record`` and ``forecast``
-        serve: a step-level batch decides every branch before any block runs, then records them."""
-        self.active = self.branches[branch]
-
-    def record(self, features: torch.Tensor) -> None:
-        state = self.active
+    def _record(self, state: BranchState, features: torch.Tensor) -> None:
         forecaster = state.forecaster
         # (the last step's score would inform no decision: skip it)
         if self.config.validates and state.step < self.config.num_inference_steps - 1:
@@ -202,11 +204,11 @@ class SpectrumStack:
         state.stats["state_bytes"] = max(state.stats["state_bytes"], forecaster.nbytes)
         self._release_after_last_step(state)
 
-    def forecast(self) -> torch.Tensor:
+    def _forecast(self, state: BranchState) -> torch.Tensor:
         weight = self.controller.weight
-        self.active.stats["blend_weights"].append(weight)
-        features = self.active.forecaster.forecast(self.active.step, blend_weight=weight)
-        self._release_after_last_step(self.active)
+        state.stats["blend_weights"].append(weight)
+        features = state.forecaster.forecast(state.step, blend_weight=weight)
+        self._release_after_last_step(state)
         return features
 
     def _release_after_last_step(self, state: BranchState) -> None:
@@ -217,14 +219,12 @@ class SpectrumStack:
 
     def reset(self) -> None:
         """End of a generation: drop every branch's features; the stats stay readable until the
-        next call starts."""
+        next generation begins."""
         controller = self.controller
         self._finished = {"log": list(controller.log), "plan": list(controller.plan),
                           "validation_seconds": controller.validation_seconds}
         for state in self.branches.values():
             state.forecaster.reset()
-        self.active = None
-        self.context.current = None
         controller.start()
 
     def stats(self) -> dict[str, dict]:
@@ -248,6 +248,78 @@ class SpectrumStack:
                                       plan=[{**entry, "after": entry["after"] + first} for entry in shared["plan"]],
                                       validation_seconds=shared["validation_seconds"])
         return result
+
+
+class CacheContextPolicy:
+    """The :class:`BlockStackPolicy` of a transformer that a pipeline's own loop calls: each call's
+    branch and step come from diffusers' ``cache_context`` (``DEFAULT_BRANCH`` and a call count
+    without one), and its one row goes to the :class:`SpectrumState`."""
+
+    def __init__(self, state: SpectrumState):
+        self.state = state
+        self.context = CacheContextReceiver()
+        self.row: Optional[BranchState] = None
+
+    @property
+    def run_blocks(self) -> bool:
+        return self.row.real
+
+    def begin_call(self, hidden_states: torch.Tensor) -> None:
+        context = self.context.current
+        state = self.state
+        steps = state.config.num_inference_steps
+        if context is not None and context.num_inference_steps not in (None, state.total_steps):
+            how = ("apply_spectrum_to_pipeline(pipe, SpectrumConfig(num_inference_steps=...))"
+                   if steps != state.total_steps else f"SpectrumConfig(num_inference_steps={context.num_inference_steps})")
+            raise ValueError(
+                f"the pipeline runs {context.num_inference_steps} denoising steps but Spectrum was "
+                f"configured for {state.total_steps}; apply it with {how}")
+        branch = context.name if context is not None else DEFAULT_BRANCH
+        self.row = state.begin(branch, context.step_index if context is not None else None, hidden_states)
+
+    def record(self, features: torch.Tensor) -> None:
+        self.row.record(features)
+
+    def forecast(self) -> torch.Tensor:
+        return self.row.forecast()
+
+    def reset(self) -> None:
+        self.state.reset()
+        self.row = None
+        self.context.current = None
+
+
+class RowsPolicy:
+    """The :class:`BlockStackPolicy` of one transformer call over rows of different requests (a
+    caller that batches requests): row ``i`` of the batch is the :class:`BranchState` ``rows[i]``,
+    begun by its own request's :class:`SpectrumState`, or ``None`` for a request without Spectrum
+    (always real). The rows of one call must agree on running the blocks."""
+
+    def __init__(self):
+        self.rows: list[Optional[BranchState]] = []
+        self.run_blocks = True
+
+    def set_rows(self, rows: list[Optional[BranchState]]) -> None:
+        decisions = {row is None or row.real for row in rows}
+        if len(decisions) != 1:
+            raise ValueError("the rows of one call must all run the blocks or all be forecast")
+        self.rows = rows
+        self.run_blocks = decisions.pop()
+
+    def begin_call(self, hidden_states: torch.Tensor) -> None:
+        if hidden_states.shape[0] != len(self.rows):
+            raise RuntimeError(f"a call of {len(self.rows)} rows reached the blocks with batch {hidden_states.shape[0]}")
+
+    def record(self, features: torch.Tensor) -> None:
+        for index, row in enumerate(self.rows):
+            if row is not None:
+                row.record(features[index:index + 1])
+
+    def forecast(self) -> torch.Tensor:
+        return torch.cat([row.forecast() for row in self.rows])
+
+    def reset(self) -> None:
+        """Nothing to drop: each request's state ends with the request."""
 
 
 class CallStart:
@@ -472,34 +544,41 @@ def apply_spectrum(transformer: torch.nn.Module, config: Optional[SpectrumConfig
     end of every pipeline call, at step 0 of every generation and whenever the feature shape,
     dtype or device changes. ``first_step``, ``total_steps``: the transformer runs only the
     pipeline's steps from ``first_step`` on, ``config.num_inference_steps`` of them, of
-    ``total_steps`` (default: all of them; see :class:`SpectrumStack`).
+    ``total_steps`` (default: all of them; see :class:`SpectrumState`).
     """
     config = config if config is not None else SpectrumConfig()
     if not isinstance(config, SpectrumConfig):
         raise TypeError(f"config must be a SpectrumConfig, got {type(config).__name__}")
-    if hasattr(transformer, _STACK_ATTRIBUTE):
+    if hasattr(transformer, _POLICY_ATTRIBUTE):
         raise ValueError("Spectrum is already applied to this transformer; call remove_spectrum first")
-    stack = SpectrumStack(config, first_step, total_steps)
-    hook_transformer(transformer, stack, context=stack.context)
-    setattr(transformer, _STACK_ATTRIBUTE, stack)
+    policy = CacheContextPolicy(SpectrumState(config, first_step, total_steps))
+    hook_transformer(transformer, policy, context=policy.context)
+    setattr(transformer, _POLICY_ATTRIBUTE, policy)
 
 
 def remove_spectrum(transformer: torch.nn.Module) -> None:
     """Remove the hooks ``apply_spectrum`` added; the transformer behaves exactly as before."""
-    spectrum_stack(transformer)
+    spectrum_policy(transformer)
     unhook_transformer(transformer)
-    delattr(transformer, _STACK_ATTRIBUTE)
+    delattr(transformer, _POLICY_ATTRIBUTE)
 
 
-def find_spectrum_stack(transformer: torch.nn.Module) -> Optional[SpectrumStack]:
-    return getattr(transformer, _STACK_ATTRIBUTE, None)
+def find_spectrum_policy(transformer: torch.nn.Module) -> Optional[CacheContextPolicy]:
+    return getattr(transformer, _POLICY_ATTRIBUTE, None)
 
 
-def spectrum_stack(transformer: torch.nn.Module) -> SpectrumStack:
-    stack = find_spectrum_stack(transformer)
-    if stack is None:
+def spectrum_policy(transformer: torch.nn.Module) -> CacheContextPolicy:
+    """What ``apply_spectrum`` put on ``transformer``: its hooks' policy, with the current call's
+    ``row`` and the request's ``state``."""
+    policy = find_spectrum_policy(transformer)
+    if policy is None:
         raise ValueError("Spectrum is not applied to this transformer")
-    return stack
+    return policy
+
+
+def spectrum_state(transformer: torch.nn.Module) -> SpectrumState:
+    """The :class:`SpectrumState` of a transformer ``apply_spectrum`` hooked."""
+    return spectrum_policy(transformer).state
 
 
 def spectrum_stats(transformer: torch.nn.Module) -> dict[str, dict]:
@@ -511,4 +590,4 @@ def spectrum_stats(transformer: torch.nn.Module) -> dict[str, dict]:
     linear, Chebyshev and blended forecasts, blend weight), the adaptive schedule's choices
     (``plan``) and the seconds spent validating on this rank (``validation_seconds``); these
     are shared by the branches."""
-    return spectrum_stack(transformer).stats()
+    return spectrum_state(transformer).stats()

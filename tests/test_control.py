@@ -10,7 +10,7 @@ from numpy.polynomial.chebyshev import chebvander
 from spectrum_xdit import SpectrumConfig, SpectrumForecaster, apply_spectrum, spectrum_stats
 from spectrum_xdit.control import SpectrumController, best_blend_weight, blend_error
 from spectrum_xdit.error_model import MIN_EXPONENT, PRIOR_EXPONENT, PRIOR_WEIGHT, GapErrorModel
-from spectrum_xdit.hooks import spectrum_stack
+from spectrum_xdit.hooks import spectrum_state
 from spectrum_xdit.models.tiny import build_tiny_flux_pipeline, build_tiny_wan_pipeline
 
 STEPS = 30
@@ -248,7 +248,7 @@ def test_flux_adaptive_without_step_indices():
          width=32, max_sequence_length=16, output_type="latent", generator=torch.Generator().manual_seed(7))
     stats = spectrum_stats(pipe.transformer)
     assert stats["cond"]["real_steps"] == stats["uncond"]["real_steps"] == [0, 1, 2, 6, 10, 14]
-    assert spectrum_stack(pipe.transformer).controller.step is None    # reset at the end of the call
+    assert spectrum_state(pipe.transformer).controller.step is None    # reset at the end of the call
 
 
 # -- the budget schedule --------------------------------------------------------------------------

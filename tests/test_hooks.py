@@ -8,7 +8,7 @@ import torch
 from spectrum_xdit import SpectrumConfig, apply_spectrum, paper_schedule, remove_spectrum, spectrum_stats
 from diffusers.hooks import HookRegistry, ModelHook
 
-from spectrum_xdit.hooks import block_inputs, spectrum_stack, unhook_block_inputs
+from spectrum_xdit.hooks import block_inputs, spectrum_state, unhook_block_inputs
 from spectrum_xdit.models.tiny import build_tiny_flux_pipeline, build_tiny_wan_pipeline, tiny_wan_transformer
 
 STEPS = 50
@@ -260,7 +260,7 @@ def test_a_transformer_that_runs_part_of_the_steps_counts_its_own():
     first), the stats name the pipeline's steps, and its state is freed after its last step."""
     transformer = tiny_wan_transformer(seed=5)
     apply_spectrum(transformer, SpectrumConfig(num_inference_steps=5, warmup_steps=2), first_step=3, total_steps=8)
-    stack = spectrum_stack(transformer)
+    state = spectrum_state(transformer)
     latents, text = torch.randn(1, 4, 1, 8, 8), torch.randn(1, 6, 32)
 
     def call(step, total=8):
@@ -273,7 +273,7 @@ def test_a_transformer_that_runs_part_of_the_steps_counts_its_own():
             call(2)
         for step in range(3, 8):
             call(step)
-            held = stack.branches["cond"].forecaster.nbytes
+            held = state.branches["cond"].forecaster.nbytes
             assert (held == 0) == (step == 7), (step, held)
         with pytest.raises(ValueError, match=r"runs 9 denoising steps .* configured for 8.*apply_spectrum_to_pipeline"):
             call(3, total=9)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from serving import image_base64, image_file
+from step_loop import run_step_loop
 from spectrum_xdit import SpectrumConfig, apply_spectrum, paper_schedule, remove_spectrum, spectrum_stats
 from spectrum_xdit.launch.cli import build_parser, check_arguments
 from spectrum_xdit.launch.images import MAX_IMAGE_BYTES, decode_image
@@ -197,28 +198,10 @@ def _i2v_requests():
             (3, _request({"seed": 4, "image": image_base64(2, format="JPEG"), "cache": {"flex_window": 3.0}}))]
 
 
-def _batched(rank_pipeline, requests) -> dict:
-    from spectrum_xdit.launch.step_batching import StepBatcher
-
-    batcher = StepBatcher(rank_pipeline)
-    results, tick = {}, 0
-    try:
-        while tick == 0 or batcher.active or any(start >= tick for start, _ in requests):
-            for index, (start, request) in enumerate(requests):
-                if start == tick:
-                    batcher.join(str(index), request)
-            finished, _ = batcher.tick() if batcher.active else ({}, 0)
-            results.update({int(job): result for job, (_, result) in finished.items()})
-            tick += 1
-    finally:
-        batcher.close()
-    return results
-
-
 def test_every_i2v_request_of_a_step_batch_equals_its_solo_run(rank_pipeline):
     requests = _i2v_requests()
     solo = [rank_pipeline.generate(request) for _, request in requests]
-    batched = _batched(rank_pipeline, requests)
+    batched = run_step_loop(rank_pipeline, requests)[0]
     assert sorted(batched) == list(range(len(requests)))
     for index, result in batched.items():
         assert _relative(result.latents, solo[index].latents) <= TOLERANCE, index
@@ -232,7 +215,7 @@ def _ulysses_i2v() -> dict:
     sharded.pipe.set_progress_bar_config(disable=True)
     requests = _i2v_requests()
     solo = [sharded.generate(request) for _, request in requests]
-    batched = _batched(sharded, requests)
+    batched = run_step_loop(sharded, requests)[0]
     return {"solo": [r.latents for r in solo], "batched": [batched[i].latents for i in range(len(requests))],
             "real_steps": [r.report["real_steps"] for r in solo]}
 

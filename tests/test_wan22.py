@@ -14,11 +14,9 @@ from spectrum_xdit import (
     pipeline_spectrum_stats,
     remove_spectrum_from_pipeline,
 )
-from spectrum_xdit.hooks import spectrum_stack
+from spectrum_xdit.hooks import spectrum_state
 from spectrum_xdit.launch.request import ParallelLayout, model_defaults, parse_request
 from spectrum_xdit.launch.runner import init_rank
-from spectrum_xdit.launch.serve.settings import ServeSettings
-from spectrum_xdit.launch.step_batching import StepBatcher
 from spectrum_xdit.models import resolve_model
 from spectrum_xdit.models.tiny import WAN22_EXPERT_2_OFFSET, build_tiny_wan22_pipeline, build_tiny_wan_pipeline
 
@@ -104,7 +102,7 @@ def test_adaptive_controller_per_expert():
                             error_budget=0.3, max_gap=4)
     apply_spectrum_to_pipeline(pipe, config)
     for name in SPLIT:
-        spectrum_stack(getattr(pipe, name)).controller.reducer = lambda sums: sums   # one process
+        spectrum_state(getattr(pipe, name)).controller.reducer = lambda sums: sums   # one process
     run()
     stats = pipeline_spectrum_stats(pipe)
     for name, own in SPLIT.items():
@@ -139,21 +137,10 @@ def test_the_runners_report_is_keyed_by_expert_and_stops_cleanly():
     assert one_expert_state == 2 * 28 * 8 * 32   # two branches x (4 P + 2 x 4) bytes x 8 tokens x 32 channels
 
 
-def test_two_experts_are_served_sequentially():
-    assert resolve_model("tiny-wan22").experts == ("transformer", "transformer_2")
-    assert ServeSettings(model="tiny-wan22").step_batching is None
-    assert ServeSettings(model="tiny-wan").step_batching == "continuous"
-    with pytest.raises(ValueError, match=r"batching: continuous runs Wan models with one transformer; serve "
-                                         r"two-expert \(Wan2.2\) models with batching sequential"):
-        ServeSettings(model="tiny-wan22", batching="continuous").check()
-    with pytest.raises(ValueError, match="not Wan2.2's two experts"):
-        StepBatcher(init_rank(resolve_model("tiny-wan22"), ParallelLayout()))
-
-
 def test_resolve_model_recognises_two_expert_checkpoints(tmp_path):
     spec = resolve_model("Wan-AI/Wan2.2-T2V-A14B-Diffusers")
     assert spec.experts == ("transformer", "transformer_2") and spec.num_attention_heads == 40
-    assert not spec.step_batchable
+    assert spec.step_batchable
     assert resolve_model("Wan-AI/Wan2.1-T2V-14B-Diffusers").experts == ("transformer",)
     for name, transformer_2, experts in (("wan22", ["diffusers", "WanTransformer3DModel"], 2),
                                          ("wan21", [None, None], 1)):

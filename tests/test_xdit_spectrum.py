@@ -55,7 +55,7 @@ def _compare_with_single_process(engine_config, kind: str, size: dict, steps: in
     import torch.distributed as dist
 
     from spectrum_xdit import SpectrumConfig, apply_spectrum, spectrum_stats
-    from spectrum_xdit.hooks import spectrum_stack
+    from spectrum_xdit.hooks import spectrum_state
     from spectrum_xdit.models.tiny import build_tiny_flux_pipeline, build_tiny_wan_pipeline
     from spectrum_xdit.parallel.xdit_setup import (
         init_xdit_runtime,
@@ -77,13 +77,13 @@ def _compare_with_single_process(engine_config, kind: str, size: dict, steps: in
 
     plain = pipe.transformer
     apply_spectrum(plain, config)
-    spectrum_stack(plain).controller.reducer = lambda sums: sums  # one process: nothing to reduce
+    spectrum_state(plain).controller.reducer = lambda sums: sums  # one process: nothing to reduce
     single = getattr(pipe(generator=torch.Generator().manual_seed(0), **call), field)
     single_stats = spectrum_stats(plain)
 
     pipe.transformer = xdit_transformer(plain)
     apply_spectrum(pipe.transformer, config)
-    controller = spectrum_stack(pipe.transformer).controller
+    controller = spectrum_state(pipe.transformer).controller
     local_sums = []  # this rank's validation sums before the job-wide reduction
     observe = controller.observe
 

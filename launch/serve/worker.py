@@ -127,7 +127,7 @@ class RankWorker:
         """A run of ticks of the step loop: the jobs in ``drops`` leave it, each ``(job, request)``
         of ``joins`` joins it at its step 0, then every active job does one denoising step per
         tick, until a job finishes, rank 0 is interrupted or ``max_seconds`` have passed (rank 0
-        decides after each tick; every rank follows). The answer: the jobs that failed to join,
+        decides after each tick; every rank follows, through the one collective before each tick). The answer: the jobs that failed to join,
         the steps each active job has done, the rows that ran the block stack at each tick and
         (rank 0) the finished jobs' media and reports. A tick that raises ends every job in the
         loop and returns the error."""
@@ -146,13 +146,12 @@ class RankWorker:
                 answer["failed"][job] = _error(error)
         deadline = time.monotonic() + max_seconds
         try:
-            while batcher.active:
+            go_on = True
+            while batcher.active and batcher.agree(go_on):
                 finished, block_rows = batcher.tick()
                 answer["block_rows"].append(block_rows)
                 self._add_finished(answer, finished)
                 go_on = not finished and not self._interrupt.is_set() and time.monotonic() < deadline
-                if not batcher.follow_rank_zero(go_on):
-                    break
         except Exception as error:  # the state of every job in the loop is now unknown
             answer["error"] = _error(error)
             batcher.active.clear()
