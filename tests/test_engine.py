@@ -136,8 +136,27 @@ def test_a_failed_tick_fails_the_jobs_in_the_loop_and_the_queue_then_runs(monkey
     assert asyncio.run(scenario()) == [500, 500, "completed", "completed"]
 
 
-def test_batching_needs_a_wan_model():
-    with pytest.raises(ValueError, match="batching: continuous runs Wan models"):
-        ServeSettings(model="tiny-flux", batching="continuous").check()
-    assert ServeSettings(model="tiny-flux").step_batching is None
-    assert ServeSettings(model="tiny-wan").step_batching == "continuous"
+def test_the_images_of_one_request_join_the_same_tick(monkeypatch):
+    """As POST /v1/images/generations queues its n images: n jobs at once, into a running loop."""
+    async def scenario():
+        engine = await _engine(monkeypatch, batching="continuous", max_batch_size=5)
+        first = engine.submit(_request(8))
+        await asyncio.sleep(0.05)
+        images = [engine.submit(_request(4, seed)) for seed in range(4)]
+        outcomes = await asyncio.gather(*[_outcome(job) for job in [first, *images]])
+        engine.close()
+        joined = {job: tick for tick, (joins, _, _) in enumerate(engine.group.log) for job in joins}
+        return outcomes, {joined[job.id] for job in images}, joined[first.id]
+
+    outcomes, image_ticks, first_tick = asyncio.run(scenario())
+    assert outcomes == ["completed"] * 5
+    assert len(image_ticks) == 1 and image_ticks.pop() > first_tick
+
+
+def test_every_model_but_per_token_timesteps_runs_the_step_loop():
+    for model in ("tiny-flux", "tiny-wan", "tiny-wan22", "digits-flux"):
+        assert ServeSettings(model=model).step_batching == "continuous", model
+    ti2v = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+    assert ServeSettings(model=ti2v).step_batching is None
+    with pytest.raises(ValueError, match="batching: continuous runs a timestep per sample"):
+        ServeSettings(model=ti2v, batching="continuous").check()

@@ -57,8 +57,8 @@ class ServeSettings(BaseModel):
     max_images: int = Field(4, ge=1, le=16, description="most images (n) of one /v1/images/generations request")
     batching: Literal["auto", "sequential", "batched", "continuous"] = Field("auto", description=(
         "sequential: one request at a time; batched: requests that arrive together share the denoising "
-        "steps; continuous: a request joins the running steps at once; auto: continuous for Wan models, "
-        "sequential for FLUX.1 and Wan2.2's two experts"))
+        "steps; continuous: a request joins the running steps at once; auto: continuous (sequential for "
+        "Wan2.2 TI2V, whose timesteps are per token)"))
     max_batch_size: int = Field(8, ge=1, le=256, description=(
         "most requests in a replica's batch (their block-stack rows are at most this, twice with guidance)"))
     debug: bool = Field(False, description="show PIDs, node addresses and model paths in /healthz and /v1/config")
@@ -177,9 +177,8 @@ class ServeSettings(BaseModel):
         """Raise ``ValueError`` on settings no request could run with; return the model spec."""
         spec = resolve_model(self.model)
         if self.batching in ("batched", "continuous") and not spec.step_batchable:
-            kind = "two-expert (Wan2.2)" if spec.family == "wan" else spec.family
-            raise ValueError(f"batching: {self.batching} runs Wan models with one transformer; serve {kind} "
-                             "models with batching sequential (or auto)")
+            raise ValueError(f"batching: {self.batching} runs a timestep per sample; serve Wan2.2 TI2V models "
+                             "(a timestep per token) with batching sequential (or auto)")
         try:
             defaults = self.default_request(spec)
             if spec.needs_image:   # checked as a request that gives its first frame, as each must

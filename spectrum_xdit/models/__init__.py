@@ -59,6 +59,7 @@ class ModelSpec:
     # model trained at one length needs it: FLUX attends over every text position, padding included.
     max_sequence_length: Optional[int] = None
     true_cfg_scale: float = 1.0      # FLUX.1: a request's default true classifier-free guidance
+    per_token_timesteps: bool = False   # Wan2.2 TI2V (``expand_timesteps``): a timestep per token
 
     @property
     def is_video(self) -> bool:
@@ -66,8 +67,8 @@ class ModelSpec:
 
     @property
     def step_batchable(self) -> bool:
-        """Whether the serve step loop (``launch/step_batching.py``: one transformer) can run it."""
-        return self.family == "wan" and self.experts == ("transformer",)
+        """Whether the serve step loop (``launch/step_batching.py``: a timestep per sample) can run it."""
+        return not self.per_token_timesteps
 
 
 # Builders import their model code when called, so that resolving a name stays cheap.
@@ -155,6 +156,8 @@ _KNOWN_HEADS = {"wan2.1-t2v-14b": 40, "wan2.1-t2v-1.3b": 12, "flux.1-dev": 24, "
                 "wan2.1-i2v-14b": 40, "wan2.2-t2v-a14b": 40}
 # Hub ids of Wan2.2's two-expert (mixture-of-experts) checkpoints contain this.
 _TWO_EXPERT_HUB_MARK = "a14b"
+# ... and of Wan2.2's TI2V checkpoints (one expert, a timestep per token: ``expand_timesteps``) this.
+_PER_TOKEN_TIMESTEPS_HUB_MARK = "ti2v"
 
 
 def resolve_model(name_or_path: str) -> ModelSpec:
@@ -183,6 +186,7 @@ def resolve_model(name_or_path: str) -> ModelSpec:
             if config.exists() and vae.exists() else _FAMILY_SIZES[family]
         # diffusers writes an absent optional component as [null, null]
         two_experts = (model_index.get("transformer_2") or [None])[0] is not None
+        per_token_timesteps = bool(model_index.get("expand_timesteps"))
     else:
         lowered = name_or_path.lower()
         if "/" not in name_or_path or not ("wan" in lowered or "flux" in lowered):
@@ -196,8 +200,10 @@ def resolve_model(name_or_path: str) -> ModelSpec:
         heads = next((h for key, h in _KNOWN_HEADS.items() if key in lowered), None)
         sizes = _FAMILY_SIZES[family]
         two_experts = family == "wan" and _TWO_EXPERT_HUB_MARK in lowered
+        per_token_timesteps = family == "wan" and _PER_TOKEN_TIMESTEPS_HUB_MARK in lowered
     height, width, frames = (480, 832, 81) if family == "wan" else (1024, 1024, 1)
     if needs_image and "720p" in name_or_path.lower():   # Wan2.1-I2V-14B-720P
         height, width = 720, 1280
     return ModelSpec(name_or_path, family, heads, height, width, frames, _from_pretrained(name_or_path), sizes,
-                     experts=TWO_EXPERTS if two_experts else ("transformer",), needs_image=needs_image)
+                     experts=TWO_EXPERTS if two_experts else ("transformer",), needs_image=needs_image,
+                     per_token_timesteps=per_token_timesteps)
