@@ -3,10 +3,14 @@
     python -m benchmarks.serve_load --quick          # ~11 min on 2 cores
     python -m benchmarks.serve_load                  # the full grid, ~45 min on 2 cores
     python -m benchmarks.serve_load --modes continuous --caches spectrum --json outputs/load.json
+    python -m benchmarks.serve_load --model digits-flux --modes sequential continuous --caches spectrum \
+        --concurrency 1 8 --images 1 4 --rates                                  # images, n = 1 and 4
 
-Setup: the trained ``digits-wan`` model (50 UniPC steps, guidance 5.0, 16x16, 9 frames) on one
-replica with two gloo ranks (xDiT Ulysses=2, one thread each), answers as ``npy`` (no media
-encoding). Modes are the server's ``batching`` setting, each with its own server:
+Setup: the trained ``digits-wan`` model (50 UniPC steps, guidance 5.0, 16x16, 9 frames) or
+``digits-flux`` (50 FLUX Euler steps, true CFG 2.0, 16x16) on one replica with two gloo ranks (xDiT
+Ulysses=2, one thread each). Video answers are ``npy`` (no media encoding); image requests go to
+``POST /v1/images/generations`` with ``n`` images each (``--images``), answered as PNGs. Modes are
+the server's ``batching`` setting, each with its own server:
 
 * ``sequential``: one job at a time in the pipeline's own loop;
 * ``batched``: jobs that arrive together share the denoising steps, later ones wait for the batch;
@@ -14,12 +18,13 @@ encoding). Modes are the server's ``batching`` setting, each with its own server
 
 Caches are the request's ``cache.method`` (``none``, ``spectrum`` at its defaults). Load:
 
-* closed loop: ``concurrency`` clients, each sending its next request when the last is answered;
+* closed loop: ``concurrency`` clients, each sending its next request when the last is answered
+  (image models: once per ``--images`` count ``n``, each request asking for ``n`` images);
 * open loop: Poisson arrivals (seeded) at multiples of the sequential server's one-client rate of
   the same cache, from below to well past its saturation.
 
-Figures per run: requests per minute (answered / wall time from the first send to the last
-answer), p50/p95/p99 latency (send, or scheduled arrival, to answer), mean queue time (the
+Figures per run: requests and images (or videos) per minute (answered / wall time from the first
+send to the last answer), p50/p95/p99 latency (send, or scheduled arrival, to answer), mean queue time (the
 replica's ``queue_seconds``) and the mean block-stack batch (rows per block-stack call, from
 ``/healthz``; 1 when sequential). Writes the JSON (``--json``), and beside it a Markdown table and
 a plot (throughput against offered load; latency distribution at the highest concurrency).
@@ -42,10 +47,17 @@ import numpy as np
 
 from spectrum_xdit.parallel.testing import free_port
 
-DEFAULT_JSON = Path("benchmarks/results/serve_load_cpu.json")
+RESULTS = Path("benchmarks/results")
 MODES = ("sequential", "batched", "continuous")
 CACHES = ("none", "spectrum")
-PROMPTS = [f"digit {digit} moving {way}" for digit in range(10) for way in ("left", "right")]
+# Each issue's goal: at the highest concurrency with Spectrum, continuous serves at least this many
+# times the sequential server's images (or videos) per minute, with a lower p95 (issue 13: video;
+# issue 26: images).
+GOAL_RATIO = {"wan": 3.0, "flux": 2.5}
+
+
+def default_json(model: str) -> Path:
+    return RESULTS / ("serve_load_cpu.json" if model == "digits-wan" else f"serve_load_{model}_cpu.json")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,25 +70,43 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="closed loop: clients (1 is needed for the open loop's rates)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="closed loop: requests per client (at least 2 in all for one client)")
-    parser.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0],
+    parser.add_argument("--rates", type=float, nargs="*", default=[0.5, 1.0, 2.0, 4.0],
                         help="open loop: multiples of the sequential server's one-client rate")
     parser.add_argument("--poisson_requests", type=int, default=12, help="open loop: requests per rate")
+    parser.add_argument("--images", type=int, nargs="+", default=[1],
+                        help="image models, closed loop: images per request (n), one load each")
     parser.add_argument("--max_batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="seeds the arrivals and the requests")
     parser.add_argument("--quick", action="store_true",
                         help="1 and 8 clients, one round each; rates 0.5, 1, 2, 4 requests per rate")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    parser.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/serve_load[_MODEL]_cpu.json")
     args = parser.parse_args(argv)
+    args.json = args.json or default_json(args.model)
     if args.quick:
         args.concurrency, args.rounds, args.rates, args.poisson_requests = [1, 8], 1, [0.5, 1.0, 2.0], 4
     return args
 
 
-class Client:
-    """Requests to one server: each a different prompt and seed, drawn from ``seed``."""
+def prompts(model: str) -> list[str]:
+    """The prompts the digits model was trained on."""
+    from benchmarks.digits_data import all_image_prompts, all_prompts
 
-    def __init__(self, url: str, args, cache: str):
-        self.url, self.args, self.cache = url, args, cache
+    return [prompt for *_, prompt in (all_image_prompts() if is_image_model(model) else all_prompts())]
+
+
+def is_image_model(model: str) -> bool:
+    from spectrum_xdit.models import resolve_model
+
+    return not resolve_model(model).is_video
+
+
+class Client:
+    """Requests to one server: each a different prompt and seed, drawn from ``seed``; ``images``:
+    an image model's requests ask for that many images (``/v1/images/generations``)."""
+
+    def __init__(self, url: str, args, cache: str, images: int | None = None):
+        self.url, self.args, self.cache, self.images = url, args, cache, images
+        self.prompts = prompts(args.model)
         self._count = 0
         self._lock = threading.Lock()
 
@@ -84,19 +114,28 @@ class Client:
         with self._lock:
             self._count += 1
             index = self._count
-        return {"prompt": PROMPTS[(self.args.seed + index) % len(PROMPTS)], "seed": self.args.seed * 1000 + index,
-                "num_inference_steps": self.args.steps, "output_format": "npy", "cache": {"method": self.cache}}
+        body = {"prompt": self.prompts[(self.args.seed + index) % len(self.prompts)],
+                "seed": self.args.seed * 1000 + index * (self.images or 1), "num_inference_steps": self.args.steps,
+                "cache": {"method": self.cache}}
+        return {**body, "n": self.images} if self.images else {**body, "output_format": "npy"}
 
     def send(self, started: float | None = None) -> dict:
-        """One request; its latency from ``started`` (default: now) and the replica's report."""
+        """One request; its latency from ``started`` (default: now) and the replica's reports."""
         import requests
 
         started = time.perf_counter() if started is None else started
-        response = requests.post(f"{self.url}/v1/generate", json=self.payload(), timeout=1800)
-        response.raise_for_status()
-        report = json.loads(response.headers["x-spectrum-report"])
-        return {"latency": time.perf_counter() - started, "queue": report["queue_seconds"],
-                "nfe": sum(report["nfe"].values()), "finished": time.perf_counter()}
+        if self.images:
+            response = requests.post(f"{self.url}/v1/images/generations", json=self.payload(), timeout=1800)
+            response.raise_for_status()
+            reports = response.json()["reports"]
+        else:
+            response = requests.post(f"{self.url}/v1/generate", json=self.payload(), timeout=1800)
+            response.raise_for_status()
+            reports = [json.loads(response.headers["x-spectrum-report"])]
+        return {"latency": time.perf_counter() - started, "outputs": len(reports),
+                "queue": float(np.mean([report["queue_seconds"] for report in reports])),
+                "nfe": float(np.mean([sum(report["nfe"].values()) for report in reports])),
+                "finished": time.perf_counter()}
 
     def counters(self) -> dict:
         import requests
@@ -141,7 +180,9 @@ def figures(answers: list[dict], wall: float, before: dict, after: dict, mode: s
     latencies = np.array([answer["latency"] for answer in answers])
     calls = after["block_calls"] - before["block_calls"]
     rows = after["block_rows"] - before["block_rows"]
+    outputs = sum(answer["outputs"] for answer in answers)
     return {"requests": len(answers), "wall_s": wall, "requests_per_min": 60 * len(answers) / wall,
+            "outputs": outputs, "outputs_per_min": 60 * outputs / wall,
             "p50_s": float(np.percentile(latencies, 50)), "p95_s": float(np.percentile(latencies, 95)),
             "p99_s": float(np.percentile(latencies, 99)),
             "mean_queue_s": float(np.mean([answer["queue"] for answer in answers])),
@@ -172,8 +213,9 @@ def run(args) -> dict:
 
     rows, one_client_rate = [], {}
     modes = sorted(args.modes, key=MODES.index)   # sequential first: the open loop's rates come from it
+    counts = args.images if is_image_model(args.model) else [None]
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)   # its own, not a running one
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         for mode in modes:
@@ -181,28 +223,32 @@ def run(args) -> dict:
             url = start_server(args, mode, port)
             print(f"[{mode}] server ready in {time.perf_counter() - started:.0f} s", flush=True)
             for cache in args.caches:
-                client = Client(url, args, cache)
-                client.send()   # warm-up
+                clients = {count: Client(url, args, cache, count) for count in counts}
+                clients[counts[0]].send()   # warm-up
                 rng = random.Random(args.seed)
-                # the open loop's rates once the sequential server's one-client rate is known
-                loads = [*(("closed", c, None) for c in args.concurrency), *(("poisson", None, m) for m in args.rates)]
-                for load, concurrency, multiple in loads:
+                # the open loop's rates (of the first image count) once the sequential server's
+                # one-client rate is known
+                loads = [*(("closed", c, count) for count in counts for c in args.concurrency),
+                         *(("poisson", None, m) for m in args.rates)]
+                for load, concurrency, detail in loads:
                     if load == "poisson" and cache not in one_client_rate:
                         continue
-                    rate = None if load == "closed" else one_client_rate[cache] * multiple
+                    client = clients[detail if load == "closed" else counts[0]]
+                    rate = None if load == "closed" else one_client_rate[cache] * detail
                     before = client.counters()
                     if load == "closed":
                         answers, wall = closed_loop(client, concurrency, args.rounds)
                     else:
                         answers, wall = open_loop(client, rate, args.poisson_requests, rng)
                     row = {"mode": mode, "cache": cache, "load": load, "concurrency": concurrency,
-                           "offered_per_min": rate, **figures(answers, wall, before, client.counters(), mode)}
+                           "images": client.images, "offered_per_min": rate,
+                           **figures(answers, wall, before, client.counters(), mode)}
                     rows.append(row)
-                    if mode == "sequential" and load == "closed" and concurrency == 1:
+                    if mode == "sequential" and load == "closed" and concurrency == 1 and client.images == counts[0]:
                         one_client_rate[cache] = row["requests_per_min"]
                     print(f"[{mode}] {cache:8s} {_load_label(row):12s} {row['requests_per_min']:6.1f} req/min  "
-                          f"p50 {row['p50_s']:5.2f} s  p95 {row['p95_s']:5.2f} s  "
-                          f"block batch {row['mean_block_batch']:.2f}", flush=True)
+                          f"{row['outputs_per_min']:6.1f} outputs/min  p50 {row['p50_s']:5.2f} s  "
+                          f"p95 {row['p95_s']:5.2f} s  block batch {row['mean_block_batch']:.2f}", flush=True)
             serve.delete(APP_NAME)
     finally:
         serve.shutdown()
@@ -211,73 +257,95 @@ def run(args) -> dict:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "model": args.model, "steps": args.steps,
             "layout": "one replica, 2 gloo ranks, Ulysses=2, one thread each", "max_batch_size": args.max_batch_size,
             "grid": {"concurrency": args.concurrency, "rounds": args.rounds, "rates": args.rates,
-                     "poisson_requests": args.poisson_requests},
-            "seed": args.seed, "rows": rows, "goal": goal(rows, max(args.concurrency))}
+                     "poisson_requests": args.poisson_requests, "images": counts},
+            "seed": args.seed, "rows": rows, "machine_load": os.getloadavg(),
+            "goals": [goal(rows, max(args.concurrency), args.model, count) for count in counts]}
 
 
-def goal(rows: list[dict], concurrency: int) -> dict | None:
-    """Issue 13's goal: at the highest concurrency with Spectrum, continuous against sequential."""
-    pick = {row["mode"]: row for row in rows
-            if row["cache"] == "spectrum" and row["load"] == "closed" and row["concurrency"] == concurrency}
+def goal(rows: list[dict], concurrency: int, model: str, images: int | None) -> dict | None:
+    """The issues' goal: at the highest concurrency with Spectrum, continuous against sequential,
+    in images (or videos) per minute; per image count of an image model."""
+    from spectrum_xdit.models import resolve_model
+
+    pick = {row["mode"]: row for row in rows if row["cache"] == "spectrum" and row["load"] == "closed"
+            and row["concurrency"] == concurrency and row["images"] == images}
     if "sequential" not in pick or "continuous" not in pick:
         return None
     sequential, continuous = pick["sequential"], pick["continuous"]
-    speedup = continuous["requests_per_min"] / sequential["requests_per_min"]
-    return {"concurrency": concurrency, "throughput_ratio": speedup,
+    speedup = continuous["outputs_per_min"] / sequential["outputs_per_min"]
+    target = GOAL_RATIO[resolve_model(model).family]
+    return {"concurrency": concurrency, "images": images, "throughput_ratio": speedup, "target_ratio": target,
             "p95_sequential_s": sequential["p95_s"], "p95_continuous_s": continuous["p95_s"],
-            "met": speedup >= 3 and continuous["p95_s"] < sequential["p95_s"]}
+            "met": speedup >= target and continuous["p95_s"] < sequential["p95_s"]}
 
 
 def _load_label(row: dict) -> str:
-    return f"c={row['concurrency']}" if row["load"] == "closed" else f"{row['offered_per_min']:.0f}/min"
+    if row["load"] != "closed":
+        return f"{row['offered_per_min']:.0f}/min"
+    return f"c={row['concurrency']}" + (f", n={row['images']}" if row.get("images") else "")
 
 
 def markdown(results: dict) -> str:
+    load = results.get("machine_load")
+    machine = results["machine"] + (f", load average {load[0]:.1f} at the end" if load else "")
+    outputs = "images" if is_image_model(results["model"]) else "videos"
     lines = [f"{results['model']}, {results['steps']} steps, {results['layout']}, max_batch_size "
-             f"{results['max_batch_size']}, {results['machine']}, {results['date']}", "",
-             "| mode | cache | load | req/min | p50 s | p95 s | p99 s | queue s | block batch | NFE/request |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{results['max_batch_size']}, {machine}, {results['date']}", "",
+             f"| mode | cache | load | req/min | {outputs}/min | p50 s | p95 s | p99 s | queue s | block batch | "
+             "NFE/output |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         lines.append(f"| {row['mode']} | {row['cache']} | {_load_label(row)} | {row['requests_per_min']:.1f} | "
-                     f"{row['p50_s']:.2f} | {row['p95_s']:.2f} | {row['p99_s']:.2f} | {row['mean_queue_s']:.2f} | "
-                     f"{row['mean_block_batch']:.2f} | {row['nfe_per_request']:.0f} |")
-    target = results["goal"]
-    if target is not None:
-        lines += ["", f"Goal (concurrency {target['concurrency']}, Spectrum): continuous serves "
-                  f"{target['throughput_ratio']:.2f}x the sequential server's requests per minute (goal 3x), p95 "
+                     f"{row['outputs_per_min']:.1f} | {row['p50_s']:.2f} | {row['p95_s']:.2f} | {row['p99_s']:.2f} | "
+                     f"{row['mean_queue_s']:.2f} | {row['mean_block_batch']:.2f} | {row['nfe_per_request']:.0f} |")
+    for target in filter(None, results["goals"]):
+        load = f"concurrency {target['concurrency']}" + (f", n={target['images']}" if target["images"] else "")
+        lines += ["", f"Goal ({load}, Spectrum): continuous serves {target['throughput_ratio']:.2f}x the sequential "
+                  f"server's {outputs} per minute (goal {target['target_ratio']:g}x), p95 "
                   f"{target['p95_continuous_s']:.2f} s against {target['p95_sequential_s']:.2f} s: "
                   f"{'met' if target['met'] else 'missed'}."]
     return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, path: Path) -> None:
+    """Throughput against offered load (Poisson), or against clients where no Poisson load ran;
+    the latency distribution at the highest concurrency."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = results["rows"]
-    figure, (offered, cdf) = plt.subplots(1, 2, figsize=(12, 4.5))
+    outputs = "images" if is_image_model(results["model"]) else "videos"
+    figure, (throughput, cdf) = plt.subplots(1, 2, figsize=(12, 4.5))
     highest = max((row["concurrency"] for row in rows if row["load"] == "closed"), default=None)
+    poisson_ran = any(row["load"] == "poisson" for row in rows)
     for mode in MODES:
         for cache, style in (("none", "--"), ("spectrum", "-")):
-            label = f"{mode}, {cache}"
-            poisson = sorted((row["offered_per_min"], row["requests_per_min"]) for row in rows
-                             if row["mode"] == mode and row["cache"] == cache and row["load"] == "poisson")
-            if poisson:
-                offered.plot(*zip(*poisson), style, marker="o", label=label)
-            for row in rows:
-                if (row["mode"], row["cache"], row["load"], row["concurrency"]) == (mode, cache, "closed", highest):
-                    latencies = row["latencies_s"]
-                    cdf.step(latencies, np.arange(1, len(latencies) + 1) / len(latencies), style, where="post",
-                             label=label)
-    limit = max((row["offered_per_min"] for row in rows if row["load"] == "poisson"), default=0)
-    if limit:
-        offered.plot([0, limit], [0, limit], ":", color="grey", label="served = offered")
-    offered.set(xlabel="offered load (requests/min, Poisson)", ylabel="served (requests/min)",
-                title="throughput against offered load")
+            for images in sorted({row.get("images") or 0 for row in rows}):
+                mine = [row for row in rows if (row["mode"], row["cache"], row.get("images") or 0) == (mode, cache, images)]
+                label = f"{mode}, {cache}" + (f", n={images}" if images else "")
+                marker = "s" if images > 1 else "o"
+                if poisson_ran:
+                    points = sorted((row["offered_per_min"], row["requests_per_min"]) for row in mine
+                                    if row["load"] == "poisson")
+                else:
+                    points = sorted((row["concurrency"], row["outputs_per_min"]) for row in mine if row["load"] == "closed")
+                if points:
+                    throughput.plot(*zip(*points), style, marker=marker, label=label)
+                for row in mine:
+                    if row["load"] == "closed" and row["concurrency"] == highest:
+                        latencies = row["latencies_s"]
+                        cdf.step(latencies, np.arange(1, len(latencies) + 1) / len(latencies), style, where="post",
+                                 label=label)
+    if poisson_ran:
+        limit = max(row["offered_per_min"] for row in rows if row["load"] == "poisson")
+        throughput.plot([0, limit], [0, limit], ":", color="grey", label="served = offered")
+        throughput.set(xlabel="offered load (requests/min, Poisson)", ylabel="served (requests/min)",
+                       title="throughput against offered load")
+    else:
+        throughput.set(xlabel="clients (closed loop)", ylabel=f"{outputs}/min", title=f"{outputs} per minute")
     cdf.set(xlabel="latency (s)", ylabel="fraction of requests", title=f"latency, closed loop, {highest} clients")
-    for axes in (offered, cdf):
+    for axes in (throughput, cdf):
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
     figure.suptitle(f"{results['model']}, {results['steps']} steps, {results['layout']}")

@@ -22,5 +22,23 @@ def test_serve_load_benchmark_measures_both_loads_and_writes_table_and_plot(tmp_
         assert row["nfe_per_request"] < 12           # Spectrum skipped block-stack evaluations
     assert rows["sequential", "closed", 2]["mean_block_batch"] == 1.0
     assert rows["continuous", "closed", 2]["mean_block_batch"] >= 1.0
-    assert result["goal"]["concurrency"] == 2 and out.with_suffix(".png").stat().st_size > 0
+    assert result["goals"][0]["concurrency"] == 2 and out.with_suffix(".png").stat().st_size > 0
     assert out.with_suffix(".md").read_text().count("| continuous | spectrum |") == 3
+
+
+@pytest.mark.timeout(400)
+def test_serve_load_benchmark_sends_image_requests_of_n_images(tmp_path):
+    pytest.importorskip("ray.serve")
+    from benchmarks import serve_load
+
+    out = tmp_path / "load.json"
+    result = serve_load.main(["--model", "tiny-flux", "--steps", "6", "--modes", "continuous", "--caches", "spectrum",
+                              "--concurrency", "2", "--rounds", "1", "--images", "1", "3", "--rates",
+                              "--json", str(out)])
+    rows = {row["images"]: row for row in result["rows"]}
+    assert set(rows) == {1, 3} and all(row["load"] == "closed" for row in rows.values())
+    assert rows[1]["outputs"] == 2 and rows[3]["outputs"] == 6 and rows[3]["requests"] == 2
+    # the three images of a request joined one tick together: three rows of one call, or more
+    assert rows[3]["mean_block_batch"] >= 3
+    assert result["goals"] == [None, None]   # no sequential server to compare with
+    assert "| continuous | spectrum | c=2, n=3 |" in out.with_suffix(".md").read_text()
