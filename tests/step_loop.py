@@ -36,16 +36,16 @@ def relative_error(latents, reference) -> float:
     return float((latents.double() - reference.double()).norm() / reference.double().norm())
 
 
-def compare_with_solo(rank_pipeline, requests: list, drop=None, solo=None) -> dict:
-    """Each request's step-loop result against its solo run (``solo``: those results, if made):
-    errors, (loop, solo) real steps and reports, and the rows of each tick."""
-    solo = solo if solo is not None else [rank_pipeline.generate(request) for _, request in requests]
-    batched, rows = run_step_loop(rank_pipeline, requests, drop)
+def compare_with_solo(rank_pipeline, requests: list, drop=None, on_tick=None) -> dict:
+    """Each request's step-loop result against its solo run: errors, (loop, solo) real steps and
+    reports, the rows of each tick, and the solo results."""
+    solo = [rank_pipeline.generate(request) for _, request in requests]
+    batched, rows = run_step_loop(rank_pipeline, requests, drop, on_tick)
     return {"errors": {index: relative_error(result.latents, solo[index].latents) for index, result in batched.items()},
             "real_steps": {index: (result.report["real_steps"], solo[index].report["real_steps"])
                            for index, result in batched.items()},
             "reports": {index: (result.report, solo[index].report) for index, result in batched.items()},
-            "rows": rows}
+            "rows": rows, "solo": solo}
 
 
 class HostReads:

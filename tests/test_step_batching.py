@@ -89,31 +89,28 @@ def _assert_equal_to_solo(outcome: dict, count: int, tolerance: float = TOLERANC
         assert got == expected, index
 
 
-def _calls(rank_pipeline, batcher_holder: list) -> list:
-    """Record every transformer call of the step loop: (expert, latent shape, whether its blocks
-    run, rows), in order."""
-    from spectrum_xdit.experts import pipeline_experts
+class CallRecorder:
+    """Every transformer call of the step loop, per tick: (expert, latent shape, whether its blocks
+    run, rows). Its ``on_tick`` goes to the loop."""
 
-    calls = []
-    for name, expert in pipeline_experts(rank_pipeline.pipe).items():
-        expert.register_forward_pre_hook(lambda module, args, kwargs, name=name: calls.append(
-            (name, tuple(kwargs["hidden_states"].shape[1:]), batcher_holder[0].policy.run_blocks,
-             kwargs["hidden_states"].shape[0])), with_kwargs=True)
-    return calls
+    def __init__(self, rank_pipeline):
+        from spectrum_xdit.experts import pipeline_experts
 
+        self.ticks: list[list] = []
+        self._batcher = None
+        for name, expert in pipeline_experts(rank_pipeline.pipe).items():
+            expert.register_forward_pre_hook(lambda module, args, kwargs, name=name: self._record(name, kwargs),
+                                             with_kwargs=True)
 
-def _run_recording_calls(rank_pipeline, requests):
-    """The step loop over ``requests``, recording each tick's calls: (results, calls per tick)."""
-    holder, per_tick = [], []
-    calls = _calls(rank_pipeline, holder)
+    def _record(self, expert: str, kwargs: dict) -> None:
+        if self._batcher is None:   # a solo run
+            return
+        hidden = kwargs["hidden_states"]
+        self.ticks[-1].append((expert, tuple(hidden.shape[1:]), self._batcher.policy.run_blocks, hidden.shape[0]))
 
-    def on_tick(tick, batcher):
-        holder[:] = [batcher]
-        per_tick.append(len(calls))
-
-    results, _ = run_step_loop(rank_pipeline, requests, on_tick=on_tick)
-    bounds = [*per_tick, len(calls)]
-    return results, [calls[start:end] for start, end in zip(bounds, bounds[1:])]
+    def on_tick(self, tick: int, batcher) -> None:
+        self._batcher = batcher
+        self.ticks.append([])
 
 
 def test_every_request_of_a_step_batch_equals_its_solo_run(tiny_wan):
@@ -153,42 +150,39 @@ def test_a_dropped_request_leaves_the_others_unchanged(tiny_wan):
 def test_flux_requests_share_ticks_one_call_per_shape_and_each_equals_its_solo_run():
     rank_pipeline = _rank_pipeline("tiny-flux")
     requests = _requests(rank_pipeline.spec, FLUX_REQUESTS, num_inference_steps=12, height=16, width=16)
-    solo = [rank_pipeline.generate(request) for _, request in requests]
-    outcome = compare_with_solo(rank_pipeline, requests, solo=solo)
+    recorder = CallRecorder(rank_pipeline)
+    outcome = compare_with_solo(rank_pipeline, requests, on_tick=recorder.on_tick)
     print(f"\nFLUX.1: worst relative error {max(outcome['errors'].values()):.1e}")
     _assert_equal_to_solo(outcome, len(FLUX_REQUESTS))
     assert outcome["reports"][1][0]["nfe"]["uncond"] < 12               # true CFG: a forecast second row
-    results, calls = _run_recording_calls(rank_pipeline, requests)
-    for tick, made in enumerate(calls):     # one call per latent shape and decision at every tick
+    for tick, made in enumerate(recorder.ticks):     # one call per latent shape and decision at every tick
         keys = [(shape, real) for _, shape, real, _ in made]
         assert len(keys) == len(set(keys)), (tick, made)
     # the three images of one request: three rows of the same calls, from their first tick on
-    shape = tuple(solo[5].latents.shape[1:])
-    tick_four = [rows for _, called, real, rows in calls[4] if called == shape and real]
-    assert tick_four and tick_four[0] >= 3, calls[4]
-    assert [results[i].report["real_steps"] for i in (5, 6, 7)] == [solo[i].report["real_steps"] for i in (5, 6, 7)]
+    shape = tuple(outcome["solo"][5].latents.shape[1:])
+    tick_four = [rows for _, called, real, rows in recorder.ticks[4] if called == shape and real]
+    assert tick_four and tick_four[0] >= 3, recorder.ticks[4]
 
 
 def test_wan22_experts_in_the_step_loop_equal_their_solo_runs():
     rank_pipeline = _rank_pipeline("tiny-wan22")
     requests = _requests(rank_pipeline.spec, WAN22_REQUESTS, num_inference_steps=WAN22_STEPS)
-    solo = [rank_pipeline.generate(request) for _, request in requests]
-    outcome = compare_with_solo(rank_pipeline, requests, solo=solo)
+    recorder = CallRecorder(rank_pipeline)
+    outcome = compare_with_solo(rank_pipeline, requests, on_tick=recorder.on_tick)
     print(f"\nWan2.2: worst relative error {max(outcome['errors'].values()):.1e}")
     _assert_equal_to_solo(outcome, len(WAN22_REQUESTS), WAN22_TOLERANCE)
     for index, (report, expected) in outcome["reports"].items():   # per expert: steps, real steps, memory
         assert report["experts"] == expected["experts"], index
         assert report["state_bytes_per_rank"] == expected["state_bytes_per_rank"], index
     assert outcome["reports"][3][0]["nfe"]["cond"] <= 10                # the budget, over both experts
-    _, calls = _run_recording_calls(rank_pipeline, requests)
     both = 0
-    for tick, made in enumerate(calls):
+    for tick, made in enumerate(recorder.ticks):
         keys = [(expert, shape, real) for expert, shape, real, _ in made]
         assert len(keys) == len(set(keys)), (tick, made)   # one call per expert, shape and decision
         both += len({expert for expert, *_ in made}) == 2
     assert both, "no tick held rows of both experts"
     # rows of different jobs on the same expert and decision shared a call
-    assert max(rows for *_, rows in (call for made in calls for call in made)) > 2
+    assert max(rows for made in recorder.ticks for *_, rows in made) > 2
 
 
 def _tiny_wan22_i2v(torch_dtype=None):
@@ -277,15 +271,14 @@ class _CountingDist:
 
 def _ulysses_batch() -> dict:
     rank_pipeline = _rank_pipeline("tiny-wan", ulysses_degree=2)
-    requests = _wan_requests(rank_pipeline.spec)
-    solo = [rank_pipeline.generate(request) for _, request in requests]
     counting = _CountingDist()
     step_batching.dist = counting
     try:
-        outcome = compare_with_solo(rank_pipeline, requests, solo=solo)
+        outcome = compare_with_solo(rank_pipeline, _wan_requests(rank_pipeline.spec))
     finally:
         step_batching.dist = dist
     outcome["collectives"] = counting.calls
+    outcome.pop("solo")
     return outcome
 
 
