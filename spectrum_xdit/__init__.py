@@ -9,8 +9,10 @@ import importlib
 _EXPORTS = {
     "SpectrumConfig": "config",
     "SpectrumForecaster": "forecaster",
+    "SpectrumState": "hooks",
     "apply_spectrum": "hooks",
     "apply_spectrum_to_pipeline": "experts",
+    "expert_states": "experts",
     "expert_steps": "experts",
     "paper_schedule": "schedule",
     "pipeline_spectrum_stats": "experts",
