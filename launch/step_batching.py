@@ -207,9 +207,6 @@ class StepBatcher:
         for expert in self.experts.values():
             hook_transformer(expert, self.policy)
         self._composition: Optional[int] = None
-        self._control_group = None
-        if rank_pipeline.world_size > 1 and dist.get_backend() != "gloo":
-            self._control_group = dist.new_group(backend="gloo")   # host integers: no wait for the device
 
     def close(self) -> None:
         """Take the hooks off: the pipeline serves solo calls again."""
@@ -240,7 +237,7 @@ class StepBatcher:
     def agree(self, wish: bool) -> bool:
         """Whether every rank runs the next tick: rank 0's ``wish``, and a check that every rank's
         loop holds the same requests, in one all-reduce (max) of ``[wish, fingerprint,
-        -fingerprint]`` over host integers. The fingerprint is of the requests and their order,
+        -fingerprint]``, host integers over the rank pipeline's gloo group. The fingerprint is of the requests and their order,
         recomputed when they change; their steps follow, since every rank ticks in lock-step
         from each request's step 0, and so do their decisions, which the requests' own settings
         and job-wide sums make alike on every rank (docs/method.md, "Ranks agree")."""
@@ -249,15 +246,14 @@ class StepBatcher:
             return wish
         fingerprint = self.fingerprint()
         values = torch.tensor([int(wish) if rp.rank == 0 else 0, fingerprint, -fingerprint], dtype=torch.int64)
-        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self._control_group)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=rp.host_group)
         go_on, highest, negated_lowest = values.tolist()
         if highest != -negated_lowest:
             from ..parallel.consistency import verify_agreement
 
             composition = ", ".join(f"{job} at step {active.step}" for job, active in self.active.items())
             verify_agreement(fingerprint, "step batches",
-                             f"This rank's loop: {len(self.active)} requests ({composition[:200]}).",
-                             self._control_group)
+                             f"This rank's loop: {len(self.active)} requests ({composition[:200]}).", rp.host_group)
         return bool(go_on)
 
     def fingerprint(self) -> int:

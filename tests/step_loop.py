@@ -47,36 +47,3 @@ def compare_with_solo(rank_pipeline, requests: list, drop=None, on_tick=None) ->
             "reports": {index: (result.report, solo[index].report) for index, result in batched.items()},
             "rows": rows, "solo": solo}
 
-
-class HostReads:
-    """Counts, while entered, every read of a tensor's values by the host: what waits for the
-    device on a GPU (``.item()``, ``.tolist()``, ``.cpu()``, ``bool(tensor)``, ...), each by the
-    module and function that made it. On CPU nothing waits; the calls are the same."""
-
-    METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
-
-    def __init__(self):
-        self.calls: list[str] = []
-        self._originals = {}
-
-    def __enter__(self):
-        import sys
-
-        import torch
-
-        for name in self.METHODS:
-            original = self._originals[name] = getattr(torch.Tensor, name)
-
-            def counted(tensor, *args, _original=original, _name=name, **kwargs):
-                caller = sys._getframe(1)
-                self.calls.append(f"{caller.f_globals.get('__name__')}.{caller.f_code.co_name}: {_name}")
-                return _original(tensor, *args, **kwargs)
-
-            setattr(torch.Tensor, name, counted)
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        for name, original in self._originals.items():
-            setattr(torch.Tensor, name, original)

@@ -12,73 +12,19 @@ stream only; the step-boundary stop of a multi-rank job reduces a host flag over
 
 from __future__ import annotations
 
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from host_reads import HostReads
 from spectrum_xdit.control import SpectrumController, ValidationClock
 from spectrum_xdit.config import SpectrumConfig
 from spectrum_xdit.launch.request import ParallelLayout, model_defaults, parse_request
 from spectrum_xdit.launch.runner import init_rank
 from spectrum_xdit.models import resolve_model
 
-ROOT = Path(__file__).resolve().parents[1]
-PROJECT = tuple(str(ROOT / name) for name in ("spectrum_xdit", "launch", "parallel"))
-NOT_CALLERS = (str(Path(torch.__file__).parent), __file__)
-aten = torch.ops.aten
-WAITING_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.equal.default,
-               aten.masked_select.default, aten.lift_fresh.default}
-READS = ("item", "tolist", "cpu", "numpy")
 STEPS = 12
-
-
-class HostReads(TorchDispatchMode):
-    """Counts the operations above that this project's code makes, per step (``next_step``
-    advances it: pass it as the runner's ``stop``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.step = 0
-        self.by_step: dict[int, list[str]] = {}
-        self._originals = {}
-
-    def next_step(self) -> bool:
-        self.step += 1
-        return False
-
-    def _note(self, what: str) -> None:
-        """Count ``what`` if the code that asked for it (past torch's own frames) is this project's."""
-        frame = sys._getframe(1)
-        while frame is not None and frame.f_code.co_filename.startswith(NOT_CALLERS):
-            frame = frame.f_back
-        if frame is not None and frame.f_code.co_filename.startswith(PROJECT):
-            where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {what}"
-            self.by_step.setdefault(self.step, []).append(where)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in WAITING_OPS:
-            self._note(str(func))
-        return func(*args, **(kwargs or {}))
-
-    def __enter__(self):
-        for name in READS:   # on a CPU tensor these reach no dispatch: count them where they are called
-            original = self._originals[name] = getattr(torch.Tensor, name)
-
-            def read(tensor, *args, _original=original, _name=name, **kwargs):
-                self._note(_name)
-                return _original(tensor, *args, **kwargs)
-
-            setattr(torch.Tensor, name, read)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for name, original in self._originals.items():
-            setattr(torch.Tensor, name, original)
-        return super().__exit__(*exc)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from host_reads import HostReads
 from serving import image_base64
-from step_loop import HostReads, compare_with_solo, run_step_loop
+from step_loop import compare_with_solo, run_step_loop
 from spectrum_xdit import paper_schedule
 from spectrum_xdit.launch import step_batching
 from spectrum_xdit.launch.request import ParallelLayout, model_defaults, parse_request
@@ -220,7 +221,8 @@ def test_wan22_image_to_video_in_the_step_loop_equals_its_solo_runs():
 
 @pytest.mark.parametrize("model", ["tiny-wan", "tiny-flux"])
 def test_a_forecast_tick_reads_nothing_back_from_the_device(model, tiny_wan):
-    """Counted on CPU with a mock of every tensor read (``HostReads``): the ticks at which every
+    """Counted on CPU (``HostReads``: every read of a tensor's values, data-dependent shape or upload
+    of host data, by any code past torch's, diffusers' and xDiT's included): the ticks at which every
     row is a forecast (two requests with the paper schedule, in step) make none, so on a GPU the
     host queues a forecast tick's work without waiting for the device."""
     rank_pipeline = tiny_wan if model == "tiny-wan" else _rank_pipeline(model)
@@ -232,25 +234,20 @@ def test_a_forecast_tick_reads_nothing_back_from_the_device(model, tiny_wan):
                          width=16 if spec.family == "flux" else 32)
     real = set(paper_schedule(12, 5, 2, 0.75))
     batcher = StepBatcher(rank_pipeline)
-    reads = {}
+    reads = HostReads(everywhere=True)
     try:
         for index, (_, request) in enumerate(requests):
             batcher.join(str(index), request)
-        step = 0
-        while batcher.active:
-            with HostReads() as counter:
+        with reads:
+            while batcher.active:
                 assert batcher.agree(True)
                 batcher.tick()
-            reads[step] = counter.calls
-            step += 1
+                reads.next_step()
     finally:
         batcher.close()
     forecast_ticks = sorted(set(range(12)) - real)
     assert forecast_ticks and 11 in real
-    assert {step: reads[step] for step in forecast_ticks} == {step: [] for step in forecast_ticks}
-    with HostReads() as probe:   # the mock sees reads where there are some
-        bool(torch.ones(1)) and torch.zeros(2).tolist()
-    assert len(probe.calls) == 2 and probe.calls[0].endswith(": __bool__"), probe.calls
+    assert {step: reads.by_step.get(step, []) for step in forecast_ticks} == {step: [] for step in forecast_ticks}
 
 
 class _CountingDist:
