@@ -237,10 +237,11 @@ class StepBatcher:
     def agree(self, wish: bool) -> bool:
         """Whether every rank runs the next tick: rank 0's ``wish``, and a check that every rank's
         loop holds the same requests, in one all-reduce (max) of ``[wish, fingerprint,
-        -fingerprint]``, host integers over the rank pipeline's gloo group. The fingerprint is of the requests and their order,
-        recomputed when they change; their steps follow, since every rank ticks in lock-step
-        from each request's step 0, and so do their decisions, which the requests' own settings
-        and job-wide sums make alike on every rank (docs/method.md, "Ranks agree")."""
+        -fingerprint]``, host integers over the rank pipeline's gloo group. The fingerprint is of
+        the requests and their order, recomputed when they change; their steps follow, since every
+        rank ticks in lock-step from each request's step 0, and so do their decisions, which the
+        requests' own settings and job-wide sums make alike on every rank (docs/method.md, "Ranks
+        agree")."""
         rp = self.rank_pipeline
         if rp.world_size == 1:
             return wish
