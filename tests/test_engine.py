@@ -1,6 +1,7 @@
 """The replica engine's step loop (`launch/serve/engine.py`) against a stand-in rank group that
-ticks instantly: who joins when (continuous, batched, max_batch_size), and how jobs leave
-(finished, deleted, timed out, a failed tick) while the queue waits."""
+ticks instantly, on a job store in a temporary SQLite file: who joins when (continuous, batched,
+max_batch_size), and how jobs leave (finished, deleted, timed out, a failed tick) while the queue
+waits."""
 
 import asyncio
 import dataclasses
@@ -10,6 +11,7 @@ import pytest
 
 from spectrum_xdit.launch.request import Limits, model_defaults, parse_request
 from spectrum_xdit.launch.serve import engine as engine_module
+from spectrum_xdit.launch.serve.contract import JobStatus, Output, TickAnswer
 from spectrum_xdit.launch.serve.rank_group import RequestFailed
 from spectrum_xdit.launch.serve.settings import ServeSettings
 from spectrum_xdit.models import resolve_model
@@ -32,7 +34,7 @@ class StandInGroup:
 
     async def ready(self):
         sizes = dataclasses.asdict(SPEC.sizes)
-        return SimpleNamespace(infos=[{"sizes": sizes, "xfuser_patches": {"installed": ["padding"]}}])
+        return SimpleNamespace(infos=[SimpleNamespace(sizes=sizes, xfuser_patches={"installed": ["padding"]})])
 
     async def probe(self) -> bool:
         return True
@@ -54,9 +56,9 @@ class StandInGroup:
             self.steps[job] += 1
             if self.steps[job] == self.requests[job].num_inference_steps:
                 del self.steps[job]
-                finished[job] = {"media": b"x", "report": {"nfe": {"cond": 1}, "num_inference_steps": 1}}
-        return {"dropped": dropped, "failed": {}, "finished": finished, "steps": dict(self.steps),
-                "block_rows": [len(self.steps) + len(finished)]}
+                finished[job] = Output(media=b"x", report={"nfe": {"cond": 1}, "num_inference_steps": 1})
+        return TickAnswer(0, dropped=dropped, finished=finished, steps=dict(self.steps),
+                          block_rows=[len(self.steps) + len(finished)])
 
     def kill(self) -> None:
         pass
@@ -72,27 +74,34 @@ def _request(steps: int, seed: int = 0):
                          {**model_defaults(SPEC), "height": 32, "width": 32, "num_frames": 5})
 
 
-async def _engine(monkeypatch, fail_at=None, **settings):
+async def _engine(monkeypatch, tmp_path, fail_at=None, **settings):
     monkeypatch.setattr(engine_module, "RankGroup", lambda s: StandInGroup(s, fail_at))
     monkeypatch.setattr(engine_module, "ServeMetrics", NoMetrics)
-    return engine_module.Engine(ServeSettings(model="tiny-wan", **settings), SPEC)
+    settings = ServeSettings(model="tiny-wan", broker_url=f"sqlite:///{tmp_path}/jobs-{len(list(tmp_path.iterdir()))}.db",
+                             **settings).with_job_store()
+    return engine_module.Engine(settings, SPEC, "replica-a")
 
 
-async def _outcome(job):
+def _submit(engine, request, kept=False):
+    return engine.submit([request], kept=kept)[0]
+
+
+async def _outcome(engine, job):
+    """``completed``, the status of the job's error, or ``deleted``."""
     try:
-        await asyncio.wait_for(asyncio.shield(job.done), 10)
-        return "completed"
-    except RequestFailed as error:
-        return error.status
+        record = await asyncio.wait_for(engine.result(job.id), 10)
+    except KeyError:
+        return "deleted"
+    return "completed" if record.status is JobStatus.COMPLETED else record.error.status
 
 
-def test_continuous_admits_at_the_next_tick_and_batched_only_into_an_empty_loop(monkeypatch):
+def test_continuous_admits_at_the_next_tick_and_batched_only_into_an_empty_loop(monkeypatch, tmp_path):
     async def scenario(mode):
-        engine = await _engine(monkeypatch, batching=mode, max_batch_size=2)
-        first = engine.submit(_request(6))
+        engine = await _engine(monkeypatch, tmp_path, batching=mode, max_batch_size=2)
+        first = _submit(engine, _request(6))
         await asyncio.sleep(0.05)                 # first is in the loop by now
-        later = [engine.submit(_request(3, seed)) for seed in (1, 2)]
-        outcomes = await asyncio.gather(*[_outcome(job) for job in [first, *later]])
+        later = [_submit(engine, _request(3, seed)) for seed in (1, 2)]
+        outcomes = await asyncio.gather(*[_outcome(engine, job) for job in [first, *later]])
         engine.close()
         joined = {job: tick for tick, (joins, _, _) in enumerate(engine.group.log) for job in joins}
         return outcomes, joined, [job.id for job in [first, *later]], engine.group.log, engine.group.interrupts
@@ -108,42 +117,42 @@ def test_continuous_admits_at_the_next_tick_and_batched_only_into_an_empty_loop(
     assert joined[a] == joined[b] == 6                    # both wait until the first's batch is done
 
 
-def test_a_deleted_or_timed_out_job_leaves_at_the_next_tick_and_the_others_go_on(monkeypatch):
+def test_a_deleted_or_timed_out_job_leaves_at_the_next_tick_and_the_others_go_on(monkeypatch, tmp_path):
     async def scenario():
-        engine = await _engine(monkeypatch, batching="continuous", request_timeout_s=0.3,
+        engine = await _engine(monkeypatch, tmp_path, batching="continuous", request_timeout_s=0.3,
                                limits=Limits(max_steps=10_000))
-        deleted, slow, quick = (engine.submit(_request(steps), kept=True) for steps in (9000, 10_000, 4))
+        deleted, slow, quick = (_submit(engine, _request(steps), kept=True) for steps in (9000, 10_000, 4))
         await asyncio.sleep(0.05)
         engine.remove(deleted.id)
-        outcomes = await asyncio.gather(*[_outcome(job) for job in (deleted, slow, quick)])
+        outcomes = await asyncio.gather(*[_outcome(engine, job) for job in (deleted, slow, quick)])
         engine.close()
-        return outcomes, str(slow.error), engine.counters
+        return outcomes, engine.get(slow.id).error.message, engine.counters
 
     outcomes, message, counters = asyncio.run(scenario())
-    assert outcomes == [409, 504, "completed"]
+    assert outcomes == ["deleted", 504, "completed"]
     assert "request_timeout_s" in message and "stopped after step" in message
     assert counters["cancelled"] == 1 and counters["failed"] == 1 and counters["succeeded"] == 1
 
 
-def test_a_failed_tick_fails_the_jobs_in_the_loop_and_the_queue_then_runs(monkeypatch):
+def test_a_failed_tick_fails_the_jobs_in_the_loop_and_the_queue_then_runs(monkeypatch, tmp_path):
     async def scenario():
-        engine = await _engine(monkeypatch, fail_at=3, batching="continuous", max_batch_size=2)
-        jobs = [engine.submit(_request(5, seed)) for seed in range(4)]
-        outcomes = await asyncio.gather(*[_outcome(job) for job in jobs])
+        engine = await _engine(monkeypatch, tmp_path, fail_at=3, batching="continuous", max_batch_size=2)
+        jobs = [_submit(engine, _request(5, seed)) for seed in range(4)]
+        outcomes = await asyncio.gather(*[_outcome(engine, job) for job in jobs])
         engine.close()
         return outcomes
 
     assert asyncio.run(scenario()) == [500, 500, "completed", "completed"]
 
 
-def test_the_images_of_one_request_join_the_same_tick(monkeypatch):
+def test_the_images_of_one_request_join_the_same_tick(monkeypatch, tmp_path):
     """As POST /v1/images/generations queues its n images: n jobs at once, into a running loop."""
     async def scenario():
-        engine = await _engine(monkeypatch, batching="continuous", max_batch_size=5)
-        first = engine.submit(_request(8))
+        engine = await _engine(monkeypatch, tmp_path, batching="continuous", max_batch_size=5)
+        first = _submit(engine, _request(8))
         await asyncio.sleep(0.05)
-        images = [engine.submit(_request(4, seed)) for seed in range(4)]
-        outcomes = await asyncio.gather(*[_outcome(job) for job in [first, *images]])
+        images = engine.submit([_request(4, seed) for seed in range(4)])
+        outcomes = await asyncio.gather(*[_outcome(engine, job) for job in [first, *images]])
         engine.close()
         joined = {job: tick for tick, (joins, _, _) in enumerate(engine.group.log) for job in joins}
         return outcomes, {joined[job.id] for job in images}, joined[first.id]

@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("ray")
 
 from spectrum_xdit.launch.serve import rank_group  # noqa: E402
+from spectrum_xdit.launch.serve.contract import JobError, Output, RankInfo, RunAnswer  # noqa: E402
 from spectrum_xdit.launch.serve.rank_group import RankGroup, RequestFailed  # noqa: E402
 from spectrum_xdit.launch.serve.settings import ServeSettings  # noqa: E402
 
@@ -34,8 +35,10 @@ class StandInRank:
     def rendezvous(self, same_node: bool) -> dict:
         return {"same_node": same_node}
 
-    def setup(self, rendezvous: dict) -> dict:
-        return {"rank": self.rank, "rendezvous": rendezvous, "pid": os.getpid()}
+    def setup(self, rendezvous: dict) -> RankInfo:
+        # where the group met, shown as the node
+        return RankInfo(rank=self.rank, pid=os.getpid(), node=f"same_node={rendezvous['same_node']}", device="cpu",
+                        sizes={}, xfuser_patches={})
 
     def ping(self) -> int:
         return self.rank
@@ -43,20 +46,20 @@ class StandInRank:
     def stop(self, job: str) -> None:
         self._stop.set()
 
-    def generate(self, request: dict, job: str) -> dict:
+    def generate(self, request: dict, job: str) -> RunAnswer:
         self._stop.clear()
         behaviour = request[self.rank]
         if behaviour == "ok":
-            return {"rank": self.rank, "report": {"job": job}}
+            return RunAnswer(self.rank, output=Output(media=b"", report={"job": job}))
         if behaviour == "error":
-            return {"rank": self.rank, "error": {"status": 500, "message": "ValueError: broken on purpose"}}
+            return RunAnswer(self.rank, error=JobError(status=500, message="ValueError: broken on purpose"))
         if behaviour == "bad":
-            return {"rank": self.rank, "error": {"status": 422, "field": "prompt", "message": "prompt: no"}}
+            return RunAnswer(self.rank, error=JobError(status=422, field="prompt", message="prompt: no"))
         if behaviour == "die":
             os._exit(1)
         for step in range(10_000):
             if self._stop.is_set() and behaviour == "steps":
-                return {"rank": self.rank, "stopped_after_step": step}
+                return RunAnswer(self.rank, stopped_after_step=step)
             time.sleep(0.05)
         raise AssertionError("never stopped")
 
@@ -109,7 +112,7 @@ def test_one_node_groups_meet_through_a_file_store(local_ray):
         return (await group.ready()).infos
 
     infos = _scenario(body)
-    assert [info["rendezvous"] for info in infos] == [{"same_node": True}] * 2
+    assert [info.node for info in infos] == ["same_node=True"] * 2
 
 
 def test_a_request_that_fails_alike_on_every_rank_fails_alone(local_ray):
@@ -122,7 +125,7 @@ def test_a_request_that_fails_alike_on_every_rank_fails_alone(local_ray):
     (number, _, failed), (_, _, bad), (after, answer, _), rebuilds = _scenario(body)
     assert failed.status == 500 and "broken on purpose" in str(failed) and not failed.rebuilt
     assert bad.status == 422 and bad.field == "prompt" and not bad.rebuilt
-    assert answer == {"rank": 0, "report": {"job": "job"}}
+    assert answer == RunAnswer(0, output=Output(media=b"", report={"job": "job"}))
     assert rebuilds == 0 and after == number
 
 
@@ -156,8 +159,8 @@ def test_a_dead_rank_fails_its_request_with_503_and_rebuilds(local_ray):
         return outcome, after, group.rebuilds
 
     (number, _, failure), (after, answer, _), rebuilds = _scenario(body)
-    assert failure.status == 503 and failure.headers == {"Retry-After": "30"} and "rank 1" in str(failure)
-    assert rebuilds == 1 and after == number + 1 and answer["rank"] == 0
+    assert failure.status == 503 and failure.job_error.headers == {"Retry-After": "30"} and "rank 1" in str(failure)
+    assert rebuilds == 1 and after == number + 1 and answer.rank == 0
 
 
 def test_probes_find_a_dead_idle_rank_and_rebuilds_back_off(local_ray):
@@ -178,18 +181,3 @@ def test_probes_find_a_dead_idle_rank_and_rebuilds_back_off(local_ray):
     delays, number, reason, failures = _scenario(body)
     assert delays == [0.0, 2.0, 4.0] and number == 4
     assert "rank(s) [1] did not answer the health probe" in reason and failures == 0
-
-
-def test_kept_jobs_expire_after_their_time_then_the_oldest_go_past_the_byte_limit():
-    from types import SimpleNamespace
-
-    from spectrum_xdit.launch.serve.engine import KeptJobs
-
-    kept = KeptJobs(ttl_s=100.0, max_bytes=250)
-    for name, finished, size in (("old", 0.0, 100), ("a", 50.0, 100), ("b", 60.0, 100), ("c", 70.0, 100),
-                                 ("running", None, 0)):
-        kept[name] = SimpleNamespace(id=name, completed_at=finished, nbytes=size)
-    kept.evict(now=120.0)            # "old" is past its 100 s; 300 bytes remain, over 250: "a" goes too
-    assert sorted(kept) == ["b", "c", "running"]
-    kept.evict(now=165.0)            # "b" finished 105 s ago
-    assert sorted(kept) == ["c", "running"]

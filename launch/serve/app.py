@@ -2,10 +2,11 @@
 requests through an engine (``engine``) on one rank group (``rank_group``).
 
 A replica checks a request completely (the request model, the model's and the layout's rules,
-the model's size rules, the server's limits) before it is queued; the engine then runs it on
-every rank in lock-step, alone or in the replica's step loop with the other jobs, and rank 0
-returns the latents or the encoded media. Several replicas, each with its own group, scale out
-across the cluster. Beside ``/v1/generate`` the replica speaks OpenAI's video and image APIs as
+the model's size rules, the server's limits) before it queues it in the job store that every
+replica shares (``job_store``); whichever replica has room takes it (``engine``) and runs it on
+every rank in lock-step, alone or in its step loop with the other jobs, and rank 0 returns the
+latents or the encoded media. Any replica answers for any job, since they all read its record
+there. Several replicas, each with its own group, scale out across the cluster. Beside ``/v1/generate`` the replica speaks OpenAI's video and image APIs as
 the official SDK calls them (``openai_shapes``, ``openai_answers``), with OpenAI's error shape on
 every endpoint (``errors``) and, when configured, API keys (``auth``).
 Start it with ``spectrum-xdit serve`` or ``serve run`` of ``launch/serve/serve_config.yaml``
@@ -35,6 +36,7 @@ from ..request import CONTENT_TYPES, RequestError, from_text, parse_request
 from ..validate import validate
 from .auth import RequireApiKey
 from .body import read_payload
+from .contract import BatchingMode, JobError, JobStatus
 from .engine import Engine, QueueFull
 from .errors import error_object, error_response
 from .openai_answers import VideoJob, images_answer, list_page, page_of, poll_after_ms, video_object
@@ -47,7 +49,6 @@ from .openai_shapes import (
     split_fields,
     video_request_body,
 )
-from .rank_group import GroupUnavailable, RequestFailed
 from .settings import ServeSettings
 
 APP_NAME = "spectrum-xdit"
@@ -78,21 +79,14 @@ async def _bad_parameter(http_request: Request, error: RequestValidationError):
                                f"{problem.get('input')!r}", param)
 
 
-def _failure_parts(error: Exception) -> tuple[int, str, Optional[str], Optional[dict]]:
-    """A job's error as its status, message, field and headers."""
-    if isinstance(error, GroupUnavailable):
-        return 503, f"the rank group is not available: {error}", None, {"Retry-After": "30"}
-    if isinstance(error, RequestError):
-        return error.status, str(error), error.field, None
-    if isinstance(error, RequestFailed):
-        return error.status, str(error), error.field, error.headers
-    return 500, f"{type(error).__name__}: {error}", None, None
-
-
-def _failure(error: Exception) -> JSONResponse:
+def _failure(error: JobError) -> JSONResponse:
     """The answer of a job that did not complete."""
-    status, message, field, headers = _failure_parts(error)
-    return error_response(status, message, field, headers)
+    return error_response(error.status, error.message, error.field, error.headers)
+
+
+def _gone(job_id: str) -> JSONResponse:
+    """The answer of a synchronous request whose job was deleted (or evicted) while it waited."""
+    return error_response(409, f"job {job_id} was deleted before it completed")
 
 
 def _refusal(error: RequestError) -> JSONResponse:
@@ -110,7 +104,7 @@ class SpectrumServer:
         self.defaults = self.settings.request_defaults(self.spec)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.ray_patches = ray_serve_grpc.install()
-        self.engine = Engine(self.settings, self.spec)
+        self.engine = Engine(self.settings, self.spec, self.replica)
 
     async def _checked(self, http_request: Request, fields=None, defaults: Optional[dict] = None):
         """The request of a body (JSON or a multipart form), checked completely, and OpenAI's
@@ -135,11 +129,32 @@ class SpectrumServer:
             raise renamed(error, names, body, self.settings.fps) from None
         return request, given
 
-    def _submit(self, request, kept: bool = False):
+    def _submit(self, requests: list, kept: bool = False, remixed_from: Optional[str] = None):
+        """The records of ``requests``, queued together, or the 429 of a full queue."""
         try:
-            return self.engine.submit(request, kept=kept), None
+            return self.engine.submit(requests, kept=kept, remixed_from=remixed_from), None
         except QueueFull as error:
             return None, error_response(429, f"the server is busy: {error}; retry later", headers={"Retry-After": "10"})
+
+    async def _results(self, records: list):
+        """The finished records of synchronous jobs and their media, or the answer of the first
+        that failed; their records and media are then forgotten (nobody can ask for them again)."""
+        try:
+            # shielded: a client that hangs up leaves its jobs to finish; nothing is cancelled
+            finished = await asyncio.shield(asyncio.gather(*[self.engine.result(r.id) for r in records]))
+        except KeyError as error:
+            return None, None, _gone(error.args[0])
+        try:
+            failed = next((record for record in finished if record.status is JobStatus.FAILED), None)
+            if failed is not None:
+                return None, None, _failure(failed.error)
+            try:
+                media = [self.engine.output(record) for record in finished]
+            except FileNotFoundError:
+                return None, None, _gone(records[0].id)
+            return finished, media, None
+        finally:
+            self.engine.forget(records)
 
     @api.post("/v1/generate")
     async def generate(self, http_request: Request):
@@ -148,20 +163,18 @@ class SpectrumServer:
             request, _ = await self._checked(http_request)
         except RequestError as error:
             return _refusal(error)
-        job, refused = self._submit(request)
+        records, refused = self._submit([request])
         if refused is not None:
             return refused
-        try:
-            # shielded: a client that hangs up leaves its job to finish; nothing is cancelled
-            answer = await asyncio.shield(job.done)
-        except Exception as error:
-            return _failure(error)
+        finished, media, refused = await self._results(records)
+        if refused is not None:
+            return refused
         output_format = request.output_format
-        report = dict(self._report(job), request_seconds=time.perf_counter() - arrived)
+        report = dict(self._report(finished[0]), request_seconds=time.perf_counter() - arrived)
         content_type = CONTENT_TYPES[output_format]
         if "application/json" in http_request.headers.get("accept", "").lower():
             return JSONResponse({"output_format": output_format, "content_type": content_type,
-                                 "media": base64.b64encode(answer["media"]).decode("ascii"), "report": report})
+                                 "media": base64.b64encode(media[0]).decode("ascii"), "report": report})
         headers = {
             "X-Spectrum-Report": json.dumps(report, separators=(",", ":")),
             "X-Spectrum-NFE": json.dumps(report["nfe"], separators=(",", ":")),
@@ -170,7 +183,7 @@ class SpectrumServer:
             "X-Spectrum-Request-Seconds": f"{report['request_seconds']:.4f}",
             "Content-Disposition": f'inline; filename="spectrum-xdit.{output_format}"',
         }
-        return Response(content=answer["media"], media_type=content_type, headers=headers)
+        return Response(content=media[0], media_type=content_type, headers=headers)
 
     # -- OpenAI's video and image APIs ----------------------------------------------------------
 
@@ -191,23 +204,19 @@ class SpectrumServer:
                           order: Literal["asc", "desc"] = "desc"):
         """The kept video jobs, newest first unless ``order=asc``, a page of ``limit`` after the id
         ``after``, as the SDK's pagination reads them."""
+        records = {record.id: record for record in self.engine.records()}
         try:
-            ids, more = page_of(self._video_ids(), after, limit, order)
+            ids, more = page_of(list(records), after, limit, order)
         except RequestError as error:
             return _refusal(error)
-        objects = []
-        for video_id in ids:
-            job = self._kept(video_id)
-            if not isinstance(job, JSONResponse):   # not deleted meanwhile
-                objects.append(self._video_object(await self._video_job(job)))
-        return JSONResponse(list_page(objects, more))
+        return JSONResponse(list_page([self._video_object(self._video_job(records[i])) for i in ids], more))
 
     @api.get("/v1/videos/{video_id}")
     async def get_video(self, video_id: str):
-        job = self._kept(video_id)
-        if isinstance(job, JSONResponse):
-            return job
-        view = await self._video_job(job)
+        record = self._kept(video_id)
+        if isinstance(record, JSONResponse):
+            return record
+        view = self._video_job(record)
         return JSONResponse(self._video_object(view), headers={"openai-poll-after-ms": str(poll_after_ms(view))})
 
     @api.get("/v1/videos/{video_id}/content")
@@ -215,14 +224,17 @@ class SpectrumServer:
                                 variant: Literal["video", "thumbnail", "spritesheet"] = "video"):
         """The video as made (``output_format``), its first frame (WebP) or a sprite sheet of its
         frames (JPEG), both made from the stored media."""
-        job = self._kept(video_id)
-        if isinstance(job, JSONResponse):
-            return job
-        view = await self._video_job(job)
-        if view.status != "completed":
-            return _refusal(RequestError("video_id", f"video {video_id} is {view.status}, not completed; poll GET "
-                                         f"/v1/videos/{video_id}", 409))
-        output_format, media = view.request.output_format, self._media(job)
+        record = self._kept(video_id)
+        if isinstance(record, JSONResponse):
+            return record
+        if record.status is not JobStatus.COMPLETED:
+            return _refusal(RequestError("video_id", f"video {video_id} is {record.status.value}, not completed; poll "
+                                         f"GET /v1/videos/{video_id}", 409))
+        output_format = record.request.output_format
+        try:
+            media = self.engine.output(record)
+        except FileNotFoundError:
+            return _refusal(RequestError("video_id", f"video {video_id} has expired", 404))
         if variant == "video":
             return Response(content=media, media_type=CONTENT_TYPES[output_format],
                             headers={"Content-Disposition": f'inline; filename="{video_id}.{output_format}"'})
@@ -240,13 +252,13 @@ class SpectrumServer:
     async def remix_video(self, video_id: str, http_request: Request):
         """A new video job of a completed one's request with a new prompt: the same seed, size and
         settings, but for what the body gives."""
-        job = self._kept(video_id)
-        if isinstance(job, JSONResponse):
-            return job
-        view = await self._video_job(job)
-        if view.status != "completed":
-            return _refusal(RequestError("video_id", f"video {video_id} is {view.status}: remix a completed video", 409))
-        source = view.request.model_dump(exclude={"cache": {"num_inference_steps"}})
+        record = self._kept(video_id)
+        if isinstance(record, JSONResponse):
+            return record
+        if record.status is not JobStatus.COMPLETED:
+            return _refusal(RequestError("video_id", f"video {video_id} is {record.status.value}: remix a completed "
+                                         "video", 409))
+        source = record.request.model_dump(exclude={"cache": {"num_inference_steps"}})
         try:
             request, _ = await self._checked(http_request, VideoFields, defaults=source)
         except RequestError as error:
@@ -278,79 +290,72 @@ class SpectrumServer:
                                    f"got {count}")
         except RequestError as error:
             return _refusal(error)
-        if len(self.engine.pending) + count > self.settings.max_queue_size:
-            return error_response(429, f"the server is busy: {len(self.engine.pending)} jobs are waiting; retry "
-                                  "later", headers={"Retry-After": "10"})
-        jobs = [self.engine.submit(request.model_copy(update={"seed": request.seed + index}))
-                for index in range(count)]
-        try:
-            answers = await asyncio.shield(asyncio.gather(*[job.done for job in jobs]))
-        except Exception as error:
-            return _failure(error)
+        records, refused = self._submit([request.model_copy(update={"seed": request.seed + index})
+                                         for index in range(count)])
+        if refused is not None:
+            return refused
+        finished, media, refused = await self._results(records)
+        if refused is not None:
+            return refused
         images = await asyncio.to_thread(
-            lambda: [transcode_image(answer["media"], fields.image_format, fields.output_compression)
-                     for answer in answers])
-        reports = [dict(self._report(job), request_seconds=time.perf_counter() - arrived) for job in jobs]
+            lambda: [transcode_image(png, fields.image_format, fields.output_compression) for png in media])
+        reports = [dict(self._report(record), request_seconds=time.perf_counter() - arrived) for record in finished]
         return JSONResponse(images_answer(images, fields, request, reports))
 
     async def _new_video(self, request, remixed_from: Optional[str] = None) -> JSONResponse:
-        job, refused = self._submit(request, kept=True)
+        records, refused = self._submit([request], kept=True, remixed_from=remixed_from)
         if refused is not None:
             return refused
-        job.remixed_from_video_id = remixed_from
-        return JSONResponse(self._video_object(await self._video_job(job)))
+        return JSONResponse(self._video_object(self._video_job(records[0])))
 
     def _video_object(self, view: VideoJob) -> dict:
         return video_object(view, self._model_name(), self.settings.fps, self.settings.result_ttl_s)
 
-    # -- the jobs, as the answers read them: the one place that knows where jobs are kept ----------
+    # -- the jobs, as the answers read them from their records ---------------------------------
 
     def _kept(self, video_id: str):
+        """The record of a ``/v1/videos`` job, or the 404 of one unknown, deleted or expired."""
         try:
-            return self.engine.job(video_id)
+            record = self.engine.get(video_id)
+            if record.kept:
+                return record
         except KeyError:
-            return _refusal(RequestError("video_id", f"no video {video_id} (never created, deleted, or expired)", 404))
+            pass
+        return _refusal(RequestError("video_id", f"no video {video_id} (never created, deleted, or expired)", 404))
 
-    def _video_ids(self) -> list[str]:
-        """The ids of the kept video jobs, in the order they were created."""
-        self.engine.jobs.evict()
-        return list(self.engine.jobs)
-
-    async def _video_job(self, job) -> VideoJob:
-        steps = await self.engine.progress(job)
-        running = job.status == "in_progress" and job.started is not None and steps > 0
-        error = None
-        if job.status == "failed":
-            status, message, field, _ = _failure_parts(job.error)
-            error = error_object(status, message, field)
-        return VideoJob(id=job.id, status=job.status, request=job.request, created_at=job.created_at,
-                        completed_at=job.completed_at, steps_done=steps,
-                        step_seconds=(time.perf_counter() - job.started) / steps if running else None,
-                        report=self._report(job) if job.status == "completed" else None, error=error,
-                        remixed_from_video_id=job.remixed_from_video_id)
+    def _video_job(self, record) -> VideoJob:
+        steps = record.steps_done
+        running = record.status is JobStatus.IN_PROGRESS and record.started_at is not None and steps > 0
+        error = record.error
+        return VideoJob(id=record.id, status=record.status.value, request=record.request,
+                        created_at=int(record.created_at), completed_at=record.completed_at, steps_done=steps,
+                        step_seconds=(time.time() - record.started_at) / steps if running else None,
+                        report=self._report(record) if record.status is JobStatus.COMPLETED else None,
+                        error=error_object(error.status, error.message, error.field) if error else None,
+                        remixed_from_video_id=record.remixed_from)
 
     @staticmethod
-    def _media(job) -> bytes:
-        return job.answer["media"]
-
-    def _report(self, job) -> dict:
-        request = job.request
-        return dict(job.answer["report"], seed=request.seed, height=request.height, width=request.width,
+    def _report(record) -> dict:
+        """A completed job's report, with the request's settings and where and how long it waited
+        (``replica``: the one that ran it; ``deliveries``: more than 1 if it was re-run)."""
+        request = record.request
+        return dict(record.report, seed=request.seed, height=request.height, width=request.width,
                     num_frames=request.num_frames, output_format=request.output_format,
-                    queue_seconds=job.queue_seconds, replica=self.replica)
+                    queue_seconds=record.queue_seconds, replica=record.replica, deliveries=record.deliveries)
 
     @api.get("/healthz")
     async def healthz(self):
         engine, group = self.engine, self.engine.group
-        infos = group.infos or []
+        infos = [dataclasses.asdict(info) for info in group.infos or []]
         shown = ("rank", "device", "pid", "node") if self.settings.debug else ("rank", "device")
+        sequential = engine.mode is BatchingMode.SEQUENTIAL
         body = {"status": group.state, "replica": self.replica, "model": self._model_name(),
                 "world_size": self.settings.world_size,
                 "group": group.current.number, "busy": bool(engine.running),
-                "batching": engine.step_batching or "sequential", "queue_depth": len(engine.pending),
+                "batching": engine.mode.value, "queue_depth": engine.queue_depth(),
                 "batch_occupancy": len(engine.running),
-                "max_batch_size": self.settings.max_batch_size if engine.step_batching else 1,
-                "max_queue_size": self.settings.max_queue_size, "kept_jobs": len(engine.jobs),
+                "max_batch_size": 1 if sequential else self.settings.max_batch_size,
+                "max_queue_size": self.settings.max_queue_size,
                 "counters": dict(engine.counters, rebuilds=group.rebuilds),
                 "workers": [{key: info[key] for key in shown} for info in infos],
                 "xfuser_patches": infos[0]["xfuser_patches"] if infos else None, "ray_patches": self.ray_patches}
@@ -377,9 +382,9 @@ class SpectrumServer:
                                                                              "cache": {"num_inference_steps"}}),
             "output_formats": list(settings.output_formats(spec)),
             "fps": settings.fps,
-            "sizes": group.infos[0]["sizes"] if group.infos else dataclasses.asdict(spec.sizes),
-            "batching": {"mode": self.engine.step_batching or "sequential",
-                         "max_batch_size": settings.max_batch_size if self.engine.step_batching else 1},
+            "sizes": group.infos[0].sizes if group.infos else dataclasses.asdict(spec.sizes),
+            "batching": {"mode": self.engine.mode.value,
+                         "max_batch_size": 1 if self.engine.mode is BatchingMode.SEQUENTIAL else settings.max_batch_size},
         }
 
     def _model_name(self) -> str:
@@ -414,7 +419,7 @@ def build_app(args: Optional[dict] = None):
     calls with the config's ``args``: the flat setting names of ``spectrum-xdit serve``)."""
     settings = args if isinstance(args, ServeSettings) else ServeSettings.from_flat(dict(args or {}))
     settings.check()
-    settings = settings.with_api_keys()
+    settings = settings.with_api_keys().with_job_store()
     settings = settings.model_copy(update={"device": resolve_device(settings)})
     return SpectrumServer.options(**deployment_options(settings)).bind(settings.model_dump())
 

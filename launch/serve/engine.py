@@ -1,13 +1,18 @@
-"""The replica's job loop: a bounded queue, the jobs of the asynchronous API kept until their
-results expire, health probes of the ranks while idle, and one of two ways to run the jobs:
+"""The replica's side of the shared job queue (``job_store``): it pulls jobs when it has room,
+runs them on its rank group, and writes their progress and results where every replica reads
+them. Two ways to run the jobs:
 
-* sequential: one job at a time, each in the pipeline's own denoising loop;
+* sequential: one job at a time, each in the pipeline's own denoising loop; a job is taken when
+  the replica is idle;
 * a step loop (``batched`` or ``continuous``): the rank group ticks, one denoising step of every
-  job in the loop per tick (``step_batching``), many ticks per call. ``continuous`` lets a queued
-  job join at the next tick (it interrupts the ranks' run of ticks); ``batched`` only when the
-  loop is empty, so the jobs that arrived together run together.
-  At most ``max_batch_size`` jobs are in the loop. A job asked to stop (deleted, or past
-  ``request_timeout_s``) leaves it with the next call to the ranks, the others go on.
+  job in the loop per tick (``step_batching``), many ticks per call. ``continuous`` takes a queued
+  job into the loop at the next tick while it holds fewer than ``max_batch_size``; ``batched`` only
+  into an empty loop, so the jobs that waited together run together.
+
+Pull, not push: a replica takes a job only when it can run it, so the jobs spread over the
+replicas by themselves and a busy replica never holds waiting jobs. While a job runs, this replica
+renews its lease and writes its progress, and stops it after the current step once it is deleted
+(``KEEPER_S``); a job whose replica died is put back in the queue by any replica (``REAP_S``).
 
 Its tasks are created with the replica, outside any HTTP request, so the calls they make to the
 ranks belong to no request: a client that hangs up cancels nothing, and its job runs to the end.
@@ -16,169 +21,149 @@ ranks belong to no request: a client that hangs up cancels nothing, and its job 
 from __future__ import annotations
 
 import asyncio
-import collections
+import dataclasses
 import logging
-import secrets
 import time
 from typing import Optional
 
 from ...models import ModelSpec, SizeRules
-from ..request import RequestError
 from ..validate import validate
+from .contract import BatchingMode, JobError, JobStatus, Output, TickAnswer
+from .job_store import JobRecord, JobStore, QueueFull
 from .metrics import ServeMetrics
 from .rank_group import GroupUnavailable, RankGroup, RequestFailed
 from .settings import ServeSettings
 
 logger = logging.getLogger("ray.serve")
 # Longest run of ticks the ranks make in one call of the step loop: they return earlier when a job
-# finishes or one waits to join or leave; this bounds how stale progress and timeouts get.
+# finishes or one waits to join or leave; this bounds how stale the loop's view of the queue gets.
 TICK_RUN_S = 1.0
+# How often an idle replica asks the queue for a job: the most a job waits for an idle replica.
+POLL_S = 0.02
+# How often the running jobs' leases are renewed, their progress written, deletes looked for, and
+# (continuous) the queue looked at for jobs to join: a write per running job per period.
+KEEPER_S = 0.5
+# The longest wait between two reads of a job's record by a request waiting for it (the first
+# reads are sooner; a job that finishes on this replica wakes its waiters at once).
+WAIT_MAX_S = 0.5
+
+__all__ = ["Engine", "QueueFull"]
 
 
-class QueueFull(RuntimeError):
-    """The replica's queue holds ``max_queue_size`` jobs: answer 429."""
+@dataclasses.dataclass
+class Running:
+    """A job this replica took: its record as last written, and when it started here."""
 
-
-class Job:
-    """One request: queued, running on the rank group, or finished (``completed``, ``failed``)."""
-
-    def __init__(self, request, kept: bool):
-        self.id = secrets.token_urlsafe(16)
-        self.request = request
-        self.kept = kept                      # kept after it finishes (the asynchronous API)
-        self.created_at = int(time.time())
-        self.completed_at: Optional[float] = None
-        self.arrived = time.perf_counter()
-        self.queue_seconds: Optional[float] = None
-        self.status = "queued"
-        self.steps_done = 0
-        self.answer: Optional[dict] = None    # rank 0's media and report
-        self.error: Optional[Exception] = None
-        self.started: Optional[float] = None
-        self.remixed_from_video_id: Optional[str] = None   # OpenAI's remix: the video it remade
-        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.answer["media"]) if self.answer is not None else 0
-
-    def finish(self, answer: Optional[dict] = None, error: Optional[Exception] = None) -> None:
-        self.status = "completed" if error is None else "failed"
-        self.answer, self.error = answer, error
-        self.completed_at = time.time()
-        if error is None:
-            self.done.set_result(answer)
-        else:
-            self.done.set_exception(error)
-            self.done.exception()   # retrieved: a job nobody awaits logs no warning
-
-
-class KeptJobs(dict):
-    """The jobs of the asynchronous API by id, until they are removed or their results expire:
-    finished ones older than ``ttl_s`` go first, then the oldest while the results kept exceed
-    ``max_bytes``."""
-
-    def __init__(self, ttl_s: float, max_bytes: int):
-        super().__init__()
-        self.ttl_s = ttl_s
-        self.max_bytes = max_bytes
-
-    def evict(self, now: Optional[float] = None) -> None:
-        now = time.time() if now is None else now
-        finished = sorted((job for job in self.values() if job.completed_at is not None),
-                          key=lambda job: job.completed_at)
-        total = sum(job.nbytes for job in self.values())
-        for job in finished:
-            if now - job.completed_at > self.ttl_s or total > self.max_bytes:
-                total -= job.nbytes
-                del self[job.id]
+    record: JobRecord
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    joined: bool = False                       # in the step loop (it joined at a tick)
+    leaving: Optional[RequestFailed] = None    # why it leaves the step loop at the next tick
 
 
 class Engine:
-    def __init__(self, settings: ServeSettings, spec: ModelSpec):
+    def __init__(self, settings: ServeSettings, spec: ModelSpec, replica: str):
         self.settings = settings
         self.spec = spec
+        self.replica = replica
+        settings = settings if settings.broker_url else settings.with_job_store()
+        self.store = JobStore(settings.broker_url, settings.results_url, settings.model, settings.max_queue_size,
+                              settings.lease_s)
         self.group = RankGroup(settings)
         self.metrics = ServeMetrics()
-        self.pending: collections.deque[Job] = collections.deque()
-        self.jobs = KeptJobs(settings.result_ttl_s, settings.max_result_bytes)
-        self.running: dict[str, Job] = {}
+        self.mode = BatchingMode(settings.step_batching or "sequential")
+        self.running: dict[str, Running] = {}
         self.counters = {"dispatched": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "rejected": 0,
-                         "ticks": 0, "block_calls": 0, "block_rows": 0}
-        self.step_batching = settings.step_batching
-        self._leaving: dict[str, RequestFailed] = {}    # jobs to take out of the step loop, and why
-        self._wake = asyncio.Event()
+                         "requeued": 0, "ticks": 0, "block_calls": 0, "block_rows": 0}
+        self._wake = asyncio.Event()         # a job was queued here
+        self._finished = asyncio.Event()     # a job finished here: its waiters read its record
         loop = asyncio.get_running_loop()
-        run = self._run_steps() if self.step_batching else self._run_jobs()
-        self._tasks = [loop.create_task(run), loop.create_task(self._probe())]
+        run = self._run_jobs() if self.mode is BatchingMode.SEQUENTIAL else self._run_steps()
+        self._tasks = [loop.create_task(task) for task in (run, self._keep(), self._reap(), self._probe())]
 
     # -- the API's side -------------------------------------------------------------------------
 
-    def submit(self, request, kept: bool = False) -> Job:
-        """Queue ``request``; ``kept``: the job stays readable after it ends. Raises
-        :class:`QueueFull` at ``max_queue_size`` waiting jobs."""
-        if len(self.pending) >= self.settings.max_queue_size:
+    def submit(self, requests: list, kept: bool = False, remixed_from: Optional[str] = None) -> list[JobRecord]:
+        """Queue ``requests`` together (the images of one request) and return their records;
+        ``kept``: readable after they end, until ``result_ttl_s``. Raises :class:`QueueFull`."""
+        records = [JobRecord.new(request, kept, remixed_from) for request in requests]
+        try:
+            self.store.submit(records)
+        except QueueFull:
             self.counters["rejected"] += 1
-            raise QueueFull(f"{len(self.pending)} jobs are waiting, the server's max_queue_size")
-        job = Job(request, kept)
-        self.pending.append(job)
-        if kept:
-            self.jobs[job.id] = job
-            self.jobs.evict()
+            raise
         self._wake.set()
-        self.metrics.queue_depth(len(self.pending))
-        if self.step_batching == "continuous" and self.running and (
-                len(self.running) + len(self.pending) <= self.settings.max_batch_size):   # it can join now
-            self._interrupt_ticks()
-        return job
+        if self.mode is BatchingMode.CONTINUOUS and self.running and self._free_slots() >= self.queue_depth():
+            self._interrupt_ticks()   # every queued job can join now
+        return records
 
-    def job(self, job_id: str) -> Job:
-        """A job of the asynchronous API (``KeyError`` if unknown, removed or expired)."""
-        self.jobs.evict()
-        return self.jobs[job_id]
+    def get(self, job_id: str) -> JobRecord:
+        """A job's record, whichever replica runs or ran it (``KeyError`` if unknown, deleted or
+        expired)."""
+        record = self.store.get(job_id)
+        if record is None:
+            raise KeyError(job_id)
+        return record
 
-    async def progress(self, job: Job) -> int:
-        """Denoising steps done of ``job`` (asks rank 0 while the job runs)."""
-        if job.status == "in_progress" and not self.step_batching and self.group.state == "ready":
-            answer = await self.group.progress(self.group.current)
-            if answer.get("job") == job.id:
-                job.steps_done = answer["steps"]
-        return job.steps_done
+    def records(self) -> list[JobRecord]:
+        """The kept jobs (``/v1/videos``), oldest first."""
+        return [record for record in self.store.records() if record.kept]
 
-    def remove(self, job_id: str) -> Job:
-        """Cancel a queued job, stop a running one after its current step, forget a finished one;
-        a later lookup is a ``KeyError``."""
-        job = self.jobs.pop(job_id)
-        if job.status == "queued":
-            self.pending.remove(job)
-            job.finish(error=RequestFailed(409, "the job was cancelled before it started"))
-            self.counters["cancelled"] += 1
-        elif job.status == "in_progress" and self.step_batching:
-            self._leaving[job.id] = RequestFailed(409, "the job was cancelled")
-            self._interrupt_ticks()
-        elif job.status == "in_progress" and self.group.state == "ready":
-            self.group.stop(self.group.current, job.id)
-        return job
-
-    # -- the loop -------------------------------------------------------------------------------
-
-    async def _run_jobs(self) -> None:
+    async def result(self, job_id: str) -> JobRecord:
+        """The record of ``job_id`` once it completed or failed (``KeyError`` if deleted)."""
+        delay = POLL_S
         while True:
-            while not self.pending:
-                self._wake.clear()
-                await self._wake.wait()
-            job = self.pending.popleft()
-            self.metrics.queue_depth(len(self.pending))
-            self.running[job.id] = job
+            record = self.get(job_id)
+            if record.status.finished:
+                return record
+            finished = self._finished
             try:
-                generation = await self._ready_group()
-                self._start(job, generation)
-                answer = await self.group.run(generation, job.request, job.id)
-                job.steps_done = job.request.num_inference_steps
-                self.metrics.block_batch(1)
-                self._finish(job, answer=answer)
-            except Exception as error:  # the loop must outlive any one job
-                self._finish(job, error=error)
+                await asyncio.wait_for(finished.wait(), delay)
+            except asyncio.TimeoutError:
+                delay = min(WAIT_MAX_S, 1.5 * delay)
+
+    def output(self, record: JobRecord) -> bytes:
+        """A completed job's media (``FileNotFoundError`` once evicted)."""
+        return self.store.output(record)
+
+    def remove(self, job_id: str) -> JobRecord:
+        """Cancel a queued job, stop a running one after its current step (here at once, on
+        another replica at its next keeper round), forget a finished one; ``KeyError`` if unknown."""
+        record = self.store.delete(job_id)
+        if record is None:
+            raise KeyError(job_id)
+        if record.status is JobStatus.QUEUED:
+            self.counters["cancelled"] += 1
+        elif job_id in self.running:
+            self._stop(job_id)
+        return record
+
+    def forget(self, records: list[JobRecord]) -> None:
+        """Delete the records and media of synchronous jobs once their answer is read."""
+        for record in records:
+            self.store.delete(record.id)
+
+    def queue_depth(self) -> int:
+        """Jobs waiting in the shared queue (every replica's)."""
+        return self.store.queue_depth()
+
+    # -- running jobs ---------------------------------------------------------------------------
+
+    async def _next_job(self) -> JobRecord:
+        """The next job of the shared queue, taken by this replica; waits until there is one."""
+        while True:
+            record = self.store.take(self.replica)
+            if record is not None:
+                self._start(record)
+                return record
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), POLL_S)
+            except asyncio.TimeoutError:
+                pass
+
+    def _start(self, record: JobRecord) -> None:
+        self.running[record.id] = Running(record)
+        self.counters["dispatched"] += 1
 
     async def _ready_group(self):
         """The ready rank group, after a ping: a rank that died since the last probe is waited
@@ -188,110 +173,182 @@ class Engine:
             generation = await self.group.ready()
         return generation
 
-    def _start(self, job: Job, generation) -> None:
-        """``job`` leaves the queue for the ranks, once the built model's size rules (which a hub
-        checkpoint's spec could only guess) accept it."""
-        job.queue_seconds = time.perf_counter() - job.arrived
-        validate(job.request, self.spec, self.settings.layout, self.settings.limits,
-                 sizes=SizeRules(**generation.infos[0]["sizes"]))
-        job.status = "in_progress"
-        job.started = time.perf_counter()
-        self.counters["dispatched"] += 1
+    def _check_sizes(self, record: JobRecord, generation) -> None:
+        """The built model's size rules (which a hub checkpoint's spec could only guess) accept
+        the job, or it fails naming the field."""
+        validate(record.request, self.spec, self.settings.layout, self.settings.limits,
+                 sizes=SizeRules(**generation.infos[0].sizes))
 
-    def _finish(self, job: Job, answer: Optional[dict] = None, error: Optional[Exception] = None) -> None:
-        """End ``job`` with its answer or its error, count it, and forget what it held."""
-        self.running.pop(job.id, None)
-        if error is None:
-            job.finish(answer=answer)
-            self.counters["succeeded"] += 1
+    def _finish(self, record: JobRecord, output: Optional[Output] = None, error=None) -> None:
+        """End ``record`` with its output or its error (an exception or a :class:`JobError`) in
+        the store, count it, and wake the requests that wait for it here."""
+        self.running.pop(record.id, None)
+        job_error = None
+        if error is not None:
+            job_error = error if isinstance(error, JobError) else JobError.of(error)
+            if isinstance(error, Exception) and job_error.status >= 500 and \
+                    not isinstance(error, (GroupUnavailable, RequestFailed)):
+                logger.error("spectrum-xdit: job %s failed: %s: %s", record.id, type(error).__name__, error)
+            self.counters["cancelled" if job_error.status == 409 else "failed"] += 1
         else:
-            if not isinstance(error, (GroupUnavailable, RequestFailed, RequestError)):
-                logger.error("spectrum-xdit: job %s failed: %s: %s", job.id, type(error).__name__, error)
-                error = RequestFailed(500, f"{type(error).__name__}: {error}")
-            if isinstance(error, RequestFailed):
-                self.counters["cancelled" if error.status == 409 else "failed"] += 1
-            job.finish(error=error)
-        self.metrics.finished(job)
-        self.jobs.evict()
+            self.counters["succeeded"] += 1
+        finished = self.store.finish(record, output.media if output else None, output.report if output else None,
+                                     job_error)
+        self.metrics.finished(finished or record.model_copy(update={"status": JobStatus.FAILED}), output)
+        self._finished.set()
+        self._finished = asyncio.Event()
+
+    def _stop(self, job_id: str) -> None:
+        """Stop a running job after its current step: it was deleted."""
+        running = self.running[job_id]
+        if self.mode is BatchingMode.SEQUENTIAL:
+            if self.group.state == "ready":
+                self.group.stop(self.group.current, job_id)
+        elif running.leaving is None:
+            running.leaving = RequestFailed(409, "the job was cancelled")
+            self._interrupt_ticks()
+
+    # -- sequential -----------------------------------------------------------------------------
+
+    async def _run_jobs(self) -> None:
+        while True:
+            record = await self._next_job()
+            try:
+                generation = await self._ready_group()
+                self._check_sizes(record, generation)
+                answer = await self.group.run(generation, record.request, record.id)
+                self.metrics.block_batch(1)
+                self._finish(record, output=answer.output)
+            except Exception as error:  # the loop must outlive any one job
+                self._finish(record, error=error)
 
     # -- the step loop --------------------------------------------------------------------------
 
     async def _run_steps(self) -> None:
         while True:
-            while not self.pending and not self.running:
-                self._wake.clear()
-                await self._wake.wait()
+            if not self.running:
+                await self._next_job()
             try:
-                generation = await (self._ready_group() if not self.running else self.group.ready())
+                ticking = any(running.joined for running in self.running.values())
+                generation = await (self.group.ready() if ticking else self._ready_group())
             except GroupUnavailable as error:
-                for job in [*self.running.values(), *self.pending]:
-                    self._finish(job, error=error)
-                self.pending.clear()
+                for running in list(self.running.values()):
+                    self._finish(running.record, error=error)
                 continue
             joins = self._admit(generation)
             drops = self._drops()
             try:
-                answer = await self.group.tick(generation, [(job.id, job.request) for job in joins], list(drops),
+                answer = await self.group.tick(generation, [(r.id, r.request) for r in joins], list(drops),
                                                TICK_RUN_S)
             except Exception as error:  # every job in the loop ends with it; the queue waits
-                for job in list(self.running.values()):
-                    self._finish(job, error=error)
+                for running in list(self.running.values()):
+                    self._finish(running.record, error=error)
                 continue
             self._after_tick(answer, drops)
+
+    def _free_slots(self) -> int:
+        return self.settings.max_batch_size - len(self.running)
 
     def _interrupt_ticks(self) -> None:
         """A job waits to join or leave the loop: the ranks' run of ticks ends after this tick."""
         if self.group.state == "ready":
             self.group.interrupt(self.group.current)
 
-    def _admit(self, generation) -> list[Job]:
-        """The queued jobs that join at this tick (``batched``: only into an empty loop)."""
+    def _admit(self, generation) -> list[JobRecord]:
+        """The jobs that join at this tick: those taken since the last tick, and (``continuous``,
+        or ``batched`` into an empty loop) more from the queue up to ``max_batch_size``."""
+        new = [running.record for running in self.running.values() if not running.joined]
+        if self.mode is BatchingMode.CONTINUOUS or len(new) == len(self.running):
+            while self._free_slots() > 0 and (record := self.store.take(self.replica)) is not None:
+                self._start(record)
+                new.append(record)
         joins = []
-        if self.step_batching == "batched" and self.running:
-            return joins
-        while self.pending and len(self.running) < self.settings.max_batch_size:
-            job = self.pending.popleft()
+        for record in new:
+            self.running[record.id].joined = True
             try:
-                self._start(job, generation)
-            except RequestError as error:
-                self._finish(job, error=error)
+                self._check_sizes(record, generation)
+            except Exception as error:
+                self._finish(record, error=error)
                 continue
-            self.running[job.id] = job
-            joins.append(job)
-        self.metrics.queue_depth(len(self.pending))
+            joins.append(record)
         return joins
 
     def _drops(self) -> dict[str, RequestFailed]:
         """The running jobs that leave the loop at this tick: deleted, or past ``request_timeout_s``."""
         timeout = self.settings.request_timeout_s
-        for job in self.running.values():
-            if job.id not in self._leaving and time.perf_counter() - job.started > timeout:
-                self._leaving[job.id] = RequestFailed(504, f"the request did not finish within {timeout:g} s "
-                                                      "(request_timeout_s)")
-        drops = {job_id: why for job_id, why in self._leaving.items() if job_id in self.running}
-        self._leaving.clear()
+        drops = {}
+        for job_id, running in self.running.items():
+            if running.leaving is None and time.perf_counter() - running.started > timeout:
+                running.leaving = RequestFailed(504, f"the request did not finish within {timeout:g} s "
+                                                "(request_timeout_s)")
+            if running.leaving is not None:
+                drops[job_id] = running.leaving
         return drops
 
-    def _after_tick(self, answer: dict, drops: dict[str, RequestFailed]) -> None:
+    def _after_tick(self, answer: TickAnswer, drops: dict[str, RequestFailed]) -> None:
         for job_id, why in drops.items():
-            step = answer["dropped"].get(job_id)
-            self._finish(self.running[job_id], error=RequestFailed(why.status, f"{why}; it stopped after step "
-                                                                    f"{-1 if step is None else step - 1}"))
-        for job_id, error in answer["failed"].items():
-            self._finish(self.running[job_id], error=RequestFailed(error["status"], error["message"],
-                                                                   field=error.get("field")))
-        for job_id, steps in answer["steps"].items():
-            self.running[job_id].steps_done = steps
-        for job_id, result in answer["finished"].items():
-            job = self.running[job_id]
-            job.steps_done = job.request.num_inference_steps
-            self._finish(job, answer=result)
-        for rows in answer["block_rows"]:
+            step = answer.dropped.get(job_id)
+            self._finish(self.running[job_id].record,
+                         error=RequestFailed(why.status, f"{why}; it stopped after step {-1 if step is None else step - 1}"))
+        for job_id, error in answer.failed.items():
+            self._finish(self.running[job_id].record, error=error)
+        for job_id, steps in answer.steps.items():
+            running = self.running[job_id]
+            running.record = running.record.model_copy(update={"steps_done": steps})
+        for job_id, output in answer.finished.items():
+            self._finish(self.running[job_id].record, output=output)
+        for rows in answer.block_rows:
             self.counters["ticks"] += 1
             if rows:
                 self.counters["block_calls"] += 1
                 self.counters["block_rows"] += rows
                 self.metrics.block_batch(rows)
+
+    # -- background: leases, progress, deletes, re-delivery, eviction, health --------------------
+
+    async def _keep(self) -> None:
+        """Every ``KEEPER_S``: renew the running jobs' leases with their progress, stop the ones
+        deleted on other replicas, and (continuous) let queued jobs join a loop with room."""
+        while True:
+            await asyncio.sleep(KEEPER_S)
+            try:
+                await self._keep_once()
+            except Exception:  # a store that fails once must not end the keeping
+                logger.exception("spectrum-xdit: renewing the running jobs' leases failed")
+
+    async def _keep_once(self) -> None:
+        if self.mode is BatchingMode.SEQUENTIAL and self.running and self.group.state == "ready":
+            progress = await self.group.progress(self.group.current)
+            running = self.running.get(progress.get("job"))
+            if running is not None:
+                running.record = running.record.model_copy(update={"steps_done": progress["steps"]})
+        for job_id, running in list(self.running.items()):
+            if self.running.get(job_id) is not running:   # finished meanwhile
+                continue
+            renewed = self.store.renew(running.record)
+            if renewed is None:
+                self._stop(job_id)
+            else:
+                running.record = renewed
+        depth = self.store.queue_depth()
+        self.metrics.queue_depth(depth)
+        if self.mode is BatchingMode.CONTINUOUS and self.running and self._free_slots() > 0 and depth:
+            self._interrupt_ticks()
+
+    async def _reap(self) -> None:
+        """Put back in the queue the jobs whose replica died (their lease expired), and forget
+        the results past their TTL or the byte bound."""
+        while True:
+            await asyncio.sleep(max(0.2, self.settings.lease_s / 3))
+            try:
+                requeued = self.store.requeue_expired(self.replica)
+                if requeued:
+                    logger.warning("spectrum-xdit: jobs %s lost their replica; queued again", requeued)
+                    self.counters["requeued"] += len(requeued)
+                    self._wake.set()
+                self.store.evict(self.settings.result_ttl_s, self.settings.max_result_bytes)
+            except Exception:  # a store that fails once must not end the reaping
+                logger.exception("spectrum-xdit: re-queueing expired jobs failed")
 
     async def _probe(self) -> None:
         while True:

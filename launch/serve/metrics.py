@@ -34,13 +34,14 @@ class ServeMetrics:
     def block_batch(self, rows: int) -> None:
         self.batch.observe(rows)
 
-    def finished(self, job) -> None:
-        self.jobs.inc(tags={"status": job.status})
-        if job.queue_seconds is not None:
-            self.queue.observe(job.queue_seconds)
-        self.latency.observe(time.perf_counter() - job.arrived)
-        if job.answer is not None:
-            report = job.answer["report"]
+    def finished(self, record, output=None) -> None:
+        """``record``: the job's record as it ended; ``output``: its media and report, if any."""
+        self.jobs.inc(tags={"status": record.status.value})
+        if record.queue_seconds is not None:
+            self.queue.observe(record.queue_seconds)
+        self.latency.observe(time.time() - record.created_at)
+        if output is not None:
+            report = output.report
             saved = sum(report["num_inference_steps"] - nfe for nfe in report["nfe"].values())
             if saved:
                 self.nfe_saved.inc(saved)

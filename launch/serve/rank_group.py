@@ -13,6 +13,7 @@ from typing import Optional
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from .contract import JobError, RankInfo, RunAnswer, TickAnswer
 from .settings import ServeSettings
 from .worker import RankWorker
 
@@ -28,18 +29,26 @@ MAX_BACKOFF_S = 60.0
 class GroupUnavailable(RuntimeError):
     """No ready group to run on (starting, rebuilding, or failed to start)."""
 
+    @property
+    def job_error(self) -> JobError:
+        return JobError(status=503, message=f"the rank group is not available: {self}", retry_after_s=30)
+
 
 class RequestFailed(RuntimeError):
-    """A request's answer other than its output: ``status`` and ``field`` or ``headers``;
+    """A request's answer other than its output: ``status`` and ``field`` or ``retry_after_s``;
     ``rebuilt`` says whether the group is being rebuilt for it."""
 
-    def __init__(self, status: int, message: str, field: Optional[str] = None, headers: Optional[dict] = None,
+    def __init__(self, status: int, message: str, field: Optional[str] = None, retry_after_s: Optional[int] = None,
                  rebuilt: bool = False):
         super().__init__(message)
         self.status = status
         self.field = field
-        self.headers = headers
+        self.retry_after_s = retry_after_s
         self.rebuilt = rebuilt
+
+    @property
+    def job_error(self) -> JobError:
+        return JobError(status=self.status, message=str(self), field=self.field, retry_after_s=self.retry_after_s)
 
 
 class _Generation:
@@ -48,7 +57,7 @@ class _Generation:
     def __init__(self, number: int, workers: list):
         self.number = number
         self.workers = workers
-        self.infos: Optional[list[dict]] = None
+        self.infos: Optional[list[RankInfo]] = None
         self.error: Optional[str] = None
         self.settled = asyncio.Event()
 
@@ -92,7 +101,7 @@ class RankGroup:
         return self.current.error
 
     @property
-    def infos(self) -> Optional[list[dict]]:
+    def infos(self) -> Optional[list[RankInfo]]:
         return self.current.infos
 
     @property
@@ -134,7 +143,7 @@ class RankGroup:
         except Exception as error:  # a rank failed to start or build the pipeline
             generation.error = f"the rank group failed to start: {describe(error)}"
         else:
-            generation.infos = sorted(infos, key=lambda info: info["rank"])
+            generation.infos = sorted(infos, key=lambda info: info.rank)
             self.setup_failures = 0
             logger.info("spectrum-xdit rank group %d ready", generation.number)
         if generation.error is not None:
@@ -145,7 +154,7 @@ class RankGroup:
             generation.kill()
         generation.settled.set()
 
-    async def _rendezvous_and_set_up(self, generation: _Generation) -> list[dict]:
+    async def _rendezvous_and_set_up(self, generation: _Generation) -> list[RankInfo]:
         workers = generation.workers
         nodes = await asyncio.gather(*[_wait(worker.node.remote()) for worker in workers])
         rendezvous = await _wait(workers[0].rendezvous.remote(len(set(nodes)) == 1))
@@ -185,7 +194,7 @@ class RankGroup:
 
     # -- requests -----------------------------------------------------------------------------
 
-    async def run(self, generation: _Generation, request, job: str) -> dict:
+    async def run(self, generation: _Generation, request, job: str) -> RunAnswer:
         """Run ``request`` as ``job`` on every rank; rank 0's answer, or :class:`RequestFailed`.
 
         A request still running at ``request_timeout_s`` is stopped at its next step boundary
@@ -199,7 +208,7 @@ class RankGroup:
             self.stop(generation, job)
             _, pending = await asyncio.wait(pending, timeout=GRACE_S)
         results = self._settle(generation, futures, pending, "the request", 504 if timed_out else 500)
-        stopped = [result["stopped_after_step"] for result in results if "stopped_after_step" in result]
+        stopped = [result.stopped_after_step for result in results if result.stopped_after_step is not None]
         if timed_out:
             raise RequestFailed(504, f"the request did not finish within {self.settings.request_timeout_s:g} s "
                                 f"(request_timeout_s); it was stopped after step {max(stopped, default=-1)}")
@@ -207,7 +216,7 @@ class RankGroup:
             raise RequestFailed(409, f"the job was cancelled; it stopped after step {max(stopped)}")
         return results[0]
 
-    async def tick(self, generation: _Generation, joins: list, drops: list, max_seconds: float) -> dict:
+    async def tick(self, generation: _Generation, joins: list, drops: list, max_seconds: float) -> TickAnswer:
         """A run of ticks of the step loop on every rank (``RankWorker.tick``); rank 0's answer,
         or :class:`RequestFailed` as ``run`` raises it, for every job in the loop."""
         futures = [_wait(worker.tick.remote(joins, drops, max_seconds)) for worker in generation.workers]
@@ -223,7 +232,7 @@ class RankGroup:
             self.rebuild(generation, f"rank(s) {dead} died")
             detail = "; ".join(f"rank {rank}: {describe(futures[rank].exception())}" for rank in dead)
             raise RequestFailed(503, f"a worker of this replica's rank group died during {what} ({detail}); "
-                                "the group is being rebuilt, retry the request", headers={"Retry-After": "30"},
+                                "the group is being rebuilt, retry the request", retry_after_s=30,
                                 rebuilt=True)
         if pending:
             hung = [rank for rank, f in enumerate(futures) if f in pending]
@@ -233,12 +242,12 @@ class RankGroup:
             raise RequestFailed(hung_status, f"rank(s) {hung} did not finish {what}; the rank group is being rebuilt",
                                 rebuilt=True)
         results = [future.result() for future in futures]
-        errors = [result["error"] for result in results if "error" in result]
+        errors = [result.error for result in results if result.error is not None]
         if errors:
             split = len(errors) < len(results)   # the ranks went separate ways: rebuild to be safe
             if split:
                 self.rebuild(generation, f"the ranks disagreed about {what}")
-            raise RequestFailed(errors[0]["status"], errors[0]["message"], field=errors[0].get("field"), rebuilt=split)
+            raise RequestFailed(errors[0].status, errors[0].message, field=errors[0].field, rebuilt=split)
         self.consecutive_failures = 0
         return results
 
@@ -288,7 +297,7 @@ class RankGroup:
 
 
 def _failed(future: asyncio.Future) -> bool:
-    return future.exception() is not None or "error" in future.result()
+    return future.exception() is not None or future.result().error is not None
 
 
 def _wait(ref) -> asyncio.Future:

@@ -26,6 +26,7 @@ from ..request import (
 from ..validate import validate
 
 SERVED_LAYOUT = ("ulysses_degree", "ring_degree")
+BROKER_SCHEMES = ("sqlite", "redis", "rediss", "memory")
 API_KEY_ENV = "SPECTRUM_XDIT_API_KEY"
 
 
@@ -50,10 +51,21 @@ class ServeSettings(BaseModel):
     request_timeout_s: float = Field(3600.0, gt=0, description=(
         "seconds a request may run on the ranks before it is stopped at a step boundary (504)"))
     probe_interval_s: float = Field(5.0, gt=0, description="seconds between health probes of idle ranks")
-    max_queue_size: int = Field(64, ge=1, description="jobs a replica holds waiting; one more is answered 429")
-    result_ttl_s: float = Field(3600.0, gt=0, description="seconds a finished job of /v1/videos stays readable")
+    max_queue_size: int = Field(64, ge=1, description="jobs waiting in the shared queue; one more is answered 429")
+    result_ttl_s: float = Field(3600.0, gt=0, description="seconds a finished job's record and media stay readable")
     max_result_bytes: int = Field(1 << 30, ge=0, description=(
-        "bytes of finished /v1/videos results a replica keeps; past it the oldest are forgotten"))
+        "bytes of finished media the results store keeps; past it the oldest jobs are forgotten"))
+    # The shared job queue (job_store): every replica pulls from it and reads every job's record.
+    broker_url: Optional[str] = Field(None, description=(
+        "where jobs wait and their records live: sqlite:///PATH (default: $XDG_STATE_HOME/spectrum-xdit/"
+        "jobs.db, replicas on one node), redis://HOST:PORT/DB (replicas on several nodes), or memory:// "
+        "(in the replica's memory: one replica, nothing survives it)"))
+    results_url: Optional[str] = Field(None, description=(
+        "where finished media go: a folder or any fsspec URL (default: results/ beside the SQLite file; "
+        "memory:// with the memory broker)"))
+    lease_s: float = Field(30.0, gt=0, description=(
+        "seconds a running job's lease lasts; its replica renews it, and a job whose lease expired (its "
+        "replica died) goes back to the queue"))
     max_images: int = Field(4, ge=1, le=16, description="most images (n) of one /v1/images/generations request")
     batching: Literal["auto", "sequential", "batched", "continuous"] = Field("auto", description=(
         "sequential: one request at a time; batched: requests that arrive together share the denoising "
@@ -95,6 +107,31 @@ class ServeSettings(BaseModel):
         if os.environ.get(API_KEY_ENV):
             keys.append(_check_key(os.environ[API_KEY_ENV], API_KEY_ENV))
         return self.model_copy(update={"api_key": list(dict.fromkeys(keys)), "api_key_file": None})
+
+    @field_validator("broker_url")
+    @classmethod
+    def _known_broker(cls, url: Optional[str]) -> Optional[str]:
+        if url is not None and url.split("://", 1)[0] not in BROKER_SCHEMES:
+            raise ValueError(f"must start with one of {', '.join(s + '://' for s in BROKER_SCHEMES)}, got {url!r}")
+        return url
+
+    def with_job_store(self) -> "ServeSettings":
+        """These settings with ``broker_url`` and ``results_url`` resolved here, on the machine that
+        deploys: the default SQLite file and results folder as absolute paths, since the replicas
+        run in Ray's working directories. The memory broker serves one replica only."""
+        broker = self.broker_url or f"sqlite:///{state_dir() / 'jobs.db'}"
+        if broker.startswith("sqlite:///"):
+            path = Path(broker.removeprefix("sqlite:///")).expanduser().absolute()
+            broker = f"sqlite:///{path}"
+        results = self.results_url or ("memory://spectrum-xdit/results" if broker.startswith("memory://")
+                                        else str(Path(broker.removeprefix("sqlite:///")).parent / "results")
+                                        if broker.startswith("sqlite:///") else str(state_dir() / "results"))
+        if "://" not in results:
+            results = str(Path(results).expanduser().absolute())
+        if broker.startswith("memory://") and (self.num_replicas > 1 or (self.max_replicas or 1) > 1):
+            raise ValueError("broker_url: memory:// keeps each replica's jobs to itself; with several replicas "
+                             "use sqlite:///PATH (one node) or redis://HOST:PORT/DB")
+        return self.model_copy(update={"broker_url": broker, "results_url": results})
 
     @field_validator("min_replicas")
     @classmethod
@@ -192,6 +229,11 @@ class ServeSettings(BaseModel):
 
     def output_formats(self, spec: ModelSpec) -> tuple[str, ...]:
         return OUTPUT_FORMATS[spec.family]
+
+
+def state_dir() -> Path:
+    """Where the embedded job store lives by default (the XDG base directory spec's state home)."""
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "spectrum-xdit"
 
 
 def _check_key(key: str, what: str) -> str:

@@ -26,7 +26,7 @@ import ray
 
 from ...parallel import patches
 from ..quiet import silence_engines
-from ..request import RequestError
+from .contract import JobError, Output, RankInfo, RunAnswer, TickAnswer
 from .settings import ServeSettings
 
 
@@ -58,7 +58,7 @@ class RankWorker:
             port = sock.getsockname()[1]
         return {"address": ray.util.get_node_ip_address(), "port": port}
 
-    def setup(self, rendezvous: dict) -> dict:
+    def setup(self, rendezvous: dict) -> RankInfo:
         import torch
         import torch.distributed as dist
 
@@ -80,9 +80,9 @@ class RankWorker:
             torch.set_num_threads(max(1, int(settings.worker_cpus)))
         self.rank_pipeline = init_rank(resolve_model(settings.model), settings.layout, store=store)
         self.rank_pipeline.pipe.set_progress_bar_config(disable=True)
-        return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
-                "device": self.rank_pipeline.device, "sizes": dataclasses.asdict(self.rank_pipeline.size_rules()),
-                "xfuser_patches": patches.record()}
+        return RankInfo(rank=self.rank, pid=os.getpid(), node=ray.util.get_node_ip_address(),
+                        device=str(self.rank_pipeline.device), sizes=dataclasses.asdict(self.rank_pipeline.size_rules()),
+                        xfuser_patches=patches.record())
 
     def ping(self) -> int:
         return self.rank
@@ -100,7 +100,7 @@ class RankWorker:
         self._steps += 1
         return self._job in self._stopping
 
-    def generate(self, request, job: str) -> dict:
+    def generate(self, request, job: str) -> RunAnswer:
         """Run one request on this rank: rank 0 returns the output and the report; a rank that
         raises returns the error; a stopped request returns the step it stopped after."""
         self._job, self._steps = job, 0
@@ -108,22 +108,20 @@ class RankWorker:
             result = self.rank_pipeline.generate(request, decode=request.output_format != "npy",
                                                  stop=self._step_done)
         except Exception as error:  # the replica decides, from every rank's answer, what it means
-            return {"rank": self.rank, "error": _error(error)}
+            return RunAnswer(self.rank, error=JobError.of(error))
         finally:
             self._job = None
             self._stopping.discard(job)
         stopped = result.report.get("stopped_after_step")
         if stopped is not None:
-            return {"rank": self.rank, "stopped_after_step": stopped}
-        if self.rank != 0:
-            return {"rank": self.rank}
-        return {"rank": 0, **self._encode(request, result)}
+            return RunAnswer(self.rank, stopped_after_step=stopped)
+        return RunAnswer(self.rank, output=self._encode(request, result) if self.rank == 0 else None)
 
     def interrupt(self) -> None:
         """Rank 0: end the current run of ticks after this tick (a job waits to join or leave)."""
         self._interrupt.set()
 
-    def tick(self, joins: list, drops: list, max_seconds: float) -> dict:
+    def tick(self, joins: list, drops: list, max_seconds: float) -> TickAnswer:
         """A run of ticks of the step loop: the jobs in ``drops`` leave it, each ``(job, request)``
         of ``joins`` joins it at its step 0, then every active job does one denoising step per
         tick, until a job finishes, rank 0 is interrupted or ``max_seconds`` have passed (rank 0
@@ -136,46 +134,46 @@ class RankWorker:
         if self._batcher is None:
             self._batcher = StepBatcher(self.rank_pipeline)
         batcher = self._batcher
-        answer = {"rank": self.rank, "dropped": {}, "failed": {}, "finished": {}, "block_rows": []}
+        answer = TickAnswer(self.rank)
         for job in drops:
-            answer["dropped"][job] = batcher.drop(job)
+            answer.dropped[job] = batcher.drop(job)
         for job, request in joins:
             try:
                 batcher.join(job, request)
             except Exception as error:  # this request fails alone
-                answer["failed"][job] = _error(error)
+                answer.failed[job] = JobError.of(error)
         deadline = time.monotonic() + max_seconds
         try:
             go_on = True
             while batcher.active and batcher.agree(go_on):
                 finished, block_rows = batcher.tick()
-                answer["block_rows"].append(block_rows)
+                answer.block_rows.append(block_rows)
                 self._add_finished(answer, finished)
                 go_on = not finished and not self._interrupt.is_set() and time.monotonic() < deadline
         except Exception as error:  # the state of every job in the loop is now unknown
-            answer["error"] = _error(error)
+            answer.error = JobError.of(error)
             batcher.active.clear()
             return answer
         finally:
             self._interrupt.clear()   # what waited is in the replica's next call
-        answer["steps"] = {job: active.step for job, active in batcher.active.items()}
+        answer.steps = {job: active.step for job, active in batcher.active.items()}
         return answer
 
-    def _add_finished(self, answer: dict, finished: dict) -> None:
+    def _add_finished(self, answer: TickAnswer, finished: dict) -> None:
         """Rank 0 decodes and encodes each finished job; one that fails there fails alone (the
         other ranks are already past it)."""
         for job, (request, result) in finished.items():
             if self.rank != 0:
-                answer["finished"][job] = {}
+                answer.finished[job] = None
                 continue
             try:
                 if request.output_format != "npy":
                     result.media = self.rank_pipeline.decode(result.latents, request)
-                answer["finished"][job] = self._encode(request, result)
+                answer.finished[job] = self._encode(request, result)
             except Exception as error:
-                answer["failed"][job] = _error(error)
+                answer.failed[job] = JobError.of(error)
 
-    def _encode(self, request, result) -> dict:
+    def _encode(self, request, result) -> Output:
         from ..media import write_media
 
         encode_start = time.perf_counter()
@@ -188,11 +186,4 @@ class RankWorker:
                 path = write_media(os.path.join(folder, f"output.{request.output_format}"), result.media,
                                    fps=self.settings.fps)
                 media = path.read_bytes()
-        return {"media": media, "report": dict(result.report, encode_seconds=time.perf_counter() - encode_start)}
-
-
-def _error(error: Exception) -> dict:
-    """A request's error as the replica reads it: the status, the field of a bad request."""
-    if isinstance(error, RequestError):
-        return {"status": error.status, "field": error.field, "message": str(error)}
-    return {"status": 500, "message": f"{type(error).__name__}: {error}"}
+        return Output(media=media, report=dict(result.report, encode_seconds=time.perf_counter() - encode_start))

@@ -1,0 +1,184 @@
+"""The shared job store (`launch/serve/job_store.py`) on each broker, no Ray: records, queue order,
+the bound, leases and re-delivery, cancel marks, TTL and byte eviction. The Redis cases run
+against a real ``redis-server`` on a free loopback port (skipped, with the install hint, where
+there is none)."""
+
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from spectrum_xdit.launch.request import model_defaults, parse_request
+from spectrum_xdit.launch.serve.contract import JobError, JobStatus
+from spectrum_xdit.launch.serve.job_store import JobRecord, JobStore, QueueFull
+from spectrum_xdit.models import resolve_model
+from spectrum_xdit.parallel.testing import free_port
+
+pytestmark = pytest.mark.timeout(60)
+SPEC = resolve_model("tiny-wan")
+LEASE_S = 0.3
+
+
+def _request(seed: int = 0):
+    return parse_request({"prompt": "x", "seed": seed, "output_format": "npy"}, model_defaults(SPEC))
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """A real redis-server of this test module's own, on a free port of 127.0.0.1."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed: apt-get install redis-server")
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    server = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                               "--appendonly", "no", "--dir", str(folder)], stdout=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline and server.poll() is None, "redis-server did not start"
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.fixture(params=["sqlite", "redis", "memory"])
+def make_store(request, tmp_path):
+    """A function making stores of one broker that share their queue and records, as the replicas
+    of one server do (two SQLite connections to one file, two Redis clients, or one process's
+    memory)."""
+    if request.param == "sqlite":
+        broker = f"sqlite:///{tmp_path}/jobs.db"
+    elif request.param == "redis":
+        broker = request.getfixturevalue("redis_url")
+    else:
+        broker = "memory://"
+    name = f"test-{request.node.name}"   # a queue of this test's own (Redis and memory outlive it)
+
+    def make(max_queue_size: int = 8, lease_s: float = LEASE_S) -> JobStore:
+        return JobStore(broker, str(tmp_path / "results"), name, max_queue_size, lease_s)
+
+    yield make
+    store = make()
+    store.storage.flush_all()
+
+
+def test_jobs_are_taken_in_order_once_and_any_store_reads_them(make_store):
+    a, b = make_store(), make_store()
+    records = [JobRecord.new(_request(seed), kept=True) for seed in range(3)]
+    a.submit(records[:2])
+    b.submit(records[2:])
+    assert a.queue_depth() == b.queue_depth() == 3
+    taken = [b.take("replica-b"), a.take("replica-a"), b.take("replica-b"), a.take("replica-a")]
+    assert [t.id for t in taken[:3]] == [r.id for r in records] and taken[3] is None
+    seen = a.get(records[0].id)
+    assert seen.status is JobStatus.IN_PROGRESS and seen.replica == "replica-b" and seen.deliveries == 1
+    assert seen.request == records[0].request
+    assert [r.id for r in b.records()] == [r.id for r in records]
+
+
+def test_the_queue_is_bounded_and_a_batch_goes_in_whole_or_not_at_all(make_store):
+    store = make_store(max_queue_size=3)
+    store.submit([JobRecord.new(_request(seed)) for seed in range(2)])
+    with pytest.raises(QueueFull, match="2 jobs are waiting"):
+        store.submit([JobRecord.new(_request(seed)) for seed in range(2)])
+    assert store.queue_depth() == 2 and len(store.records()) == 2
+    store.submit([JobRecord.new(_request(9))])
+    assert store.queue_depth() == 3
+
+
+def test_an_expired_lease_requeues_the_job_once_and_the_rerun_is_counted(make_store):
+    a, b, c = make_store(), make_store(), make_store()
+    record = JobRecord.new(_request(), kept=True)
+    a.submit([record])
+    taken = a.take("dead-replica")
+    assert b.requeue_expired("replica-b") == []                    # the lease holds
+    time.sleep(LEASE_S + 0.05)
+    assert sorted([*b.requeue_expired("replica-b"), *c.requeue_expired("replica-c")]) == [record.id]  # one claim
+    assert b.queue_depth() == 1 and b.get(record.id).status is JobStatus.QUEUED
+    again = c.take("replica-c")
+    assert again.id == record.id and again.deliveries == 2 and again.started_at == taken.started_at
+    finished = c.finish(again, media=b"latents", report={"nfe": {}})
+    assert finished.status is JobStatus.COMPLETED and a.output(a.get(record.id)) == b"latents"
+
+
+def test_a_renewed_lease_keeps_the_job_and_records_progress(make_store):
+    a, b = make_store(), make_store()
+    a.submit([JobRecord.new(_request())])
+    record = a.take("replica-a")
+    for steps in range(1, 5):
+        time.sleep(LEASE_S / 3)
+        record = a.renew(record, steps_done=steps)
+    assert b.requeue_expired("replica-b") == [] and b.get(record.id).steps_done == 4
+
+
+def test_delete_forgets_queued_running_and_finished_jobs(make_store):
+    a, b = make_store(), make_store()
+    queued, running, finished = (JobRecord.new(_request(seed), kept=True) for seed in range(3))
+    a.submit([running, finished])
+    running, finished = a.take("replica-a"), a.take("replica-a")
+    done = a.finish(finished, media=b"video", report={})
+    a.submit([queued])
+    assert b.delete(queued.id).status is JobStatus.QUEUED
+    assert b.take("replica-b") is None and b.queue_depth() == 0       # the queue skipped it
+    assert b.delete(running.id).status is JobStatus.IN_PROGRESS
+    assert a.renew(running, steps_done=3) is None and a.get(running.id) is None   # its replica sees the mark
+    assert a.finish(running, media=b"late", report={}) is None          # nor does its result come back
+    assert b.delete(finished.id).status is JobStatus.COMPLETED
+    with pytest.raises(FileNotFoundError):
+        a.output(done)
+    assert [a.get(r.id) for r in (queued, running, finished)] == [None] * 3 and b.delete(queued.id) is None
+
+
+def test_finished_jobs_expire_after_their_ttl_then_the_oldest_past_the_byte_bound(make_store):
+    store = make_store()
+    records = [JobRecord.new(_request(seed), kept=True) for seed in range(4)]
+    store.submit(records)
+    for size in (100, 100, 100):
+        store.finish(store.take("replica-a"), media=b"x" * size, report={})
+        time.sleep(0.02)
+    running = store.take("replica-a")
+    assert store.evict(ttl_s=60, max_bytes=250) == 1            # 300 bytes: the oldest goes
+    assert [r.id for r in store.records()] == [r.id for r in records[1:]]
+    time.sleep(0.1)
+    assert store.evict(ttl_s=0.05, max_bytes=1 << 20) == 2      # both finished ones are past their TTL
+    assert [r.id for r in store.records()] == [running.id]      # a running job never expires
+
+
+def test_a_failed_job_keeps_its_error(make_store):
+    store = make_store()
+    store.submit([JobRecord.new(_request())])
+    record = store.take("replica-a")
+    error = JobError(status=422, message="height: must be a multiple of 16", field="height")
+    assert store.finish(record, error=error).error == error
+    assert store.get(record.id).error == error and store.get(record.id).status is JobStatus.FAILED
+
+
+def test_the_sqlite_store_outlives_its_process(tmp_path):
+    """A whole server's restart: what one process queued and finished, a new one reads and runs."""
+    import sys
+
+    script = f"""
+from spectrum_xdit.launch.request import model_defaults, parse_request
+from spectrum_xdit.launch.serve.job_store import JobRecord, JobStore
+from spectrum_xdit.models import resolve_model
+request = parse_request({{"prompt": "x", "output_format": "npy"}}, model_defaults(resolve_model("tiny-wan")))
+store = JobStore("sqlite:///{tmp_path}/jobs.db", "{tmp_path}/results", "tiny-wan", 8, 30)
+done, queued = JobRecord.new(request, kept=True), JobRecord.new(request, kept=True)
+store.submit([done, queued])
+store.finish(store.take("before"), media=b"kept", report={{}})
+print(done.id, queued.id)
+"""
+    done, queued = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                                  timeout=60).stdout.split()
+    store = JobStore(f"sqlite:///{tmp_path}/jobs.db", f"{tmp_path}/results", "tiny-wan", 8, 30)
+    assert store.output(store.get(done)) == b"kept"
+    assert store.take("after").id == queued
