@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import tempfile
 import time
 
 import numpy as np
@@ -51,6 +52,8 @@ def serve_app(settings: dict, metrics_port: list):
     from spectrum_xdit.launch.serve.main import wait_until_ready
 
     port = free_port()
+    # a job store of its own: no jobs left by another test run
+    settings = {"broker_url": f"sqlite:///{tempfile.mkdtemp(prefix='spectrum-xdit-jobs-')}/jobs.db", **settings}
     # a cluster of its own (never one another process started), its logs shown on failure (conftest)
     context = ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
