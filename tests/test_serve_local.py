@@ -47,7 +47,8 @@ def test_a_local_server_listens_on_loopback_only_and_stops_a_runaway_at_a_step_b
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "spectrum_xdit.launch.cli", "serve", "--model", "tiny-wan", "--ulysses_degree", "2",
+        [sys.executable, "-m", "spectrum_xdit.launch.cli", "serve", "--broker_url", f"sqlite:///{tmp_path}/jobs.db",
+         "--model", "tiny-wan", "--ulysses_degree", "2",
          "--port", str(port), "--num_cpus", "4", "--device", "cpu", "--num_inference_steps", "8",
          "--request_timeout_s", str(TIMEOUT_S), "--setup_timeout_s", "300"],
         stdout=log, stderr=subprocess.STDOUT)
@@ -108,7 +109,8 @@ def test_openai_images_through_the_sdk_and_api_keys_on_an_image_model(tmp_path):
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "spectrum_xdit.launch.cli", "serve", "--model", "tiny-flux", "--port", str(port),
+        [sys.executable, "-m", "spectrum_xdit.launch.cli", "serve", "--broker_url", f"sqlite:///{tmp_path}/jobs.db",
+         "--model", "tiny-flux", "--port", str(port),
          "--num_cpus", "2", "--device", "cpu", "--num_inference_steps", "6", "--setup_timeout_s", "300",
          "--api_key", "sk-from-a-flag", "--api_key", "sk-from-another", "--api_key_file", str(keys)],
         stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, SPECTRUM_XDIT_API_KEY="sk-from-the-env"))
@@ -183,7 +185,8 @@ def test_two_replicas_share_the_requests_and_one_losing_a_rank_leaves_the_other_
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "spectrum_xdit.launch.cli", "serve", "--model", "tiny-wan", "--num_replicas", "2",
+        [sys.executable, "-m", "spectrum_xdit.launch.cli", "serve", "--broker_url", f"sqlite:///{tmp_path}/jobs.db",
+         "--model", "tiny-wan", "--num_replicas", "2",
          "--port", str(port), "--num_cpus", "4", "--device", "cpu", "--num_inference_steps", "4",
          "--setup_timeout_s", "300", "--probe_interval_s", "1", "--debug"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
