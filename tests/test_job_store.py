@@ -182,3 +182,24 @@ print(done.id, queued.id)
     store = JobStore(f"sqlite:///{tmp_path}/jobs.db", f"{tmp_path}/results", "tiny-wan", 8, 30)
     assert store.output(store.get(done)) == b"kept"
     assert store.take("after").id == queued
+
+
+def test_the_store_settings_resolve_where_the_app_is_built(tmp_path, monkeypatch):
+    from spectrum_xdit.launch.serve.settings import ServeSettings
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    default = ServeSettings.from_flat({"model": "tiny-wan"}).with_job_store()
+    assert default.broker_url == f"sqlite:///{tmp_path}/spectrum-xdit/jobs.db"
+    assert default.results_url == f"{tmp_path}/spectrum-xdit/results"
+    monkeypatch.chdir(tmp_path)
+    relative = ServeSettings.from_flat({"model": "tiny-wan", "broker_url": "sqlite:///jobs.db",
+                                        "results_url": "media"}).with_job_store()
+    assert (relative.broker_url, relative.results_url) == (f"sqlite:///{tmp_path}/jobs.db", f"{tmp_path}/media")
+    memory = ServeSettings.from_flat({"model": "tiny-wan", "broker_url": "memory://"}).with_job_store()
+    assert memory.results_url.startswith("memory://")
+    with pytest.raises(ValueError, match="broker_url: memory:// keeps each replica's jobs to itself"):
+        ServeSettings.from_flat({"model": "tiny-wan", "broker_url": "memory://", "num_replicas": 2}).with_job_store()
+    with pytest.raises(ValueError, match="broker_url: must start with one of sqlite://"):
+        ServeSettings.from_flat({"model": "tiny-wan", "broker_url": "amqp://host"})
+    with pytest.raises(ValueError, match="lease_s"):
+        ServeSettings.from_flat({"model": "tiny-wan", "lease_s": 0})
