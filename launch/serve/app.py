@@ -138,23 +138,23 @@ class SpectrumServer:
 
     async def _results(self, records: list):
         """The finished records of synchronous jobs and their media, or the answer of the first
-        that failed; their records and media are then forgotten (nobody can ask for them again)."""
+        that failed; their records and media are then forgotten (nobody can ask for them again).
+        A client that hangs up leaves its jobs to finish (shielded) and their records to expire."""
         try:
-            # shielded: a client that hangs up leaves its jobs to finish; nothing is cancelled
             finished = await asyncio.shield(asyncio.gather(*[self.engine.result(r.id) for r in records]))
         except KeyError as error:
+            self.engine.forget(records)
             return None, None, _gone(error.args[0])
+        failed = next((record for record in finished if record.status is JobStatus.FAILED), None)
         try:
-            failed = next((record for record in finished if record.status is JobStatus.FAILED), None)
-            if failed is not None:
-                return None, None, _failure(failed.error)
-            try:
-                media = [self.engine.output(record) for record in finished]
-            except FileNotFoundError:
-                return None, None, _gone(records[0].id)
-            return finished, media, None
+            media = [] if failed is not None else [self.engine.output(record) for record in finished]
+        except FileNotFoundError:   # evicted meanwhile (max_result_bytes)
+            return None, None, _gone(records[0].id)
         finally:
             self.engine.forget(records)
+        if failed is not None:
+            return None, None, _failure(failed.error)
+        return finished, media, None
 
     @api.post("/v1/generate")
     async def generate(self, http_request: Request):
@@ -269,9 +269,12 @@ class SpectrumServer:
     async def delete_video(self, video_id: str):
         """Cancels a queued job, stops a running one after its current step, forgets a finished
         one; the id is unknown afterwards."""
+        record = self._kept(video_id)
+        if isinstance(record, JSONResponse):
+            return record
         try:
             self.engine.remove(video_id)
-        except KeyError:
+        except KeyError:   # deleted meanwhile
             return _refusal(RequestError("video_id", f"no video {video_id}", 404))
         return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
 
