@@ -72,10 +72,22 @@ class JobRecord(BaseModel):
         return None if self.started_at is None else self.started_at - self.created_at
 
 
+class _SqliteStorage(SqliteStorage):
+    """Huey's SQLite storage (write-ahead log) with ``synchronous=NORMAL``: a commit no longer
+    waits for the disk (an fsync each, about 3 ms here, ten per job), and the file stays whole
+    when a process or the whole server dies; only a power loss can drop the last commits.
+    Huey's own ``fsync`` choice is FULL or OFF."""
+
+    def _create_connection(self):
+        connection = super()._create_connection()
+        connection.execute("pragma synchronous=NORMAL")
+        return connection
+
+
 def open_storage(broker_url: str, name: str):
     """Huey's storage of ``broker_url`` (``sqlite:///PATH``, ``redis://...``, ``memory://``)."""
     if broker_url.startswith("sqlite:///"):
-        return SqliteStorage(name, filename=broker_url.removeprefix("sqlite:///"))
+        return _SqliteStorage(name, filename=broker_url.removeprefix("sqlite:///"))
     if broker_url.startswith(("redis://", "rediss://")):
         # not blocking: a replica polls between ticks and never waits in BRPOP
         return RedisStorage(name, url=broker_url, blocking=False)
