@@ -37,8 +37,9 @@ from ..validate import validate
 from .auth import RequireApiKey
 from .body import read_payload
 from .contract import BatchingMode, JobError, JobStatus
-from .engine import Engine, QueueFull
+from .engine import Engine
 from .errors import error_object, error_response
+from .job_store import QueueFull
 from .openai_answers import VideoJob, images_answer, list_page, page_of, poll_after_ms, video_object
 from .openai_shapes import (
     ImageFields,

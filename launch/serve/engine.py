@@ -12,7 +12,8 @@ them. Two ways to run the jobs:
 Pull, not push: a replica takes a job only when it can run it, so the jobs spread over the
 replicas by themselves and a busy replica never holds waiting jobs. While a job runs, this replica
 renews its lease and writes its progress, and stops it after the current step once it is deleted
-(``KEEPER_S``); a job whose replica died is put back in the queue by any replica (``REAP_S``).
+(``KEEPER_S``); a job whose replica died is put back in the queue by any replica (every
+``lease_s / 3``).
 
 Its tasks are created with the replica, outside any HTTP request, so the calls they make to the
 ranks belong to no request: a client that hangs up cancels nothing, and its job runs to the end.
@@ -46,8 +47,6 @@ KEEPER_S = 0.5
 # The longest wait between two reads of a job's record by a request waiting for it (the first
 # reads are sooner; a job that finishes on this replica wakes its waiters at once).
 WAIT_MAX_S = 0.5
-
-__all__ = ["Engine", "QueueFull"]
 
 
 @dataclasses.dataclass
@@ -264,7 +263,11 @@ class Engine:
                 new.append(record)
         joins = []
         for record in new:
-            self.running[record.id].joined = True
+            running = self.running[record.id]
+            if running.leaving is not None:   # deleted before it joined: it never reaches the ranks
+                self._finish(record, error=running.leaving)
+                continue
+            running.joined = True
             try:
                 self._check_sizes(record, generation)
             except Exception as error:
@@ -278,6 +281,8 @@ class Engine:
         timeout = self.settings.request_timeout_s
         drops = {}
         for job_id, running in self.running.items():
+            if not running.joined:
+                continue
             if running.leaving is None and time.perf_counter() - running.started > timeout:
                 running.leaving = RequestFailed(504, f"the request did not finish within {timeout:g} s "
                                                 "(request_timeout_s)")

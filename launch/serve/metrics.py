@@ -26,7 +26,7 @@ class ServeMetrics:
                                boundaries=[1, 2, 4, 8, 16, 32, 64])
         self.nfe_saved = Counter("spectrum_xdit_nfe_saved",
                                  "block-stack evaluations skipped by Spectrum, summed over guidance branches")
-        self.depth = Gauge("spectrum_xdit_queue_depth", "jobs waiting for the rank group")
+        self.depth = Gauge("spectrum_xdit_queue_depth", "jobs waiting in the shared queue")
 
     def queue_depth(self, depth: int) -> None:
         self.depth.set(depth)
