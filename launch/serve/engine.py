@@ -132,6 +132,10 @@ class Engine:
             self._interrupt_ticks()
         return job
 
+    def queue_depth(self) -> int:
+        """Jobs waiting to run."""
+        return len(self.pending)
+
     def job(self, job_id: str) -> Job:
         """A job of the asynchronous API (``KeyError`` if unknown, removed or expired)."""
         self.jobs.evict()
