@@ -32,8 +32,18 @@ def cluster():
     (two proxies of one machine would want the same port); yields the port."""
     import ray
     from ray import serve
+    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
+    with pytest.MonkeyPatch.context() as patch:
+        # ray.init turns 127.0.0.1 into this machine's interface address unless Ray takes the
+        # machine for a one-node one (read at call time in the driver, at import in its children)
+        patch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+        patch.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
+        yield from _two_nodes(ray, serve, Cluster)
+
+
+def _two_nodes(ray, serve, Cluster):
     nodes = Cluster(initialize_head=True, head_node_args={"node_ip_address": LOOPBACK, "num_cpus": NODE_CPUS,
                                                           "include_dashboard": False})
     try:
@@ -97,7 +107,8 @@ def test_a_rank_group_spread_over_two_nodes_serves_its_one_process_run(cluster):
 @pytest.mark.timeout(600)
 def test_two_replicas_on_two_nodes_share_the_jobs(cluster):
     """Every job answers every poll, whichever replica the poll reaches, and each completes with its
-    one-process run; both replicas run jobs."""
+    one-process run; both replicas run jobs (each completed job's report names the replica that
+    ran it). Today all 8 ran on the head node's replica, and the other none."""
     url = deploy(cluster, {**SETTINGS, "ulysses_degree": 1, "num_replicas": 2})
     try:
         replicas = bundle_nodes(float(NODE_CPUS))
@@ -109,7 +120,7 @@ def test_two_replicas_on_two_nodes_share_the_jobs(cluster):
             created = create_video(url, payload)
             assert created.status_code == 200, created.text
             ids.append(created.json()["id"])
-        polls, not_found = 0, 0
+        polls, not_found, ran_on = 0, 0, set()
         deadline = time.monotonic() + 400
         for video_id in ids:
             while True:
@@ -121,15 +132,13 @@ def test_two_replicas_on_two_nodes_share_the_jobs(cluster):
                 assert time.monotonic() < deadline, answer.text
                 time.sleep(0.2)
             assert answer.json()["status"] == "completed", answer.text
+            ran_on.add(answer.json()["report"]["replica"])
         assert not_found == 0, f"{not_found} of {polls} polls answered 404"
         for video_id, payload in zip(ids, payloads):
             content = requests.get(f"{url}/v1/videos/{video_id}/content", timeout=60)
             assert content.status_code == 200, content.text
             assert relative_error(npy(content.content), fresh_latents(payload, STEPS)) <= 1e-5
-        succeeded = {}
-        for _ in range(40):   # /healthz reaches either replica
-            body = requests.get(f"{url}/healthz", timeout=30).json()
-            succeeded[body["replica"]] = body["counters"]["succeeded"]
-        assert len(succeeded) == 2 and all(succeeded.values()), succeeded
+        # Serve's proxy (head node) prefers the replica of its own node: only a shared queue lets the other work
+        assert len(ran_on) == 2, ran_on
     finally:
         undeploy()
