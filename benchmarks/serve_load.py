@@ -6,7 +6,7 @@
     python -m benchmarks.serve_load --model digits-flux --modes sequential continuous --caches spectrum \
         --concurrency 1 8 --images 1 4 --rates                                  # images, n = 1 and 4
     python -m benchmarks.serve_load --replicas 2 --model tiny-wan \
-        --json benchmarks/results/serve_load_replicas_before_cpu.json           # async jobs, 2 replicas, ~3 min
+        --json benchmarks/results/serve_load_replicas_before_cpu.json           # async jobs, 2 replicas, ~1.5 min
 
 Setup: the trained ``digits-wan`` model (50 UniPC steps, guidance 5.0, 16x16, 9 frames) or
 ``digits-flux`` (50 FLUX Euler steps, true CFG 2.0, 16x16) on one replica with two gloo ranks (xDiT
