@@ -5,6 +5,8 @@
     python -m benchmarks.serve_load --modes continuous --caches spectrum --json outputs/load.json
     python -m benchmarks.serve_load --model digits-flux --modes sequential continuous --caches spectrum \
         --concurrency 1 8 --images 1 4 --rates                                  # images, n = 1 and 4
+    python -m benchmarks.serve_load --replicas 2 --model tiny-wan \
+        --json benchmarks/results/serve_load_replicas_before_cpu.json           # async jobs, 2 replicas, ~1.5 min
 
 Setup: the trained ``digits-wan`` model (50 UniPC steps, guidance 5.0, 16x16, 9 frames) or
 ``digits-flux`` (50 FLUX Euler steps, true CFG 2.0, 16x16) on one replica with two gloo ranks (xDiT
@@ -28,6 +30,16 @@ send to the last answer), p50/p95/p99 latency (send, or scheduled arrival, to an
 replica's ``queue_seconds``) and the mean block-stack batch (rows per block-stack call, from
 ``/healthz``; 1 when sequential). Writes the JSON (``--json``), and beside it a Markdown table and
 a plot (throughput against offered load; latency distribution at the highest concurrency).
+
+``--replicas N``: instead, asynchronous jobs on N replicas of one rank each (``continuous``, the
+``auto`` mode of a step-batchable model): ``--jobs`` jobs (``POST /v1/videos``) at seeded Poisson
+arrivals of ``--job_rate`` per minute, each polled (``GET /v1/videos/{id}`` every ``--poll_s``)
+until it completes, fails or ``--job_timeout`` passes (then it is lost), then its content fetched
+once. Figures: jobs per replica (the completed job's report names its replica) and the balance
+(the busiest replica's count over the idlest's), p50/p95 queue time (the replica's
+``queue_seconds``), polls and content fetches answered 404, jobs lost. A second replica on a
+machine whose cores the first already uses cannot add throughput: the run measures how jobs are
+shared and found, not speed.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import json
 import os
 import platform
 import random
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -80,7 +93,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="1 and 8 clients, one round each; rates 0.5, 1, 2, 4 requests per rate")
     parser.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/serve_load[_MODEL]_cpu.json")
+    replicas = parser.add_argument_group("asynchronous jobs on several replicas (in place of the grid)")
+    replicas.add_argument("--replicas", type=int, default=None, help="replicas of one rank each")
+    replicas.add_argument("--jobs", type=int, default=20, help="jobs sent (POST /v1/videos)")
+    replicas.add_argument("--job_rate", type=float, default=30.0, help="Poisson arrivals, jobs per minute")
+    replicas.add_argument("--poll_s", type=float, default=0.3, help="seconds between a job's polls")
+    replicas.add_argument("--job_timeout", type=float, default=300.0, help="seconds after which a job is lost")
     args = parser.parse_args(argv)
+    if args.replicas is not None and args.json is None:
+        parser.error("--replicas: give --json (its figures are not the grid's)")
     args.json = args.json or default_json(args.model)
     if args.quick:
         args.concurrency, args.rounds, args.rates, args.poisson_requests = [1, 8], 1, [0.5, 1.0, 2.0], 4
@@ -191,6 +212,11 @@ def figures(answers: list[dict], wall: float, before: dict, after: dict, mode: s
             "latencies_s": sorted(float(v) for v in latencies)}
 
 
+def own_store() -> str:
+    """A job store of the run's own, so that no job of an earlier run is taken or counted."""
+    return f"sqlite:///{tempfile.mkdtemp(prefix='spectrum-xdit-load-')}/jobs.db"
+
+
 def start_server(args, mode: str, port: int) -> str:
     from ray import serve
 
@@ -198,7 +224,8 @@ def start_server(args, mode: str, port: int) -> str:
     from spectrum_xdit.launch.serve.main import wait_until_ready
 
     settings = {"model": args.model, "ulysses_degree": 2, "device": "cpu", "worker_cpus": 1, "batching": mode,
-                "max_batch_size": args.max_batch_size, "max_queue_size": 256, "num_inference_steps": args.steps}
+                "max_batch_size": args.max_batch_size, "max_queue_size": 256, "num_inference_steps": args.steps,
+                "broker_url": own_store()}
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     wait_until_ready(url, timeout=900)
@@ -354,15 +381,168 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
+# -- asynchronous jobs on several replicas --------------------------------------------------------
+
+
+def track_job(url: str, payload: dict, at: float, args) -> dict:
+    """One job of the replicas run: created at its arrival ``at``, polled until it ends or is
+    lost, its content fetched once; what each answer was."""
+    import requests
+
+    time.sleep(max(0.0, at - time.perf_counter()))
+    created = requests.post(f"{url}/v1/videos", json=payload, timeout=60)
+    if created.status_code != 200:
+        return {"created": False, "status": created.status_code, "polls": 0, "polls_404": 0}
+    video_id = created.json()["id"]
+    polls = polls_404 = 0
+    deadline = time.perf_counter() + args.job_timeout
+    while time.perf_counter() < deadline:
+        answer = requests.get(f"{url}/v1/videos/{video_id}", timeout=60)
+        polls += 1
+        polls_404 += answer.status_code == 404
+        if answer.status_code == 200 and answer.json()["status"] in ("completed", "failed"):
+            job = answer.json()
+            break
+        time.sleep(args.poll_s)
+    else:
+        return {"created": True, "lost": True, "polls": polls, "polls_404": polls_404}
+    seen = time.perf_counter()
+    content = requests.get(f"{url}/v1/videos/{video_id}/content", timeout=60) if job["status"] == "completed" else None
+    report = job.get("report") or {}
+    return {"created": True, "lost": False, "status": job["status"], "polls": polls, "polls_404": polls_404,
+            "content_404": content is not None and content.status_code == 404,
+            "fetched": content is not None and content.status_code == 200, "latency": seen - at,
+            "queue": report.get("queue_seconds"), "replica": report.get("replica")}
+
+
+def replicas_row(jobs: list[dict], replicas: list[str], wall: float) -> dict:
+    """The figures of one replicas run; ``replicas``: the ids of the replicas deployed."""
+    completed = [job for job in jobs if job.get("status") == "completed"]
+    counts = {replica: sum(job["replica"] == replica for job in completed) for replica in replicas}
+    busiest, idlest = max(counts.values(), default=0), min(counts.values(), default=0)
+    queue = [job["queue"] for job in completed]
+    latency = [job["latency"] for job in completed]
+    return {"replicas": len(replicas), "jobs": len(jobs), "created": sum(job["created"] for job in jobs),
+            "completed": len(completed), "failed": sum(job.get("status") == "failed" for job in jobs),
+            "lost": sum(bool(job.get("lost")) for job in jobs),
+            "fetched": sum(bool(job.get("fetched")) for job in jobs),
+            "content_404": sum(bool(job.get("content_404")) for job in jobs),
+            "polls": sum(job["polls"] for job in jobs), "polls_404": sum(job["polls_404"] for job in jobs),
+            "jobs_per_replica": counts, "balance": busiest / idlest if idlest else None,
+            "p50_queue_s": float(np.percentile(queue, 50)) if queue else None,
+            "p95_queue_s": float(np.percentile(queue, 95)) if queue else None,
+            "p95_latency_s": float(np.percentile(latency, 95)) if latency else None,
+            "jobs_per_min": 60 * len(completed) / wall, "wall_s": wall, "queue_s": sorted(queue)}
+
+
+def deployed_replicas(url: str, count: int, tries: int = 200) -> list[str]:
+    """The ids of the ``count`` replicas, from ``/healthz`` (which reaches any of them)."""
+    import requests
+
+    seen = set()
+    for _ in range(tries):
+        seen.add(requests.get(f"{url}/healthz", timeout=60).json()["replica"])
+        if len(seen) == count:
+            return sorted(seen)
+        time.sleep(0.05)
+    raise RuntimeError(f"only {len(seen)} of {count} replicas answered /healthz")
+
+
+def run_replicas(args) -> dict:
+    import ray
+    from ray import serve
+
+    from spectrum_xdit.launch.serve.app import APP_NAME, build_app
+    from spectrum_xdit.launch.serve.main import wait_until_ready
+
+    port = free_port()
+    ray.init(address="local", num_cpus=2 * args.replicas, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = {"model": args.model, "ulysses_degree": 1, "device": "cpu", "worker_cpus": 1, "batching": "continuous",
+                "max_batch_size": args.max_batch_size, "max_queue_size": 256, "num_inference_steps": args.steps,
+                "num_replicas": args.replicas, "broker_url": own_store()}
+    try:
+        serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(url, timeout=900)
+        replicas = deployed_replicas(url, args.replicas)
+        client = Client(url, args, "spectrum")
+        client.send()   # warm-up, on whichever replica
+        rng = random.Random(args.seed)
+        gaps = [rng.expovariate(args.job_rate / 60) for _ in range(args.jobs)]
+        start = time.perf_counter()
+        arrivals = [start + sum(gaps[:i]) for i in range(args.jobs)]
+        payloads = [client.payload() for _ in range(args.jobs)]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            jobs = list(pool.map(lambda item: track_job(url, item[1], item[0], args), zip(arrivals, payloads)))
+        wall = max([job["latency"] + at for job, at in zip(jobs, arrivals) if "latency" in job] or [start]) - start
+        row = replicas_row(jobs, replicas, max(wall, 1e-9))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "model": args.model, "steps": args.steps,
+            "layout": f"{args.replicas} replicas, 1 gloo rank each, continuous, max_batch_size {args.max_batch_size}",
+            "load": {"jobs": args.jobs, "jobs_per_min": args.job_rate, "poll_s": args.poll_s,
+                     "job_timeout_s": args.job_timeout, "cache": "spectrum"},
+            "seed": args.seed, "row": row, "machine_load": os.getloadavg(),
+            "note": f"{os.cpu_count()} cores: a second replica cannot add throughput here; the figures are how "
+                    "jobs are shared and found (balance, queue time, 404s, loss), not speed"}
+
+
+def replicas_markdown(results: dict) -> str:
+    row, load = results["row"], results["load"]
+    balance = f"{row['balance']:.2f}" if row["balance"] is not None else "inf (a replica ran no job)"
+    counts = ", ".join(f"{replica[:8]}: {count}" for replica, count in row["jobs_per_replica"].items())
+    return "\n".join([
+        f"{results['model']}, {results['steps']} steps, {results['layout']}, {results['machine']}, {results['date']}",
+        f"{load['jobs']} jobs (POST /v1/videos) at Poisson {load['jobs_per_min']:g}/min, polled every "
+        f"{load['poll_s']:g} s, Spectrum; {results['note']}.", "",
+        "| replicas | jobs | completed | lost | polls | polls 404 | content 404 | jobs per replica | balance | "
+        "p50 queue s | p95 queue s | p95 latency s | jobs/min |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {row['replicas']} | {row['jobs']} | {row['completed']} | {row['lost']} | {row['polls']} | "
+        f"{row['polls_404']} | {row['content_404']} | {counts} | {balance} | {_fmt(row['p50_queue_s'])} | "
+        f"{_fmt(row['p95_queue_s'])} | {_fmt(row['p95_latency_s'])} | {row['jobs_per_min']:.1f} |"]) + "\n"
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def replicas_plot(results: dict, path: Path) -> None:
+    """Jobs per replica; the distribution of queue times."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    row = results["row"]
+    figure, (counts, cdf) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = [replica[:8] for replica in row["jobs_per_replica"]]
+    counts.bar(names, list(row["jobs_per_replica"].values()), color="tab:blue")
+    counts.set(xlabel="replica", ylabel="jobs completed", title=f"jobs per replica (polls 404: {row['polls_404']} "
+               f"of {row['polls']})")
+    queue = row["queue_s"]
+    if queue:
+        cdf.step(queue, np.arange(1, len(queue) + 1) / len(queue), where="post")
+    cdf.set(xlabel="queue time (s)", ylabel="fraction of jobs", title="queue time")
+    for axes in (counts, cdf):
+        axes.grid(alpha=0.3)
+    figure.suptitle(f"{results['model']}, {results['layout']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    results = run(args)
-    table = markdown(results)
+    results = run(args) if args.replicas is None else run_replicas(args)
+    table = markdown(results) if args.replicas is None else replicas_markdown(results)
     print(table)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
     args.json.with_suffix(".md").write_text(table)
-    plot(results, args.json.with_suffix(".png"))
+    (plot if args.replicas is None else replicas_plot)(results, args.json.with_suffix(".png"))
     return results
 
 

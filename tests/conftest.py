@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 RAY_FILES = {"test_serve.py", "test_serve_continuous.py", "test_serve_local.py", "test_rank_group.py",
-             "test_serve_queue.py", "test_i2v.py", "test_benchmark_serve_load.py"}
+             "test_serve_queue.py", "test_i2v.py", "test_benchmark_serve_load.py", "test_autoscaling.py",
+             "test_serve_nodes.py"}
 RAY_FIXTURES = {"server", "i2v_server", "local_ray"}
 RAY_LOGS = Path("/tmp/ray/session_latest/logs")
 LOG_FILES_SHOWN, LOG_LINES_SHOWN = 6, 40

@@ -42,6 +42,11 @@ def image_base64(seed: int = 0, size: tuple[int, int] = (40, 48), format: str = 
     return base64.b64encode(image_file(seed, size, format)).decode("ascii")
 
 
+def with_own_store(settings: dict) -> dict:
+    """``settings`` on a job store of their own (unless they name one): no jobs left by another run."""
+    return {"broker_url": f"sqlite:///{tempfile.mkdtemp(prefix='spectrum-xdit-jobs-')}/jobs.db", **settings}
+
+
 def serve_app(settings: dict, metrics_port: list):
     """Start Ray and the app of ``settings`` on a free port of 127.0.0.1, yield its URL, and shut
     both down (a generator for a module-scoped fixture); Ray's metrics port goes into ``metrics_port``."""
@@ -52,8 +57,7 @@ def serve_app(settings: dict, metrics_port: list):
     from spectrum_xdit.launch.serve.main import wait_until_ready
 
     port = free_port()
-    # a job store of its own: no jobs left by another test run
-    settings = {"broker_url": f"sqlite:///{tempfile.mkdtemp(prefix='spectrum-xdit-jobs-')}/jobs.db", **settings}
+    settings = with_own_store(settings)
     # a cluster of its own (never one another process started), its logs shown on failure (conftest)
     context = ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:

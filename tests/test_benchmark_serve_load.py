@@ -42,3 +42,21 @@ def test_serve_load_benchmark_sends_image_requests_of_n_images(tmp_path):
     assert rows[3]["mean_block_batch"] >= 3
     assert result["goals"] == [None, None]   # no sequential server to compare with
     assert "| continuous | spectrum | c=2, n=3 |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.timeout(300)
+def test_serve_load_replicas_run_counts_jobs_per_replica_404s_and_losses(tmp_path):
+    """The two-replica run of asynchronous jobs, quick: every job is accounted for (completed,
+    failed or lost), each completed one on a deployed replica, and the 404s counted."""
+    pytest.importorskip("ray.serve")
+    from benchmarks import serve_load
+
+    out = tmp_path / "replicas.json"
+    result = serve_load.main(["--replicas", "2", "--model", "tiny-wan", "--steps", "4", "--jobs", "4",
+                              "--job_rate", "120", "--job_timeout", "120", "--json", str(out)])
+    row = result["row"]
+    assert row["jobs"] == row["created"] == 4 and row["completed"] + row["failed"] + row["lost"] == 4
+    assert sum(row["jobs_per_replica"].values()) == row["completed"] and len(row["jobs_per_replica"]) == 2
+    assert row["polls"] >= row["completed"] and 0 <= row["polls_404"] <= row["polls"]
+    assert "a second replica cannot add throughput" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 0

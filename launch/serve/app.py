@@ -35,6 +35,7 @@ from ..media import IMAGE_CONTENT_TYPES, SPRITE_SHEET_FORMAT, THUMBNAIL_FORMAT, 
 from ..request import CONTENT_TYPES, RequestError, from_text, parse_request
 from ..validate import validate
 from .auth import RequireApiKey
+from .autoscaling import QUEUED, RUNNING, QueueDepthPolicy
 from .body import read_payload
 from .contract import BatchingMode, JobError, JobStatus
 from .engine import Engine
@@ -396,6 +397,10 @@ class SpectrumServer:
         name = self.spec.name
         return name if self.settings.debug or not os.path.isdir(name) else os.path.basename(os.path.normpath(name))
 
+    def record_autoscaling_stats(self) -> dict:
+        """Serve's custom autoscaling metrics of this replica: the jobs it holds (``autoscaling``)."""
+        return {QUEUED: self.engine.queue_depth(), RUNNING: len(self.engine.running)}
+
     def check_health(self):
         """Serve's health check: a replica whose group failed to start repeatedly is replaced."""
         group = self.engine.group
@@ -429,18 +434,23 @@ def build_app(args: Optional[dict] = None):
 
 
 def deployment_options(settings: ServeSettings) -> dict:
-    """The deployment's options: replicas (fixed or autoscaled) and one placement group per
-    replica with a bundle per rank (the replica itself takes no resources and sits in the first)."""
+    """The deployment's options: replicas (fixed, or autoscaled on the jobs they hold) and one
+    placement group per replica with a bundle per rank, placed by ``placement_strategy`` (the
+    replica itself takes no resources and sits in the first bundle)."""
     bundle = {"CPU": settings.worker_cpus}
     if settings.device == "cuda":
         bundle["GPU"] = 1
     autoscaling = settings.autoscaling_config()
-    sizing = {"autoscaling_config": autoscaling} if autoscaling is not None else {"num_replicas": settings.num_replicas}
+    if autoscaling is not None:
+        policy = {"policy_function": QueueDepthPolicy, "policy_kwargs": {"target_queue_depth": settings.jobs_per_replica}}
+        sizing = {"autoscaling_config": dict(autoscaling, policy=policy)}
+    else:
+        sizing = {"num_replicas": settings.num_replicas}
     return dict(
         sizing,
         # Requests wait in the replica's engine; health and config calls must not queue behind them.
         max_ongoing_requests=max(64, 2 * settings.max_queue_size),
         ray_actor_options={"num_cpus": 0},
         placement_group_bundles=[dict(bundle) for _ in range(settings.world_size)],
-        placement_group_strategy="PACK",
+        placement_group_strategy=settings.placement_strategy,
     )

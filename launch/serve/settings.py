@@ -42,10 +42,23 @@ class ServeSettings(BaseModel):
         "Ray Serve autoscaling: fewest replicas (with max_replicas, in place of num_replicas)"))
     max_replicas: Optional[int] = Field(None, ge=1, validate_default=True,
                                         description="Ray Serve autoscaling: most replicas")
-    target_ongoing_requests: Optional[float] = Field(None, gt=0, description=(
-        "Ray Serve autoscaling: ongoing requests per replica it aims at (Serve's default when unset)"))
+    # Autoscaling on the jobs a replica holds (``autoscaling``): Serve's own target of ongoing
+    # requests never sees a queued or running /v1/videos job, only the request that created it.
+    target_queue_depth: Optional[float] = Field(None, gt=0, description=(
+        "Ray Serve autoscaling: jobs (queued and running) per replica it aims at; default max_batch_size "
+        "(1 when sequential), a replica's full step loop"))
+    upscale_delay_s: Optional[float] = Field(None, ge=0, description=(
+        "Ray Serve autoscaling: seconds the jobs must ask for more replicas before one is added (Serve's 30)"))
+    downscale_delay_s: Optional[float] = Field(None, ge=0, description=(
+        "Ray Serve autoscaling: seconds the jobs must ask for fewer replicas before one is removed (Serve's 600)"))
+    look_back_period_s: Optional[float] = Field(None, gt=0, description=(
+        "Ray Serve autoscaling: seconds over which each replica's job counts are averaged (Serve's 30)"))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: one GPU per rank when the Ray cluster has GPUs")
     worker_cpus: float = Field(1.0, gt=0, description="CPUs reserved for each rank (torch threads on CPU)")
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field("STRICT_PACK", description=(
+        "Ray placement of a replica's ranks: STRICT_PACK keeps them on one node, whose links carry their "
+        "all-to-alls; PACK lets a group spread over nodes when one node cannot hold it; SPREAD, STRICT_SPREAD "
+        "put its ranks on different nodes"))
     fps: int = Field(8, ge=1, description="frame rate of mp4 and gif answers")
     setup_timeout_s: float = Field(900.0, gt=0, description="seconds a rank group may take to start")
     request_timeout_s: float = Field(3600.0, gt=0, description=(
@@ -150,7 +163,7 @@ class ServeSettings(BaseModel):
             raise ValueError(f"must be at least min_replicas {least}, got {value}")
         return value
 
-    @field_validator("target_ongoing_requests")
+    @field_validator("target_queue_depth", "upscale_delay_s", "downscale_delay_s", "look_back_period_s")
     @classmethod
     def _autoscaled(cls, value: Optional[float], info: ValidationInfo) -> Optional[float]:
         if value is not None and info.data.get("max_replicas") is None:
@@ -158,13 +171,22 @@ class ServeSettings(BaseModel):
         return value
 
     def autoscaling_config(self) -> Optional[dict]:
-        """Ray Serve's ``autoscaling_config``, or ``None`` for a fixed ``num_replicas``."""
+        """Ray Serve's ``autoscaling_config`` but its policy (``app.deployment_options``), or
+        ``None`` for a fixed ``num_replicas``."""
         if self.min_replicas is None:
             return None
         config = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas}
-        if self.target_ongoing_requests is not None:
-            config["target_ongoing_requests"] = self.target_ongoing_requests
+        for name in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s"):
+            if getattr(self, name) is not None:
+                config[name] = getattr(self, name)
         return config
+
+    @property
+    def jobs_per_replica(self) -> float:
+        """The autoscaling target: ``target_queue_depth``, else what one replica runs at once."""
+        if self.target_queue_depth is not None:
+            return self.target_queue_depth
+        return float(self.max_batch_size if self.step_batching else 1)
 
     @field_validator("layout")
     @classmethod

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import ipaddress
 import os
 import socket
 import tempfile
@@ -49,14 +50,16 @@ class RankWorker:
         return ray.get_runtime_context().get_node_id()
 
     def rendezvous(self, same_node: bool) -> dict:
-        """Rank 0: where the group meets. On one node a file store, which listens on no port (a
-        TCPStore binds every interface) and gloo on loopback; across nodes a TCP address."""
+        """Rank 0: where the group meets. On one node (one Ray node id) a file store, which listens
+        on no port (a TCPStore binds every interface) and gloo on loopback; across nodes a TCP
+        address, this node's Ray address (loopback where the nodes are bound to it)."""
         if same_node:
             return {"file": os.path.join(tempfile.mkdtemp(prefix="spectrum-xdit-group-"), "store")}
+        address = ray.util.get_node_ip_address()
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("", 0))
+            sock.bind((address, 0))
             port = sock.getsockname()[1]
-        return {"address": ray.util.get_node_ip_address(), "port": port}
+        return {"address": address, "port": port}
 
     def setup(self, rendezvous: dict) -> RankInfo:
         import torch
@@ -76,6 +79,8 @@ class RankWorker:
             os.environ.update(GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo")
         else:
             os.environ.update(MASTER_ADDR=rendezvous["address"], MASTER_PORT=str(rendezvous["port"]))
+            if ipaddress.ip_address(rendezvous["address"]).is_loopback:   # Ray nodes of one machine
+                os.environ.update(GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo")
         if not cuda:
             torch.set_num_threads(max(1, int(settings.worker_cpus)))
         self.rank_pipeline = init_rank(resolve_model(settings.model), settings.layout, store=store)
