@@ -169,3 +169,37 @@ def test_every_model_but_per_token_timesteps_runs_the_step_loop():
     assert ServeSettings(model=ti2v).step_batching is None
     with pytest.raises(ValueError, match="batching: continuous runs a timestep per sample"):
         ServeSettings(model=ti2v, batching="continuous").check()
+
+
+def test_a_store_error_is_logged_and_the_loop_goes_on(monkeypatch, tmp_path):
+    """A locked SQLite file or a dropped Redis connection at a take or a finish must not end the
+    loop for good; and a task that did end shows in the health check."""
+    import sqlite3
+
+    async def scenario():
+        engine = await _engine(monkeypatch, tmp_path, batching="continuous")
+        take, finish, fails = engine.store.take, engine.store.finish, {"take": 2, "finish": 1}
+
+        def flaky(name, call):
+            def wrapped(*args, **kwargs):
+                if fails[name]:
+                    fails[name] -= 1
+                    raise sqlite3.OperationalError("database is locked")
+                return call(*args, **kwargs)
+            return wrapped
+
+        monkeypatch.setattr(engine.store, "take", flaky("take", take))
+        monkeypatch.setattr(engine.store, "finish", flaky("finish", finish))
+        jobs = [_submit(engine, _request(2, seed)) for seed in range(2)]
+        await asyncio.sleep(0.3)
+        engine.check()                                # every task still runs
+        outcomes = [await _outcome(engine, job) for job in jobs[1:]]   # the first's finish was lost
+        engine._tasks[0].cancel()
+        await asyncio.wait([engine._tasks[0]])
+        with pytest.raises(RuntimeError, match="ended"):
+            engine.check()
+        engine.close()
+        return outcomes, fails
+
+    outcomes, fails = asyncio.run(scenario())
+    assert outcomes == ["completed"] and fails == {"take": 0, "finish": 0}

@@ -203,3 +203,14 @@ def test_the_store_settings_resolve_where_the_app_is_built(tmp_path, monkeypatch
         ServeSettings.from_flat({"model": "tiny-wan", "broker_url": "amqp://host"})
     with pytest.raises(ValueError, match="lease_s"):
         ServeSettings.from_flat({"model": "tiny-wan", "lease_s": 0})
+
+
+def test_a_record_that_does_not_parse_is_skipped_not_raised(make_store):
+    """A store file outlives upgrades: a record of another version must not stop the queue."""
+    store = make_store()
+    store.storage.put_data("job:old", b'{"id": "old", "field_of_another_version": 1}')
+    store.storage.enqueue(b"old")
+    record = JobRecord.new(_request())
+    store.submit([record])
+    assert store.take("replica-a").id == record.id
+    assert [r.id for r in store.records()] == [record.id] and store.get("old") is None

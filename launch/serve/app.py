@@ -402,7 +402,9 @@ class SpectrumServer:
         return {QUEUED: self.engine.queue_depth(), RUNNING: len(self.engine.running)}
 
     def check_health(self):
-        """Serve's health check: a replica whose group failed to start repeatedly is replaced."""
+        """Serve's health check: a replica whose engine stopped, or whose group failed to start
+        repeatedly, is replaced."""
+        self.engine.check()
         group = self.engine.group
         if group.failed_for_good:
             raise RuntimeError(f"the rank group failed to start {group.setup_failures} times: {group.error}")

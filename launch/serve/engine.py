@@ -191,8 +191,12 @@ class Engine:
             self.counters["cancelled" if job_error.status == 409 else "failed"] += 1
         else:
             self.counters["succeeded"] += 1
-        finished = self.store.finish(record, output.media if output else None, output.report if output else None,
-                                     job_error)
+        try:
+            finished = self.store.finish(record, output.media if output else None,
+                                         output.report if output else None, job_error)
+        except Exception:  # its lease expires and another replica runs it again
+            logger.exception("spectrum-xdit: recording how job %s ended failed", record.id)
+            finished = None
         self.metrics.finished(finished or record.model_copy(update={"status": JobStatus.FAILED}), output)
         self._finished.set()
         self._finished = asyncio.Event()
@@ -210,40 +214,56 @@ class Engine:
     # -- sequential -----------------------------------------------------------------------------
 
     async def _run_jobs(self) -> None:
+        await self._guarded(self._run_job)
+
+    async def _run_job(self) -> None:
+        record = await self._next_job()
+        try:
+            generation = await self._ready_group()
+            self._check_sizes(record, generation)
+            answer = await self.group.run(generation, record.request, record.id)
+            self.metrics.block_batch(1)
+            self._finish(record, output=answer.output)
+        except Exception as error:  # the loop must outlive any one job
+            self._finish(record, error=error)
+
+    @staticmethod
+    async def _guarded(iteration) -> None:
+        """Run ``iteration`` forever: a store that fails once (a locked SQLite file, a Redis
+        connection reset, a results store's error) is logged and tried again a poll later, since
+        a loop that ended would leave this replica taking no job while it looks healthy."""
         while True:
-            record = await self._next_job()
             try:
-                generation = await self._ready_group()
-                self._check_sizes(record, generation)
-                answer = await self.group.run(generation, record.request, record.id)
-                self.metrics.block_batch(1)
-                self._finish(record, output=answer.output)
-            except Exception as error:  # the loop must outlive any one job
-                self._finish(record, error=error)
+                await iteration()
+            except Exception:
+                logger.exception("spectrum-xdit: the job loop failed; trying again")
+                await asyncio.sleep(POLL_S)
 
     # -- the step loop --------------------------------------------------------------------------
 
     async def _run_steps(self) -> None:
-        while True:
-            if not self.running:
-                await self._next_job()
-            try:
-                ticking = any(running.joined for running in self.running.values())
-                generation = await (self.group.ready() if ticking else self._ready_group())
-            except GroupUnavailable as error:
-                for running in list(self.running.values()):
-                    self._finish(running.record, error=error)
-                continue
-            joins = self._admit(generation)
-            drops = self._drops()
-            try:
-                answer = await self.group.tick(generation, [(r.id, r.request) for r in joins], list(drops),
-                                               TICK_RUN_S)
-            except Exception as error:  # every job in the loop ends with it; the queue waits
-                for running in list(self.running.values()):
-                    self._finish(running.record, error=error)
-                continue
-            self._after_tick(answer, drops)
+        await self._guarded(self._step)
+
+    async def _step(self) -> None:
+        if not self.running:
+            await self._next_job()
+        try:
+            ticking = any(running.joined for running in self.running.values())
+            generation = await (self.group.ready() if ticking else self._ready_group())
+        except GroupUnavailable as error:
+            for running in list(self.running.values()):
+                self._finish(running.record, error=error)
+            return
+        joins = self._admit(generation)
+        drops = self._drops()
+        try:
+            answer = await self.group.tick(generation, [(r.id, r.request) for r in joins], list(drops),
+                                           TICK_RUN_S)
+        except Exception as error:  # every job in the loop ends with it; the queue waits
+            for running in list(self.running.values()):
+                self._finish(running.record, error=error)
+            return
+        self._after_tick(answer, drops)
 
     def _free_slots(self) -> int:
         return self.settings.max_batch_size - len(self.running)
@@ -363,6 +383,13 @@ class Engine:
                     await self.group.probe()
                 except Exception:  # a failed probe must not end the probing
                     logger.exception("spectrum-xdit: health probe failed")
+
+    def check(self) -> None:
+        """Raise if one of the engine's tasks ended (Serve's health check then replaces the replica)."""
+        for task in self._tasks:
+            if task.done():
+                error = None if task.cancelled() else task.exception()
+                raise RuntimeError(f"the engine's task {task.get_coro().__name__} ended: {error!r}")
 
     def close(self) -> None:
         for task in self._tasks:

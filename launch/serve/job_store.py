@@ -17,6 +17,7 @@ a millisecond, well within a tick of the step loop.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
 import time
@@ -24,12 +25,13 @@ from typing import Iterable, Optional
 
 from huey.constants import EmptyData
 from huey.storage import MemoryStorage, RedisStorage, SqliteStorage
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..request import GenerationRequest
 from .contract import JobError, JobStatus
 from .media_store import MediaStore
 
+logger = logging.getLogger("ray.serve")
 RECORD, CANCEL, CLAIM = "job:", "cancel:", "claim:"
 _MEMORY: dict[str, MemoryStorage] = {}   # memory:// stores by name: one per process, as Huey's
 
@@ -107,15 +109,25 @@ class JobStore:
 
     # -- records --------------------------------------------------------------------------------
 
+    @staticmethod
+    def _parse(key: str, data) -> Optional[JobRecord]:
+        """The record stored at ``key``, or ``None`` (logged) if it does not parse: a store file
+        outlives upgrades, and one such record must not stop the queue nor every listing."""
+        try:
+            return JobRecord.model_validate_json(bytes(data))
+        except ValidationError as error:
+            logger.error("spectrum-xdit: skipping the job store's record %s, which does not parse: %s", key, error)
+            return None
+
     def get(self, job_id: str) -> Optional[JobRecord]:
         data = self.storage.peek_data(RECORD + job_id)
-        return None if data is EmptyData else JobRecord.model_validate_json(bytes(data))
+        return None if data is EmptyData else self._parse(RECORD + job_id, data)
 
     def records(self) -> list[JobRecord]:
-        """Every record, oldest first."""
-        records = [JobRecord.model_validate_json(bytes(value)) for key, value in self.storage.result_items().items()
+        """Every record that parses, oldest first."""
+        records = [self._parse(key, value) for key, value in self.storage.result_items().items()
                    if key.startswith(RECORD)]
-        return sorted(records, key=lambda record: record.created_at)
+        return sorted((record for record in records if record is not None), key=lambda record: record.created_at)
 
     def write(self, record: JobRecord) -> bool:
         """Store the record of a job this replica runs, unless it was deleted meanwhile: a delete
@@ -135,7 +147,10 @@ class JobStore:
         if data is EmptyData:
             self.storage.delete_data(CANCEL + job_id)
             return None
-        record = JobRecord.model_validate_json(bytes(data))
+        record = self._parse(RECORD + job_id, data)
+        if record is None:
+            self.storage.delete_data(CANCEL + job_id)
+            return None
         if record.media is not None:
             self.media.delete(record.media)
         if record.status is not JobStatus.IN_PROGRESS:   # nobody runs it to see the mark
