@@ -214,3 +214,20 @@ def test_a_record_that_does_not_parse_is_skipped_not_raised(make_store):
     store.submit([record])
     assert store.take("replica-a").id == record.id
     assert [r.id for r in store.records()] == [record.id] and store.get("old") is None
+
+
+def test_a_delete_between_a_takes_read_and_write_is_not_undone(make_store):
+    """DELETE of a queued job while another replica takes it: the take must not write the job back."""
+    a, b = make_store(), make_store()
+    record = JobRecord.new(_request(), kept=True)
+    a.submit([record])
+    read = a.get
+
+    def read_then_deleted(job_id):
+        found = read(job_id)
+        assert b.delete(job_id).status is JobStatus.QUEUED
+        return found
+
+    a.get = read_then_deleted
+    assert a.take("replica-a") is None
+    assert b.get(record.id) is None and not b.cancelled(record.id)   # gone, and the take cleared the mark

@@ -153,8 +153,8 @@ class JobStore:
             return None
         if record.media is not None:
             self.media.delete(record.media)
-        if record.status is not JobStatus.IN_PROGRESS:   # nobody runs it to see the mark
-            self.storage.delete_data(CANCEL + job_id)
+        if record.status.finished:   # nobody runs it to see the mark; a queued job's take clears it,
+            self.storage.delete_data(CANCEL + job_id)   # since one between its read and write needs it
         return record
 
     def cancelled(self, job_id: str) -> bool:
