@@ -231,3 +231,19 @@ def test_a_delete_between_a_takes_read_and_write_is_not_undone(make_store):
     a.get = read_then_deleted
     assert a.take("replica-a") is None
     assert b.get(record.id) is None and not b.cancelled(record.id)   # gone, and the take cleared the mark
+
+
+def test_a_queued_job_missing_from_the_queue_is_queued_again_once(make_store):
+    """A replica that died (or whose store failed) between taking a job's id from the queue and
+    writing its record leaves a queued record with no queue entry: the reaper queues it again."""
+    a, b, c = make_store(), make_store(), make_store()
+    record = JobRecord.new(_request(), kept=True)
+    a.submit([record])
+    assert bytes(a.storage.dequeue()).decode() == record.id        # the take that died here
+    assert b.requeue_expired("replica-b") == []                    # not yet: a take may be writing it
+    time.sleep(LEASE_S + 0.05)
+    assert sorted([*b.requeue_expired("replica-b"), *c.requeue_expired("replica-c")]) == [record.id]  # one claim
+    assert b.requeue_expired("replica-b") == [] and b.queue_depth() == 1
+    assert c.take("replica-c").id == record.id
+    a.storage.enqueue(record.id.encode())                          # a duplicate entry is skipped
+    assert a.take("replica-a") is None and a.get(record.id).replica == "replica-c"

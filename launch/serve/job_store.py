@@ -52,6 +52,7 @@ class JobRecord(BaseModel):
     request: GenerationRequest
     kept: bool = False
     created_at: float
+    queued_at: Optional[float] = None    # when it last went into the queue (None: at created_at)
     started_at: Optional[float] = None
     completed_at: Optional[float] = None
     steps_done: int = 0
@@ -66,7 +67,8 @@ class JobRecord(BaseModel):
 
     @classmethod
     def new(cls, request: GenerationRequest, kept: bool = False, remixed_from: Optional[str] = None) -> "JobRecord":
-        return cls(id=secrets.token_urlsafe(16), request=request, kept=kept, created_at=time.time(),
+        now = time.time()
+        return cls(id=secrets.token_urlsafe(16), request=request, kept=kept, created_at=now, queued_at=now,
                    remixed_from=remixed_from)
 
     @property
@@ -207,16 +209,33 @@ class JobStore:
         return record if self.write(record) else None
 
     def requeue_expired(self, replica: str) -> list[str]:
-        """Put back in the queue every running job whose lease expired: each is claimed by one
-        replica (``put_if_empty`` of its delivery's claim), so it is queued once. Their ids."""
+        """Put back in the queue every running job whose lease expired, and every queued job
+        missing from the queue for ``lease_s`` (a replica died, or its store failed, between
+        writing a record and queueing its id, or between taking the id and writing the record):
+        each is claimed by one replica (``put_if_empty`` of its delivery's or its queueing's
+        claim), so it is queued once. A duplicate id in the queue is harmless: a take skips an id
+        whose job is not queued. Their ids."""
         now, requeued = time.time(), []
+        in_queue = {bytes(item).decode() for item in self.storage.enqueued_items()}   # before the records
         for record in self.records():
-            if record.status is not JobStatus.IN_PROGRESS or record.lease_until is None or record.lease_until > now:
+            if record.status is JobStatus.IN_PROGRESS:
+                if record.lease_until is None or record.lease_until > now:
+                    continue
+                claim = f"{CLAIM}{record.id}:{record.deliveries}"
+            elif record.status is JobStatus.QUEUED:
+                queued_at = record.queued_at or record.created_at
+                if record.id in in_queue or now - queued_at <= self.lease_s:
+                    continue
+                claim = f"{CLAIM}{record.id}:queued:{queued_at!r}"
+            else:
                 continue
-            if not self.storage.put_if_empty(f"{CLAIM}{record.id}:{record.deliveries}", replica.encode()):
+            if not self.storage.put_if_empty(claim, replica.encode()):
+                continue
+            current = self.get(record.id)
+            if current is None or current.status is not record.status:   # taken or deleted meanwhile
                 continue
             queued = record.model_copy(update={"status": JobStatus.QUEUED, "replica": None, "lease_until": None,
-                                               "steps_done": 0})
+                                               "steps_done": 0, "queued_at": time.time()})
             if self.write(queued):
                 self.storage.enqueue(record.id.encode())
                 requeued.append(record.id)
