@@ -247,3 +247,25 @@ def test_a_queued_job_missing_from_the_queue_is_queued_again_once(make_store):
     assert c.take("replica-c").id == record.id
     a.storage.enqueue(record.id.encode())                          # a duplicate entry is skipped
     assert a.take("replica-a") is None and a.get(record.id).replica == "replica-c"
+
+
+def test_a_replica_late_past_its_lease_writes_nothing_and_a_delete_survives(make_store):
+    """A replica whose event loop stalled past ``lease_s``: its job was re-queued and taken by
+    another; its late renew and finish write nothing, and a duplicate queue entry's skip keeps the
+    cancel mark of a DELETE that the running replica has yet to see."""
+    late, reaper, other = make_store(), make_store(), make_store()
+    record = JobRecord.new(_request(), kept=True)
+    late.submit([record])
+    taken = late.take("replica-late")
+    time.sleep(LEASE_S + 0.05)
+    assert late.requeue_expired("replica-late", running=[record.id]) == []   # never its own live job
+    assert reaper.requeue_expired("replica-b") == [record.id]
+    assert late.renew(taken, steps_done=3) is None and reaper.get(record.id).status is JobStatus.QUEUED
+    assert late.finish(taken, media=b"late", report={}) is None and reaper.get(record.id).status is JobStatus.QUEUED
+    running = other.take("replica-c")
+    assert running.deliveries == 2 and late.finish(taken, error=JobError.of(RuntimeError("x"))) is None
+    assert other.get(record.id).status is JobStatus.IN_PROGRESS and other.get(record.id).replica == "replica-c"
+    reaper.delete(record.id)
+    late.storage.enqueue(record.id.encode())
+    assert late.take("replica-late") is None and other.cancelled(record.id)
+    assert other.renew(running, steps_done=1) is None

@@ -333,7 +333,8 @@ class Engine:
 
     async def _keep(self) -> None:
         """Every ``KEEPER_S``: renew the running jobs' leases with their progress, stop the ones
-        deleted on other replicas, and (continuous) let queued jobs join a loop with room."""
+        deleted on other replicas or whose lease was lost (re-queued while this replica stalled),
+        and (continuous) let queued jobs join a loop with room."""
         while True:
             await asyncio.sleep(KEEPER_S)
             try:
@@ -366,7 +367,7 @@ class Engine:
         while True:
             await asyncio.sleep(max(0.2, self.settings.lease_s / 3))
             try:
-                requeued = self.store.requeue_expired(self.replica)
+                requeued = self.store.requeue_expired(self.replica, list(self.running))
                 if requeued:
                     logger.warning("spectrum-xdit: jobs %s lost their replica; queued again", requeued)
                     self.counters["requeued"] += len(requeued)

@@ -155,8 +155,8 @@ class JobStore:
             return None
         if record.media is not None:
             self.media.delete(record.media)
-        if record.status.finished:   # nobody runs it to see the mark; a queued job's take clears it,
-            self.storage.delete_data(CANCEL + job_id)   # since one between its read and write needs it
+        if record.status.finished:   # nobody runs it to see the mark; a queued job's mark stays for a
+            self.storage.delete_data(CANCEL + job_id)   # take between its read and write (evict drops it)
         return record
 
     def cancelled(self, job_id: str) -> bool:
@@ -190,8 +190,7 @@ class JobStore:
             job_id = bytes(job_id).decode()
             record = self.get(job_id)
             if record is None or record.status is not JobStatus.QUEUED:
-                self.forget_cancel(job_id)
-                continue
+                continue   # a cancel mark stays for the replica that may run it; evict drops it later
             now = time.time()
             record = record.model_copy(update={
                 "status": JobStatus.IN_PROGRESS, "replica": replica, "deliveries": record.deliveries + 1,
@@ -203,23 +202,34 @@ class JobStore:
 
     # -- leases ---------------------------------------------------------------------------------
 
+    def holds(self, record: JobRecord) -> bool:
+        """Whether the replica that took ``record`` still holds its lease: a replica stalled past
+        ``lease_s`` may find its job re-queued (or run elsewhere), and must then write nothing."""
+        current = self.get(record.id)
+        return current is not None and current.status is JobStatus.IN_PROGRESS and \
+            (current.replica, current.deliveries) == (record.replica, record.deliveries)
+
     def renew(self, record: JobRecord, **changes) -> Optional[JobRecord]:
-        """``record`` with ``changes`` and a fresh lease, written; ``None`` if it was deleted."""
+        """``record`` with ``changes`` and a fresh lease, written; ``None`` if it was deleted or
+        its lease was lost (the replica stops it)."""
+        if not self.holds(record):
+            return None
         record = record.model_copy(update=dict(changes, lease_until=time.time() + self.lease_s))
         return record if self.write(record) else None
 
-    def requeue_expired(self, replica: str) -> list[str]:
+    def requeue_expired(self, replica: str, running: Iterable[str] = ()) -> list[str]:
         """Put back in the queue every running job whose lease expired, and every queued job
         missing from the queue for ``lease_s`` (a replica died, or its store failed, between
         writing a record and queueing its id, or between taking the id and writing the record):
         each is claimed by one replica (``put_if_empty`` of its delivery's or its queueing's
         claim), so it is queued once. A duplicate id in the queue is harmless: a take skips an id
-        whose job is not queued. Their ids."""
-        now, requeued = time.time(), []
+        whose job is not queued. ``running``: the caller's own live jobs, whose leases it renews
+        (late, if its event loop stalled), never re-queued by itself. Their ids."""
+        now, requeued, running = time.time(), [], set(running)
         in_queue = {bytes(item).decode() for item in self.storage.enqueued_items()}   # before the records
         for record in self.records():
             if record.status is JobStatus.IN_PROGRESS:
-                if record.lease_until is None or record.lease_until > now:
+                if record.lease_until is None or record.lease_until > now or record.id in running:
                     continue
                 claim = f"{CLAIM}{record.id}:{record.deliveries}"
             elif record.status is JobStatus.QUEUED:
@@ -246,7 +256,12 @@ class JobStore:
     def finish(self, record: JobRecord, media: Optional[bytes] = None, report: Optional[dict] = None,
                error: Optional[JobError] = None) -> Optional[JobRecord]:
         """Record how ``record`` ended: its media in the results store and its report, or its
-        error. ``None`` if it was deleted meanwhile (its media are not kept)."""
+        error. ``None`` if it was deleted meanwhile (its media are not kept) or its lease was lost
+        (nothing is written: the replica now running it, or the queue, owns the record)."""
+        if not self.holds(record):
+            if self.get(record.id) is None:
+                self.forget_cancel(record.id)
+            return None
         changes = {"completed_at": time.time(), "lease_until": None}
         if error is None:
             location = self.media.put(record.id, record.request.output_format, media)
