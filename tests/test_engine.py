@@ -26,6 +26,7 @@ class StandInGroup:
 
     def __init__(self, settings, fail_at=None):
         self.state, self.current, self.rebuilds = "ready", SimpleNamespace(number=1), 0
+        self.failed_for_good = False
         self.steps: dict[str, int] = {}
         self.requests: dict = {}
         self.log: list[tuple[list, list, list]] = []    # (joined, dropped, in the loop) per tick
@@ -203,3 +204,28 @@ def test_a_store_error_is_logged_and_the_loop_goes_on(monkeypatch, tmp_path):
 
     outcomes, fails = asyncio.run(scenario())
     assert outcomes == ["completed"] and fails == {"take": 0, "finish": 0}
+
+
+def test_a_group_that_fails_leaves_its_jobs_to_the_queue(monkeypatch, tmp_path):
+    """A job taken while the group looked ready, whose group then failed for good before the job
+    reached the ranks, goes back to the queue (not failed with 503); and the replica takes no more."""
+    from spectrum_xdit.launch.serve.rank_group import GroupUnavailable
+
+    async def scenario(mode):
+        engine = await _engine(monkeypatch, tmp_path, batching=mode)
+        group, calls = engine.group, []
+
+        async def fails_for_good():
+            calls.append(1)
+            group.state, group.failed_for_good = "failed", True
+            raise GroupUnavailable("the rank group failed to start: boom")
+
+        group.ready = fails_for_good
+        job = _submit(engine, _request(2))
+        await asyncio.sleep(0.3)
+        record = engine.get(job.id)
+        engine.close()
+        return record.status, record.replica, engine.queue_depth(), len(calls)
+
+    for mode in ("continuous", "sequential"):
+        assert asyncio.run(scenario(mode)) == (JobStatus.QUEUED, None, 1, 1), mode

@@ -148,12 +148,15 @@ class Engine:
     # -- running jobs ---------------------------------------------------------------------------
 
     async def _next_job(self) -> JobRecord:
-        """The next job of the shared queue, taken by this replica; waits until there is one."""
+        """The next job of the shared queue, taken by this replica; waits until there is one and
+        the rank group is ready: a starting group's replica, or one whose group failed for good,
+        leaves the jobs to the other replicas."""
         while True:
-            record = self.store.take(self.replica)
-            if record is not None:
-                self._start(record)
-                return record
+            if self.group.state == "ready" and not self.group.failed_for_good:
+                record = self.store.take(self.replica)
+                if record is not None:
+                    self._start(record)
+                    return record
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), POLL_S)
@@ -201,6 +204,13 @@ class Engine:
         self._finished.set()
         self._finished = asyncio.Event()
 
+    def _release(self, record: JobRecord, why: GroupUnavailable) -> None:
+        """Put a job back in the queue that never reached the ranks: its group became unavailable."""
+        self.running.pop(record.id, None)
+        logger.warning("spectrum-xdit: job %s goes back to the queue: %s", record.id, why)
+        if self.store.release(record):
+            self.counters["requeued"] += 1
+
     def _stop(self, job_id: str) -> None:
         """Stop a running job after its current step: it was deleted."""
         running = self.running[job_id]
@@ -220,6 +230,10 @@ class Engine:
         record = await self._next_job()
         try:
             generation = await self._ready_group()
+        except GroupUnavailable as error:
+            self._release(record, error)
+            return
+        try:
             self._check_sizes(record, generation)
             answer = await self.group.run(generation, record.request, record.id)
             self.metrics.block_batch(1)
@@ -250,9 +264,12 @@ class Engine:
         try:
             ticking = any(running.joined for running in self.running.values())
             generation = await (self.group.ready() if ticking else self._ready_group())
-        except GroupUnavailable as error:
+        except GroupUnavailable as error:   # the jobs on the ranks fail; the others wait in the queue
             for running in list(self.running.values()):
-                self._finish(running.record, error=error)
+                if running.joined:
+                    self._finish(running.record, error=error)
+                else:
+                    self._release(running.record, error)
             return
         joins = self._admit(generation)
         drops = self._drops()

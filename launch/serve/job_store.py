@@ -217,6 +217,18 @@ class JobStore:
         record = record.model_copy(update=dict(changes, lease_until=time.time() + self.lease_s))
         return record if self.write(record) else None
 
+    def release(self, record: JobRecord) -> bool:
+        """Put a job this replica took back in the queue, unrun (its rank group became
+        unavailable before the job reached it); whether it went back."""
+        if not self.holds(record):
+            return False
+        queued = record.model_copy(update={"status": JobStatus.QUEUED, "replica": None, "lease_until": None,
+                                           "steps_done": 0, "queued_at": time.time()})
+        if not self.write(queued):
+            return False
+        self.storage.enqueue(record.id.encode())
+        return True
+
     def requeue_expired(self, replica: str, running: Iterable[str] = ()) -> list[str]:
         """Put back in the queue every running job whose lease expired, and every queued job
         missing from the queue for ``lease_s`` (a replica died, or its store failed, between
