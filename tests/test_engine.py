@@ -229,3 +229,17 @@ def test_a_group_that_fails_leaves_its_jobs_to_the_queue(monkeypatch, tmp_path):
 
     for mode in ("continuous", "sequential"):
         assert asyncio.run(scenario(mode)) == (JobStatus.QUEUED, None, 1, 1), mode
+
+
+def test_a_synchronous_wait_ends_with_a_timeout_naming_request_timeout_s(monkeypatch, tmp_path):
+    """A job that never finishes (its replicas gone) must not hold its request forever."""
+    async def scenario():
+        engine = await _engine(monkeypatch, tmp_path, batching="continuous", request_timeout_s=0.2, lease_s=0.1)
+        engine.close()                                  # nobody runs the job
+        job = _submit(engine, _request(2))
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError, match=r"request_timeout_s"):
+            await asyncio.wait_for(engine.result(job.id), 5)
+        return asyncio.get_running_loop().time() - started
+
+    assert 0.5 <= asyncio.run(scenario()) < 2

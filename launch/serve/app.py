@@ -147,6 +147,9 @@ class SpectrumServer:
         except KeyError as error:
             self.engine.forget(records)
             return None, None, _gone(error.args[0])
+        except TimeoutError as error:   # its job was lost: the client gets an answer, not a hang
+            self.engine.forget(records)
+            return None, None, error_response(504, str(error))
         failed = next((record for record in finished if record.status is JobStatus.FAILED), None)
         try:
             media = [] if failed is not None else [self.engine.output(record) for record in finished]

@@ -107,13 +107,23 @@ class Engine:
         """The kept jobs (``/v1/videos``), oldest first."""
         return [record for record in self.store.records() if record.kept]
 
+    def result_wait_s(self) -> float:
+        """How long after it was queued a synchronous request waits for its job: time for a
+        ``request_timeout_s`` in the queue and one to run, each with a lease's delay (a re-run
+        after its replica died). A job lost beyond that (every replica gone) ends the wait."""
+        return 2 * (self.settings.request_timeout_s + self.settings.lease_s)
+
     async def result(self, job_id: str) -> JobRecord:
-        """The record of ``job_id`` once it completed or failed (``KeyError`` if deleted)."""
+        """The record of ``job_id`` once it completed or failed (``KeyError`` if deleted;
+        ``TimeoutError`` naming ``request_timeout_s`` after :meth:`result_wait_s`)."""
         delay = POLL_S
         while True:
             record = self.get(job_id)
             if record.status.finished:
                 return record
+            if time.time() - record.created_at > self.result_wait_s():
+                raise TimeoutError(f"the job did not finish within {self.result_wait_s():g} s of being queued "
+                                   f"(2 x (request_timeout_s + lease_s))")
             finished = self._finished
             try:
                 await asyncio.wait_for(finished.wait(), delay)
