@@ -201,6 +201,8 @@ def test_the_store_settings_resolve_where_the_app_is_built(tmp_path, monkeypatch
         ServeSettings.from_flat({"model": "tiny-wan", "broker_url": "memory://", "num_replicas": 2}).with_job_store()
     with pytest.raises(ValueError, match="broker_url: must start with one of sqlite://"):
         ServeSettings.from_flat({"model": "tiny-wan", "broker_url": "amqp://host"})
+    with pytest.raises(ValueError, match="broker_url: a SQLite file is sqlite:///PATH"):
+        ServeSettings.from_flat({"model": "tiny-wan", "broker_url": "sqlite://jobs.db"})
     with pytest.raises(ValueError, match="lease_s"):
         ServeSettings.from_flat({"model": "tiny-wan", "lease_s": 0})
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ..request import GenerationRequest
 from .contract import JobError, JobStatus
 from .media_store import MediaStore
+from .settings import parse_broker_url
 
 logger = logging.getLogger("ray.serve")
 RECORD, CANCEL, CLAIM = "job:", "cancel:", "claim:"
@@ -90,14 +91,13 @@ class _SqliteStorage(SqliteStorage):
 
 def open_storage(broker_url: str, name: str):
     """Huey's storage of ``broker_url`` (``sqlite:///PATH``, ``redis://...``, ``memory://``)."""
-    if broker_url.startswith("sqlite:///"):
-        return _SqliteStorage(name, filename=broker_url.removeprefix("sqlite:///"))
-    if broker_url.startswith(("redis://", "rediss://")):
-        # not blocking: a replica polls between ticks and never waits in BRPOP
-        return RedisStorage(name, url=broker_url, blocking=False)
-    if broker_url.startswith("memory://"):
+    scheme, location = parse_broker_url(broker_url)
+    if scheme == "sqlite":
+        return _SqliteStorage(name, filename=location)
+    if scheme == "memory":
         return _MEMORY.setdefault(name, MemoryStorage(name))
-    raise ValueError(f"broker_url: unknown scheme in {broker_url!r}")
+    # not blocking: a replica polls between ticks and never waits in BRPOP
+    return RedisStorage(name, url=broker_url, blocking=False)
 
 
 class JobStore:

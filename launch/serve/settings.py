@@ -27,6 +27,19 @@ from ..validate import validate
 
 SERVED_LAYOUT = ("ulysses_degree", "ring_degree")
 BROKER_SCHEMES = ("sqlite", "redis", "rediss", "memory")
+
+
+def parse_broker_url(url: str) -> tuple[str, str]:
+    """``broker_url``'s scheme and the rest (a SQLite file's path): the one rule that both the
+    settings and the replicas' job store read it by, so a URL the settings accept opens."""
+    scheme, separator, rest = url.partition("://")
+    if not separator or scheme not in BROKER_SCHEMES:
+        raise ValueError(f"must start with one of {', '.join(s + '://' for s in BROKER_SCHEMES)}, got {url!r}")
+    if scheme == "sqlite":
+        if not rest.startswith("/") or rest == "/":
+            raise ValueError(f"a SQLite file is sqlite:///PATH (three slashes; four for an absolute path), got {url!r}")
+        rest = rest[1:]
+    return scheme, rest
 API_KEY_ENV = "SPECTRUM_XDIT_API_KEY"
 
 
@@ -124,8 +137,8 @@ class ServeSettings(BaseModel):
     @field_validator("broker_url")
     @classmethod
     def _known_broker(cls, url: Optional[str]) -> Optional[str]:
-        if url is not None and url.split("://", 1)[0] not in BROKER_SCHEMES:
-            raise ValueError(f"must start with one of {', '.join(s + '://' for s in BROKER_SCHEMES)}, got {url!r}")
+        if url is not None:
+            parse_broker_url(url)
         return url
 
     def with_job_store(self) -> "ServeSettings":
@@ -133,15 +146,16 @@ class ServeSettings(BaseModel):
         deploys: the default SQLite file and results folder as absolute paths, since the replicas
         run in Ray's working directories. The memory broker serves one replica only."""
         broker = self.broker_url or f"sqlite:///{state_dir() / 'jobs.db'}"
-        if broker.startswith("sqlite:///"):
-            path = Path(broker.removeprefix("sqlite:///")).expanduser().absolute()
-            broker = f"sqlite:///{path}"
-        results = self.results_url or ("memory://spectrum-xdit/results" if broker.startswith("memory://")
-                                        else str(Path(broker.removeprefix("sqlite:///")).parent / "results")
-                                        if broker.startswith("sqlite:///") else str(state_dir() / "results"))
+        scheme, location = parse_broker_url(broker)
+        if scheme == "sqlite":
+            location = Path(location).expanduser().absolute()
+            broker = f"sqlite:///{location}"
+        results = self.results_url or ("memory://spectrum-xdit/results" if scheme == "memory"
+                                        else str(location.parent / "results") if scheme == "sqlite"
+                                        else str(state_dir() / "results"))
         if "://" not in results:
             results = str(Path(results).expanduser().absolute())
-        if broker.startswith("memory://") and (self.num_replicas > 1 or (self.max_replicas or 1) > 1):
+        if scheme == "memory" and (self.num_replicas > 1 or (self.max_replicas or 1) > 1):
             raise ValueError("broker_url: memory:// keeps each replica's jobs to itself; with several replicas "
                              "use sqlite:///PATH (one node) or redis://HOST:PORT/DB")
         return self.model_copy(update={"broker_url": broker, "results_url": results})
