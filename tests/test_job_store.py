@@ -271,3 +271,19 @@ def test_a_replica_late_past_its_lease_writes_nothing_and_a_delete_survives(make
     late.storage.enqueue(record.id.encode())
     assert late.take("replica-late") is None and other.cancelled(record.id)
     assert other.renew(running, steps_done=1) is None
+
+
+def test_a_sqlite_broker_on_several_machines_is_warned_of(monkeypatch, capsys):
+    """Each machine would open its own file: warn. Two Ray nodes of one machine share it: quiet."""
+    import ray
+
+    from spectrum_xdit.launch.serve import app
+    from spectrum_xdit.launch.serve.settings import ServeSettings
+
+    settings = ServeSettings.from_flat({"model": "tiny-wan", "broker_url": "sqlite:////tmp/jobs.db"})
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    for addresses, warned in ((["127.0.0.1", "127.0.0.1"], False), (["10.0.0.1", "10.0.0.2"], True)):
+        monkeypatch.setattr(ray, "nodes", lambda: [{"NodeManagerAddress": a, "Alive": True} for a in addresses])
+        app.warn_of_split_queue(settings)
+        err = capsys.readouterr().err
+        assert ("broker_url sqlite:////tmp/jobs.db" in err and "redis://" in err) is warned

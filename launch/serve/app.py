@@ -20,6 +20,7 @@ import base64
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Literal, Optional
 
@@ -428,6 +429,17 @@ def resolve_device(settings: ServeSettings) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def warn_of_split_queue(settings: ServeSettings) -> None:
+    """A SQLite broker on a cluster of several machines splits the queue (each node opens its own
+    file): say so. Nodes on one machine (the same address) share the file, which is fine."""
+    if not settings.broker_url.startswith("sqlite://") or not ray.is_initialized():
+        return
+    addresses = {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
+    if len(addresses) > 1:
+        print(f"spectrum-xdit serve: warning: broker_url {settings.broker_url} is a file on each of the cluster's "
+              f"{len(addresses)} machines, so each has its own queue; use redis://HOST:PORT/DB", file=sys.stderr)
+
+
 def build_app(args: Optional[dict] = None):
     """The Serve application (also the builder that ``serve run launch/serve/serve_config.yaml``
     calls with the config's ``args``: the flat setting names of ``spectrum-xdit serve``)."""
@@ -435,6 +447,7 @@ def build_app(args: Optional[dict] = None):
     settings.check()
     settings = settings.with_api_keys().with_job_store()
     settings = settings.model_copy(update={"device": resolve_device(settings)})
+    warn_of_split_queue(settings)
     return SpectrumServer.options(**deployment_options(settings)).bind(settings.model_dump())
 
 
