@@ -243,3 +243,27 @@ def test_a_synchronous_wait_ends_with_a_timeout_naming_request_timeout_s(monkeyp
         return asyncio.get_running_loop().time() - started
 
     assert 0.5 <= asyncio.run(scenario()) < 2
+
+
+def test_a_slow_results_store_does_not_stall_the_step_loop(monkeypatch, tmp_path):
+    """A media write that takes a second (s3://) runs in a thread: the other jobs tick on."""
+    import time
+
+    async def scenario():
+        engine = await _engine(monkeypatch, tmp_path, batching="continuous", max_batch_size=2)
+        put = engine.store.media.put
+
+        def slow_put(job_id, *args):
+            if job_id == quick.id:
+                time.sleep(1.0)
+            return put(job_id, *args)
+
+        monkeypatch.setattr(engine.store.media, "put", slow_put)
+        quick, slow = _submit(engine, _request(2)), _submit(engine, _request(10, 1))
+        assert await _outcome(engine, slow) == "completed"
+        status = engine.get(quick.id).status                       # its media still being written
+        assert await _outcome(engine, quick) == "completed"
+        engine.close()
+        return status
+
+    assert asyncio.run(scenario()) is JobStatus.IN_PROGRESS

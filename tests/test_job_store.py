@@ -287,3 +287,11 @@ def test_a_sqlite_broker_on_several_machines_is_warned_of(monkeypatch, capsys):
         app.warn_of_split_queue(settings)
         err = capsys.readouterr().err
         assert ("broker_url sqlite:////tmp/jobs.db" in err and "redis://" in err) is warned
+
+
+def test_a_redis_broker_has_a_socket_timeout(redis_url):
+    """A Redis that stops answering raises (and the loop goes on) instead of hanging a replica."""
+    store = JobStore(redis_url, "memory://results", "test-timeout", 8, LEASE_S)
+    assert store.storage.conn.connection_pool.connection_kwargs["socket_timeout"] == 10.0
+    url = JobStore(redis_url + "?socket_timeout=2", "memory://results", "test-timeout", 8, LEASE_S)
+    assert url.storage.conn.connection_pool.connection_kwargs["socket_timeout"] == 2.0

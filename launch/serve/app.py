@@ -153,7 +153,7 @@ class SpectrumServer:
             return None, None, error_response(504, str(error))
         failed = next((record for record in finished if record.status is JobStatus.FAILED), None)
         try:
-            media = [] if failed is not None else [self.engine.output(record) for record in finished]
+            media = [] if failed is not None else [await self.engine.output(record) for record in finished]
         except FileNotFoundError:   # evicted meanwhile (max_result_bytes)
             return None, None, _gone(records[0].id)
         finally:
@@ -238,7 +238,7 @@ class SpectrumServer:
                                          f"GET /v1/videos/{video_id}", 409))
         output_format = record.request.output_format
         try:
-            media = self.engine.output(record)
+            media = await self.engine.output(record)
         except FileNotFoundError:
             return _refusal(RequestError("video_id", f"video {video_id} has expired", 404))
         if variant == "video":

@@ -75,6 +75,7 @@ class Engine:
                          "requeued": 0, "ticks": 0, "block_calls": 0, "block_rows": 0}
         self._wake = asyncio.Event()         # a job was queued here
         self._finished = asyncio.Event()     # a job finished here: its waiters read its record
+        self._writes: set[asyncio.Task] = set()   # results being written (``_record_end``)
         loop = asyncio.get_running_loop()
         run = self._run_jobs() if self.mode is BatchingMode.SEQUENTIAL else self._run_steps()
         self._tasks = [loop.create_task(task) for task in (run, self._keep(), self._reap(), self._probe())]
@@ -130,9 +131,10 @@ class Engine:
             except asyncio.TimeoutError:
                 delay = min(WAIT_MAX_S, 1.5 * delay)
 
-    def output(self, record: JobRecord) -> bytes:
-        """A completed job's media (``FileNotFoundError`` once evicted)."""
-        return self.store.output(record)
+    async def output(self, record: JobRecord) -> bytes:
+        """A completed job's media (``FileNotFoundError`` once evicted), read in a thread: a slow
+        results store (s3://) must not stall the step loop."""
+        return await asyncio.to_thread(self.store.output, record)
 
     def remove(self, job_id: str) -> JobRecord:
         """Cancel a queued job, stop a running one after its current step (here at once, on
@@ -204,9 +206,16 @@ class Engine:
             self.counters["cancelled" if job_error.status == 409 else "failed"] += 1
         else:
             self.counters["succeeded"] += 1
+        task = asyncio.get_running_loop().create_task(self._record_end(record, output, job_error))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _record_end(self, record: JobRecord, output: Optional[Output], error: Optional[JobError]) -> None:
+        """Write how ``record`` ended in a thread (its media may go to a slow results store, such
+        as s3://, which must not stall the step loop), then wake its waiters."""
         try:
-            finished = self.store.finish(record, output.media if output else None,
-                                         output.report if output else None, job_error)
+            finished = await asyncio.to_thread(self.store.finish, record, output.media if output else None,
+                                               output.report if output else None, error)
         except Exception:  # its lease expires and another replica runs it again
             logger.exception("spectrum-xdit: recording how job %s ended failed", record.id)
             finished = None
@@ -394,12 +403,13 @@ class Engine:
         while True:
             await asyncio.sleep(max(0.2, self.settings.lease_s / 3))
             try:
-                requeued = self.store.requeue_expired(self.replica, list(self.running))
+                # full scans of the store: in a thread, off the step loop's event loop
+                requeued = await asyncio.to_thread(self.store.requeue_expired, self.replica, list(self.running))
                 if requeued:
                     logger.warning("spectrum-xdit: jobs %s lost their replica; queued again", requeued)
                     self.counters["requeued"] += len(requeued)
                     self._wake.set()
-                self.store.evict(self.settings.result_ttl_s, self.settings.max_result_bytes)
+                await asyncio.to_thread(self.store.evict, self.settings.result_ttl_s, self.settings.max_result_bytes)
             except Exception:  # a store that fails once must not end the reaping
                 logger.exception("spectrum-xdit: re-queueing expired jobs failed")
 

@@ -23,6 +23,7 @@ import secrets
 import time
 from typing import Iterable, Optional
 
+import redis
 from huey.constants import EmptyData
 from huey.storage import MemoryStorage, RedisStorage, SqliteStorage
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -34,6 +35,7 @@ from .settings import parse_broker_url
 
 logger = logging.getLogger("ray.serve")
 RECORD, CANCEL, CLAIM = "job:", "cancel:", "claim:"
+REDIS_TIMEOUT_S = 10.0
 _MEMORY: dict[str, MemoryStorage] = {}   # memory:// stores by name: one per process, as Huey's
 
 
@@ -96,8 +98,11 @@ def open_storage(broker_url: str, name: str):
         return _SqliteStorage(name, filename=location)
     if scheme == "memory":
         return _MEMORY.setdefault(name, MemoryStorage(name))
-    # not blocking: a replica polls between ticks and never waits in BRPOP
-    return RedisStorage(name, url=broker_url, blocking=False)
+    # not blocking: a replica polls between ticks and never waits in BRPOP; a socket timeout (the
+    # URL's own socket_timeout wins), so that a Redis that stops answering raises, not hangs
+    pool = redis.ConnectionPool.from_url(broker_url, socket_timeout=REDIS_TIMEOUT_S,
+                                         socket_connect_timeout=REDIS_TIMEOUT_S)
+    return RedisStorage(name, connection_pool=pool, blocking=False)
 
 
 class JobStore:
