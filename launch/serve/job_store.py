@@ -10,8 +10,9 @@ that finds a lease expired (its replica died) claims the job atomically (``put_i
 puts it back in the queue: delivery is at least once, and a re-run gives the same output since
 seeds are deterministic.
 
-Its calls are synchronous: SQLite on local disk and Redis on the cluster's network answer in about
-a millisecond, well within a tick of the step loop.
+Its calls are synchronous: the records and the queue (SQLite on local disk, Redis on the cluster's
+network) answer in about a millisecond, well within a tick of the step loop. The media store may
+be slow (s3://), and the reaper's calls scan every record: the engine makes those in a thread.
 """
 
 from __future__ import annotations
@@ -293,6 +294,10 @@ class JobStore:
         if finished.media is not None:
             self.media.delete(finished.media)
         return None
+
+    def close(self) -> None:
+        """Close the broker's connection (the replica goes)."""
+        self.storage.close()
 
     def output(self, record: JobRecord) -> bytes:
         return self.media.get(record.media)
