@@ -212,9 +212,13 @@ def figures(answers: list[dict], wall: float, before: dict, after: dict, mode: s
             "latencies_s": sorted(float(v) for v in latencies)}
 
 
+# the job stores of this run, removed when it exits (its finalizer)
+_STORES = tempfile.TemporaryDirectory(prefix="spectrum-xdit-load-")
+
+
 def own_store() -> str:
     """A job store of the run's own, so that no job of an earlier run is taken or counted."""
-    return f"sqlite:///{tempfile.mkdtemp(prefix='spectrum-xdit-load-')}/jobs.db"
+    return f"sqlite:///{tempfile.mkdtemp(dir=_STORES.name)}/jobs.db"
 
 
 def start_server(args, mode: str, port: int) -> str:

@@ -42,9 +42,13 @@ def image_base64(seed: int = 0, size: tuple[int, int] = (40, 48), format: str = 
     return base64.b64encode(image_file(seed, size, format)).decode("ascii")
 
 
+# the job stores of this process's test servers, removed when it exits (its finalizer)
+_STORES = tempfile.TemporaryDirectory(prefix="spectrum-xdit-jobs-")
+
+
 def with_own_store(settings: dict) -> dict:
     """``settings`` on a job store of their own (unless they name one): no jobs left by another run."""
-    return {"broker_url": f"sqlite:///{tempfile.mkdtemp(prefix='spectrum-xdit-jobs-')}/jobs.db", **settings}
+    return {"broker_url": f"sqlite:///{tempfile.mkdtemp(dir=_STORES.name)}/jobs.db", **settings}
 
 
 def serve_app(settings: dict, metrics_port: list):

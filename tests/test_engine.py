@@ -125,12 +125,16 @@ def test_a_deleted_or_timed_out_job_leaves_at_the_next_tick_and_the_others_go_on
         deleted, slow, quick = (_submit(engine, _request(steps), kept=True) for steps in (9000, 10_000, 4))
         await asyncio.sleep(0.05)
         engine.remove(deleted.id)
+        ended = []
+        engine.metrics = SimpleNamespace(finished=lambda record, output, status: ended.append(status or record.status),
+                                         block_batch=lambda rows: None, queue_depth=lambda depth: None)
         outcomes = await asyncio.gather(*[_outcome(engine, job) for job in (deleted, slow, quick)])
         engine.close()
-        return outcomes, engine.get(slow.id).error.message, engine.counters
+        return outcomes, engine.get(slow.id).error.message, engine.counters, ended
 
-    outcomes, message, counters = asyncio.run(scenario())
+    outcomes, message, counters, ended = asyncio.run(scenario())
     assert outcomes == ["deleted", 504, "completed"]
+    assert sorted(map(str, ended)) == sorted(map(str, ["cancelled", JobStatus.FAILED, JobStatus.COMPLETED]))
     assert "request_timeout_s" in message and "stopped after step" in message
     assert counters["cancelled"] == 1 and counters["failed"] == 1 and counters["succeeded"] == 1
 

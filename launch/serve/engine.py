@@ -219,7 +219,8 @@ class Engine:
         except Exception:  # its lease expires and another replica runs it again
             logger.exception("spectrum-xdit: recording how job %s ended failed", record.id)
             finished = None
-        self.metrics.finished(finished or record.model_copy(update={"status": JobStatus.FAILED}), output)
+        status = None if finished else "cancelled" if error is not None and error.status == 409 else "failed"
+        self.metrics.finished(finished or record, output, status)
         self._finished.set()
         self._finished = asyncio.Event()
 
@@ -433,3 +434,4 @@ class Engine:
         for task in self._tasks:
             task.cancel()
         self.group.kill()
+        self.store.close()

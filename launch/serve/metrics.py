@@ -5,6 +5,7 @@ the ones Ray Serve exports itself (``ray_serve_num_http_requests``,
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 SECONDS = [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 150, 300, 900]
 
@@ -34,9 +35,10 @@ class ServeMetrics:
     def block_batch(self, rows: int) -> None:
         self.batch.observe(rows)
 
-    def finished(self, record, output=None) -> None:
-        """``record``: the job's record as it ended; ``output``: its media and report, if any."""
-        self.jobs.inc(tags={"status": record.status.value})
+    def finished(self, record, output=None, status: Optional[str] = None) -> None:
+        """``record``: the job's record as it ended; ``output``: its media and report, if any;
+        ``status``: how it ended where its record has no word for it (``cancelled``: deleted)."""
+        self.jobs.inc(tags={"status": status or record.status.value})
         if record.queue_seconds is not None:
             self.queue.observe(record.queue_seconds)
         self.latency.observe(time.time() - record.created_at)
