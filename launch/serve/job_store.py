@@ -259,8 +259,7 @@ class JobStore:
                 continue
             if not self.storage.put_if_empty(claim, replica.encode()):
                 continue
-            current = self.get(record.id)
-            if current is None or current.status is not record.status:   # taken or deleted meanwhile
+            if self.get(record.id) != record:   # renewed, taken or deleted since the scan
                 continue
             queued = record.model_copy(update={"status": JobStatus.QUEUED, "replica": None, "lease_until": None,
                                                "steps_done": 0, "queued_at": time.time()})
