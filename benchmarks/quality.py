@@ -105,6 +105,10 @@ TAYLORSEER_SCHEDULES = {14: (2, 4), 10: (2, 6), 7: (2, 10)}
 # MagCache never skips the first round(0.1 * 50) = 5 steps and at most K in a row after them, so
 # it needs 5 + ceil(45 / (K + 1)) <= budget: the K per budget.
 MAGCACHE_MAX_SKIP = {14: 6, 10: 12, 7: 44}
+# cache-dit's DBCache: one compute block first (F1B0, the least it allows) and the shortest
+# warm-up, so that it reaches the lowest block NFE it can: W + (50 - W) / L.
+CACHE_DIT_FN = 1
+CACHE_DIT_WARMUP = 1
 
 
 
@@ -304,6 +308,41 @@ class ReuseMethod(SpectrumMethod):
         return lambda: policy.row.forecaster.last_feature.clone()
 
 
+class CacheDitMethod(Method):
+    """cache-dit's DBCache on the pipeline: the first ``CACHE_DIT_FN`` blocks of every step always
+    run, and the rest of the stack is skipped while their residual changes less than the
+    threshold, its TaylorSeer calibrator (order 1) extrapolating the skipped residual."""
+
+    def __init__(self, pipe, method: str, budget: int, threshold: float):
+        super().__init__(method, f"DBCache F{CACHE_DIT_FN}B0 + TaylorSeer 1, threshold {threshold:.4g}, warmup "
+                         f"{CACHE_DIT_WARMUP}", budget, tuned={"threshold": threshold})
+        self.pipe = pipe
+        self.threshold = threshold
+
+    def attach(self, transformer) -> None:
+        import cache_dit
+
+        # both models run their guidance branches as two transformer calls a step: separate CFG
+        cache_dit.enable_cache(self.pipe, cache_config=cache_dit.DBCacheConfig(
+            Fn_compute_blocks=CACHE_DIT_FN, Bn_compute_blocks=0, residual_diff_threshold=self.threshold,
+            max_warmup_steps=CACHE_DIT_WARMUP, num_inference_steps=self.steps, enable_separate_cfg=True),
+            calibrator_config=cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1))
+
+    def detach(self, transformer) -> None:
+        import cache_dit
+
+        cache_dit.disable_cache(self.pipe)
+
+
+def cache_dit_missing() -> str | None:
+    """Why cache-dit cannot run here (not installed), or ``None``."""
+    try:
+        import cache_dit  # noqa: F401
+    except ImportError as error:
+        return f"cache-dit not installed (pip install -e '.[benchmarks]'): {error}"
+    return None
+
+
 class DiffusersCacheMethod(Method):
     def __init__(self, method: str, setting: str, budget: int | None, make_config, tuned: dict | None = None):
         super().__init__(method, setting, budget, tuned=tuned or {})
@@ -386,15 +425,16 @@ class Bench:
 
 
 def tune_threshold(bench: Bench, build, target: float, prompts: list[tuple[str, int]], lo: float, hi: float,
-                   iterations: int) -> tuple[float, float]:
+                   iterations: int, measure: str = "block_nfe") -> tuple[float, float]:
     """Bisect a threshold (block NFE falls as it grows) on held-out (prompt, seed) pairs.
 
-    Returns the tried threshold whose mean block NFE is closest to ``target`` (ties: the higher)."""
+    Returns the tried threshold whose mean ``measure`` (block NFE, or ``nfe``: whole-stack
+    evaluations) is closest to ``target`` (ties: the higher)."""
     tried = []
     for _ in range(iterations):
         mid = math.sqrt(lo * hi)
         method = build(mid)
-        nfe = statistics.fmean(bench.sample(method, p, s)[3]["block_nfe"] for p, s in prompts)
+        nfe = statistics.fmean(_measured(bench.sample(method, p, s), measure) for p, s in prompts)
         tried.append((abs(nfe - target), -nfe, mid, nfe))
         if nfe > target:
             lo = mid
@@ -404,6 +444,11 @@ def tune_threshold(bench: Bench, build, target: float, prompts: list[tuple[str, 
             break
     _, _, threshold, nfe = min(tried)
     return threshold, nfe
+
+
+def _measured(sample: tuple, measure: str) -> float:
+    _, _, nfe, info = sample
+    return nfe if measure == "nfe" else info["block_nfe"]
 
 
 def calibrate_magcache(bench: Bench, prompt: str, seed: int) -> list[float]:
@@ -450,6 +495,7 @@ def build_methods(bench: Bench, budgets: list[int], calibration: list[tuple[str,
                 f"target_nfe {budget}, warmup {BUDGET_WARMUP}, blend auto{' + reuse' if reuse else ''}", budget,
                 SpectrumConfig(num_inference_steps=STEPS, target_nfe=budget, warmup_steps=BUDGET_WARMUP,
                                blend_weight="auto", reuse=reuse)))
+        methods.append(default_method(budget))
 
         def adaptive(error_budget):
             config = SpectrumConfig(num_inference_steps=STEPS, blend_weight="auto", error_budget=error_budget,
@@ -495,7 +541,41 @@ def build_methods(bench: Bench, budgets: list[int], calibration: list[tuple[str,
         threshold, nfe = tune_threshold(bench, magcache, budget, calibration, 1e-3, 10.0, iterations)
         log(f"magcache: threshold {threshold:.4g} gives block NFE {nfe:.2f} on the held-out seeds (target {budget})")
         methods.append(magcache(threshold))
+        methods += cache_dit_methods(bench, budget, calibration, iterations, log, dropped)
     return methods, dropped
+
+
+def default_method(budget: int) -> SpectrumMethod:
+    """``target_nfe`` alone: the budget schedule's defaults, on the step grid they choose."""
+    config = SpectrumConfig(num_inference_steps=STEPS, target_nfe=budget)
+    grid = config.on_step_grid()
+    shown = (f"plain grid of {grid.num_inference_steps} steps" if config.plain_grid else
+             f"warmup {config.warmup_steps}, blend {config.blend_weight}, reuse {config.reuse}, "
+             f"tail {config.budget_tail}")
+    return SpectrumMethod("spectrum-default", f"target_nfe {budget} alone: {shown}", budget, grid)
+
+
+def cache_dit_methods(bench: Bench, budget: int, calibration: list[tuple[str, int]], iterations: int, log,
+                      dropped: list[dict]) -> list[Method]:
+    """cache-dit at the budget's block NFE (where its always-computed first block allows it), and
+    at the budget's count of fully computed steps (``cache-dit-steps``, spending more block NFE)."""
+    missing = cache_dit_missing()
+    if missing is not None:
+        dropped.append({"method": "cache-dit", "budget": budget, "dropped": True, "setting": f"skipped: {missing}"})
+        return []
+    methods: list[Method] = []
+    floor = CACHE_DIT_WARMUP + (STEPS - CACHE_DIT_WARMUP) * CACHE_DIT_FN / bench.counter.blocks
+    for method, measure in (("cache-dit", "block_nfe"), ("cache-dit-steps", "nfe")):
+        if measure == "block_nfe" and budget < floor:
+            dropped.append({"method": method, "budget": budget, "dropped": True,
+                            "setting": f"dropped: its first block on every step costs block NFE >= {floor:g}"})
+            continue
+        def build(threshold, method=method):
+            return CacheDitMethod(bench.pipe, method, budget, threshold)
+        threshold, nfe = tune_threshold(bench, build, budget, calibration, 1e-3, 10.0, iterations, measure)
+        log(f"{method}: threshold {threshold:.4g} gives {measure} {nfe:.2f} on the held-out seeds (target {budget})")
+        methods.append(build(threshold))
+    return methods
 
 
 # ----------------------------------------------------------------------------- report
@@ -518,7 +598,7 @@ def summarise(method: Method, runs: list[dict], full_seconds: float) -> dict:
         if method.timings[kind]:
             row[f"{kind}_ms"] = round(1e3 * statistics.median(method.timings[kind]), 4)
     row.update({k: v for k, v in runs[0]["info"].items() if k != "block_nfe"})
-    if method.method in ("spectrum-adaptive", "spectrum-budget", "spectrum-budget-reuse"):
+    if method.method in ("spectrum-adaptive", "spectrum-budget", "spectrum-budget-reuse", "spectrum-default"):
         row.pop("real_steps")
         row["real_steps_per_clip"] = [r["info"]["real_steps"] for r in runs]
     return row
@@ -559,7 +639,8 @@ FAMILY_STYLE = {"full": ("black", "*"), "plain": ("tab:gray", "s"), "reuse": ("t
                 "spectrum": ("tab:red", "o"), "spectrum-auto": ("tab:orange", "o"),
                 "spectrum-auto-reuse": ("tab:pink", "o"), "spectrum-adaptive": ("gold", "h"),
                 "spectrum-budget": ("tab:cyan", "X"), "spectrum-budget-reuse": ("tab:olive", "X"), "taylorseer": ("tab:blue", "^"), "fbcache": ("tab:green", "D"),
-                "magcache": ("tab:purple", "P")}
+                "magcache": ("tab:purple", "P"), "spectrum-default": ("tab:red", "*"),
+                "cache-dit": ("darkgreen", "d"), "cache-dit-steps": ("lime", "d")}
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
