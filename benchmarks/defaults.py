@@ -1,6 +1,6 @@
 """The budget schedule's defaults, chosen by a rule across models and samplers, then scored.
 
-    python -m benchmarks.defaults              # the protocol: 48 cells, ~35 min on 2 cores
+    python -m benchmarks.defaults              # the protocol: 48 cells, ~35 min on 2 shared cores
     python -m benchmarks.defaults --quick      # one cell per model, one candidate: < 60 s
     python -m benchmarks.defaults --json benchmarks/results/defaults_cpu.json
 
@@ -18,8 +18,8 @@ and 50. Each cell's reference is its own sampler at its own step count, full com
 steps gets ``target_nfe = round(S * b / 50)``, so 14, 10, 7 at 50 steps and 8, 6, 4 at 30. The
 plain sampler of the same NFE is the cell's sampler run with ``num_inference_steps = target_nfe``.
 
-**The candidates**: the budget schedule with warm-up 3 and the auto blend, ``budget_tail`` in
-``TAILS`` x ``reuse`` False / True, on the request's step grid.
+**The candidates**: the budget schedule with warm-up 3 and the auto blend, (``budget_tail``,
+``reuse``) in ``CANDIDATES``, on the request's step grid.
 
 **The rule** (held-out seeds only, ``benchmarks.quality.held_out_pairs``, never the scored pairs):
 
@@ -61,8 +61,9 @@ GUIDANCES = {"digits-wan": (3.0, 5.0), "digits-flux": (1.5, 2.0)}
 STEP_COUNTS = (30, 50)
 BUDGETS = (14, 10, 7)            # of STEPS: the speedups the issue names
 FORECAST_BUDGETS = (14, 10)      # where the rule's first step asks forecasting to win
-TAILS = (0.0, 0.1, 0.2)
-REUSES = (False, True)
+# (budget_tail, reuse): the tail the issue questions (0.2, chosen on digits-wan alone, against 0)
+# and the predictor family (with and without reuse), three to fit the run on 2 cores.
+CANDIDATES = ((0.2, False), (0.2, True), (0.0, False))
 WARMUP = BUDGET_DEFAULTS["warmup_steps"]
 
 
@@ -347,20 +348,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="one cell per model (UniPC, shift 3, 30 steps), one candidate, one pair each: a smoke test")
-    parser.add_argument("--held-out", type=int, default=None, help="held-out pairs for the choice (default 2; quick 1)")
-    parser.add_argument("--pairs", type=int, default=None, help="scored pairs per cell (default 3; quick 1)")
+    parser.add_argument("--held-out", type=int, default=None, help="held-out pairs per cell for the choice (default 1)")
+    parser.add_argument("--pairs", type=int, default=None, help="scored pairs per cell (default 1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None,
                         help="output JSON (default benchmarks/results/defaults_cpu.json; quick: outputs/defaults_quick.json)")
     args = parser.parse_args(argv)
     cells = matrix()
-    candidates = [(t, r) for t in TAILS for r in REUSES]
+    candidates = list(CANDIDATES)
     if args.quick:
         cells = [c for c in cells if c.scheduler == "UniPC" and c.shift == SHIFTS[0] and c.steps == 30
                  and c.guidance == GUIDANCES[c.model][-1]]
         candidates = [(BUDGET_DEFAULTS["budget_tail"], BUDGET_DEFAULTS["reuse"])]
-    held = args.held_out if args.held_out is not None else (1 if args.quick else 2)
-    pairs = args.pairs if args.pairs is not None else (1 if args.quick else 3)
+    held = args.held_out if args.held_out is not None else 1
+    pairs = args.pairs if args.pairs is not None else 1
     if held < 1 or pairs < 1:
         parser.error(f"--held-out and --pairs must be >= 1, got {held} and {pairs}")
     out = args.json or (Path("outputs/defaults_quick.json") if args.quick else Path("benchmarks/results/defaults_cpu.json"))

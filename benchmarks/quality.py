@@ -67,6 +67,7 @@ import ast
 import io
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -336,6 +337,7 @@ class CacheDitMethod(Method):
 
 def cache_dit_missing() -> str | None:
     """Why cache-dit cannot run here (not installed), or ``None``."""
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")   # it logs every enable and disable
     try:
         import cache_dit  # noqa: F401
     except ImportError as error:
