@@ -472,8 +472,12 @@ def calibrate_magcache(bench: Bench, prompt: str, seed: int) -> list[float]:
 
 
 def build_methods(bench: Bench, budgets: list[int], calibration: list[tuple[str, int]], iterations: int,
-                  log) -> tuple[list[Method], list[dict]]:
-    """The methods to run, and a row for each baseline that cannot reach a budget at all."""
+                  log, only: set[str] | None = None) -> tuple[list[Method], list[dict]]:
+    """The methods to run, and a row for each baseline that cannot reach a budget at all; ``only``:
+    these families (and always ``full`` and ``plain``), the others not even tuned."""
+    def want(family: str) -> bool:
+        return only is None or family in only or family in ("full", "plain")
+
     methods: list[Method] = [Method("full", f"{STEPS} steps")]
     dropped: list[dict] = []
     magcache_ratios = None
@@ -505,10 +509,11 @@ def build_methods(bench: Bench, budgets: list[int], calibration: list[tuple[str,
             return SpectrumMethod("spectrum-adaptive", f"budget {error_budget:.4g}, warmup {config.warmup_steps}, "
                                   f"gaps {config.min_gap}-{config.max_gap}, blend auto", budget, config,
                                   {"error_budget": error_budget})
-        error_budget, nfe = tune_threshold(bench, adaptive, budget, calibration, 0.005, 2.0, iterations)
-        log(f"spectrum-adaptive: error budget {error_budget:.4g} gives NFE {nfe:.1f} on the held-out seeds "
-            f"(target {budget})")
-        methods.append(adaptive(error_budget))
+        if want("spectrum-adaptive"):
+            error_budget, nfe = tune_threshold(bench, adaptive, budget, calibration, 0.005, 2.0, iterations)
+            log(f"spectrum-adaptive: error budget {error_budget:.4g} gives NFE {nfe:.1f} on the held-out seeds "
+                f"(target {budget})")
+            methods.append(adaptive(error_budget))
         before, interval = TAYLORSEER_SCHEDULES[budget]
         for order in (1, 2):
             def taylorseer(before=before, interval=interval, order=order):
@@ -522,7 +527,9 @@ def build_methods(bench: Bench, budgets: list[int], calibration: list[tuple[str,
             return DiffusersCacheMethod("fbcache", f"threshold {threshold:.4g}", budget,
                                         lambda: FirstBlockCacheConfig(threshold=threshold),
                                         {"threshold": threshold})
-        if budget < fbcache_floor:
+        if not want("fbcache"):
+            pass
+        elif budget < fbcache_floor:
             dropped.append({"method": "fbcache", "budget": budget, "dropped": True,
                             "setting": f"dropped: its first block on every step costs block NFE >= {fbcache_floor:g}"})
         else:
@@ -531,7 +538,7 @@ def build_methods(bench: Bench, budgets: list[int], calibration: list[tuple[str,
                 f"(target {budget})")
             methods.append(fbcache(threshold))
 
-        if magcache_ratios is None:
+        if want("magcache") and magcache_ratios is None:
             magcache_ratios = calibrate_magcache(bench, *calibration[0])
 
         def magcache(threshold, ratios=magcache_ratios, skips=MAGCACHE_MAX_SKIP[budget]):
@@ -540,11 +547,14 @@ def build_methods(bench: Bench, budgets: list[int], calibration: list[tuple[str,
                                       num_inference_steps=STEPS, mag_ratios=list(ratios))
             return DiffusersCacheMethod("magcache", f"threshold {threshold:.4g}, K {skips}, retention 0.1", budget,
                                         config, {"threshold": threshold})
-        threshold, nfe = tune_threshold(bench, magcache, budget, calibration, 1e-3, 10.0, iterations)
-        log(f"magcache: threshold {threshold:.4g} gives block NFE {nfe:.2f} on the held-out seeds (target {budget})")
-        methods.append(magcache(threshold))
-        methods += cache_dit_methods(bench, budget, calibration, iterations, log, dropped)
-    return methods, dropped
+        if want("magcache"):
+            threshold, nfe = tune_threshold(bench, magcache, budget, calibration, 1e-3, 10.0, iterations)
+            log(f"magcache: threshold {threshold:.4g} gives block NFE {nfe:.2f} on the held-out seeds "
+                f"(target {budget})")
+            methods.append(magcache(threshold))
+        if want("cache-dit"):
+            methods += cache_dit_methods(bench, budget, calibration, iterations, log, dropped)
+    return [m for m in methods if want(m.method) or m.method == "cache-dit-steps"], dropped
 
 
 def default_method(budget: int) -> SpectrumMethod:
@@ -700,7 +710,8 @@ def frame_grid(samples: dict[str, np.ndarray], path: Path, title: str) -> None:
 # ----------------------------------------------------------------------------- main
 
 def run(num_pairs: int, budgets: list[int], out_json: Path, threads: int, tune_iterations: int,
-        calibration_pairs: int, command: str, quiet: bool = False, model: str = "digits-wan") -> dict:
+        calibration_pairs: int, command: str, quiet: bool = False, model: str = "digits-wan",
+        only: set[str] | None = None, merge_into: Path | None = None) -> dict:
     started = time.time()
 
     def log(message: str) -> None:
@@ -715,7 +726,7 @@ def run(num_pairs: int, budgets: list[int], out_json: Path, threads: int, tune_i
     pairs = benchmark_pairs(num_pairs, conditions)
     calibration = held_out_pairs(calibration_pairs, conditions)
 
-    methods, dropped = build_methods(bench, budgets, calibration, tune_iterations, log)
+    methods, dropped = build_methods(bench, budgets, calibration, tune_iterations, log, only)
     runs: dict[str, list[dict]] = {m.label: [] for m in methods}
     grid: dict[str, np.ndarray] = {}
     for (digit, _where, prompt), seed in tqdm(pairs, desc="quality", unit=unit, disable=quiet):
@@ -750,22 +761,53 @@ def run(num_pairs: int, budgets: list[int], out_json: Path, threads: int, tune_i
         "wall_seconds": round(time.time() - started, 1),
     }
     result = {"meta": meta, "rows": rows}
+    if merge_into is not None:
+        result = merge_rows(json.loads(merge_into.read_text()), result)
+        out_json, rows, meta, command = merge_into, result["rows"], result["meta"], result["meta"]["command"]
+        num_pairs = meta["pairs"]
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=2) + "\n")
     guidance = "guidance" if spec.guidance_field == "guidance_scale" else "true CFG"
     title = (f"{spec.name}, {num_pairs} {unit}s, {STEPS} {spec.sampler} steps, {guidance} {spec.guidance}; "
              f"{meta['date']}; {meta['machine']}")
-    table = markdown_table(rows, real_step_ms, bench.counter.blocks, spec.branches)
-    out_json.with_suffix(".md").write_text(f"{title}\n\n`{command}`\n\n{table}")
+    table = markdown_table(rows, meta["real_step_ms"], bench.counter.blocks, spec.branches)
+    header = f"`{command}`"
+    if merge_into is not None:
+        merged = meta["merged"]
+        header += (f"; rows of {', '.join(merged['families'])} added {merged['date']} by `{merged['command']}` on "
+                   f"the same pairs (the rows both runs have differ by at most {merged['largest_psnr_difference']:.4f}"
+                   f" dB; wall speedups are each run's own)")
+    out_json.with_suffix(".md").write_text(f"{title}\n\n{header}\n\n{table}")
     plot(rows, out_json.with_suffix(".png"), title)
-    frame_grid(grid, out_json.with_name(out_json.stem + "_frames.png"),
-               f"'{pairs[0][0][2]}', seed 0: " + ("the 9 frames of each method" if unit == "clip" else
-                                                   "each method's image"))
+    if merge_into is None:
+        frame_grid(grid, out_json.with_name(out_json.stem + "_frames.png"),
+                   f"'{pairs[0][0][2]}', seed 0: " + ("the 9 frames of each method" if unit == "clip" else
+                                                       "each method's image"))
     if not quiet:
         print(table)
         print(f"wrote {out_json}, {out_json.with_suffix('.md')}, {out_json.with_suffix('.png')}, "
               f"{out_json.with_name(out_json.stem + '_frames.png')} in {meta['wall_seconds']:.0f} s")
     return result
+
+
+def merge_rows(base: dict, added: dict) -> dict:
+    """``base``'s result with the families only ``added`` ran inserted after each budget's rows;
+    the rows both ran stay ``base``'s, and ``meta.merged`` says how far ``added`` differs on them
+    (the same pairs and seeds: float noise)."""
+    new = {r["method"] for r in added["rows"]} - {r["method"] for r in base["rows"]}
+    if added["meta"]["pairs"] != base["meta"]["pairs"]:
+        raise ValueError(f"--merge-into needs the same --pairs ({base['meta']['pairs']}), got {added['meta']['pairs']}")
+    rows = list(base["rows"])
+    for row in added["rows"]:
+        if row["method"] in new:
+            rows.insert(max(i for i, r in enumerate(rows) if r["budget"] == row["budget"]) + 1, row)
+    shared = {(r["method"], r["setting"]): r["psnr"] for r in added["rows"] if r["method"] not in new}
+    differences = [abs(shared[r["method"], r["setting"]] - r["psnr"]) for r in base["rows"]
+                   if (r["method"], r["setting"]) in shared and r["psnr"] is not None]
+    merged = {"command": added["meta"]["command"], "date": added["meta"]["date"], "families": sorted(new),
+              "shared_rows": len(differences), "largest_psnr_difference": round(max(differences, default=0.0), 4),
+              "wall_seconds": added["meta"]["wall_seconds"]}
+    return {"meta": {**base["meta"], "merged": merged}, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -779,13 +821,20 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"output JSON (default {DEFAULT_JSON}, other models quality_MODEL_cpu.json beside "
                              "it; quick: outputs/quality_quick.json, quality_MODEL_quick.json)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=None, choices=sorted(FAMILY_STYLE),
+                        help="only these method families (full and plain always run; cache-dit includes "
+                             "cache-dit-steps); default: all")
+    parser.add_argument("--merge-into", type=Path, default=None,
+                        help="add the families this run has and that result has not to that result (the same "
+                             "pairs), rewriting its JSON, Markdown and plot")
     args = parser.parse_args(argv)
     pairs = args.pairs if args.pairs is not None else (2 if args.quick else 40)
     out = args.json or BENCH_MODELS[args.model].default_json(args.quick)
     command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
     budgets = args.budgets or ([14] if args.quick else [14, 10, 7])
     return run(pairs, budgets, out, args.threads, tune_iterations=3 if args.quick else 7,
-               calibration_pairs=1 if args.quick else 2, command=command.strip(), model=args.model)
+               calibration_pairs=1 if args.quick else 2, command=command.strip(), model=args.model,
+               only=set(args.methods) if args.methods else None, merge_into=args.merge_into)
 
 
 if __name__ == "__main__":
