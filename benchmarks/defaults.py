@@ -1,8 +1,9 @@
 """The budget schedule's defaults, chosen by a rule across models and samplers, then scored.
 
-    python -m benchmarks.defaults              # the protocol: 48 cells, ~35 min on 2 shared cores
+    python -m benchmarks.defaults --threads 1 --json benchmarks/results/defaults_cpu.json   # 48 cells, ~35 min
     python -m benchmarks.defaults --quick      # one cell per model, one candidate: < 60 s
-    python -m benchmarks.defaults --json benchmarks/results/defaults_cpu.json
+
+(One torch thread: on cores other work shares, two threads wait on each other and ran ~5x slower.)
 
 ``SpectrumConfig(target_nfe=N)`` alone takes ``config.BUDGET_DEFAULTS`` and, with ``step_grid``
 "auto", the plain sampler of N steps where N is below ``config.PLAIN_GRID_BELOW``. Those values
