@@ -81,9 +81,11 @@ def make_scheduler(name: str, shift: float, family: str):
         scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                             flow_shift=shift, num_train_timesteps=1000)
     elif name == "DPM-Solver++":
+        # FluxPipeline passes mu, which DPM-Solver takes only with exponential dynamic shifting
         scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                 flow_shift=shift, algorithm_type="dpmsolver++", solver_order=2,
-                                                num_train_timesteps=1000)
+                                                num_train_timesteps=1000, use_dynamic_shifting=family == "flux",
+                                                time_shift_type="exponential")
     elif name == "FlowMatch Euler":
         if family == "flux":
             scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, use_dynamic_shifting=True,
@@ -221,12 +223,20 @@ def run(held_out_count: int, scored_count: int, cells: list[Cell], candidates: l
         threads: int, out_json: Path, command: str, quiet: bool = False) -> dict:
     started = time.time()
     benches = {model: Bench(threads, model) for model in sorted({c.model for c in cells})}
-    held_out = {}
+    # the held-out scores so far, so that a run cut short resumes where it stopped
+    saved = Path("outputs") / f"{out_json.stem}_held_out.json"
+    key = json.dumps({"pairs": held_out_count, "candidates": candidates})
+    held_out = json.loads(saved.read_text()).get(key, {}) if saved.exists() else {}
     for cell in tqdm(cells, desc="held-out", disable=quiet):
+        if cell.name in held_out:
+            continue
         bench = benches[cell.model]
         enter(bench, cell)
         held_out[cell.name] = {"steps": cell.steps, "scores": held_out_cell(
             bench, cell, held_out_pairs(held_out_count, bench.model.conditions()), candidates)}
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps({key: held_out}))
+    held_out = {cell.name: held_out[cell.name] for cell in cells}
     models = sorted(benches)
     choices = {"all": choose(held_out, candidates)}
     for model in models:
