@@ -22,7 +22,7 @@ def test_given_fields_win_over_the_budget_defaults():
     config = SpectrumConfig(num_inference_steps=50, target_nfe=14, warmup_steps=5, budget_tail=0.0, reuse=False)
     assert (config.warmup_steps, config.budget_tail, config.reuse, config.blend_weight) == (5, 0.0, False, "auto")
     assert config.model_fields_set == {"num_inference_steps", "target_nfe", "warmup_steps", "budget_tail", "reuse"}
-    # a fixed blend weight turns the reuse default off (reuse needs the auto blend) instead of failing
+    # a fixed blend weight given keeps the other defaults
     fixed = SpectrumConfig(num_inference_steps=50, target_nfe=14, blend_weight=0.5)
     assert (fixed.blend_weight, fixed.reuse, fixed.warmup_steps) == (0.5, False, BUDGET_DEFAULTS["warmup_steps"])
     with pytest.raises(ValueError, match="reuse"):
@@ -39,7 +39,7 @@ def test_a_request_cache_with_a_budget_takes_the_defaults():
     request = GenerationRequest(prompt="3 moving left", height=16, width=16, num_frames=9,
                                 guidance_scale=5.0, cache={"target_nfe": 10})
     config = request.spectrum
-    assert (config.warmup_steps, config.blend_weight, config.reuse) == (3, "auto", True)
+    assert (config.warmup_steps, config.blend_weight, config.reuse) == (3, "auto", False)
     assert request.cache.model_fields_set == {"target_nfe", "num_inference_steps"}
 
 
