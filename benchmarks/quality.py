@@ -773,8 +773,7 @@ def run(num_pairs: int, budgets: list[int], out_json: Path, threads: int, tune_i
              f"{meta['date']}; {meta['machine']}")
     table = markdown_table(rows, meta["real_step_ms"], bench.counter.blocks, spec.branches)
     header = f"`{command}`"
-    if merge_into is not None:
-        merged = meta["merged"]
+    for merged in meta.get("merged", []):
         header += (f"; rows of {', '.join(merged['families'])} added {merged['date']} by `{merged['command']}` on "
                    f"the same pairs (the rows both runs have differ by at most {merged['largest_psnr_difference']:.4f}"
                    f" dB; wall speedups are each run's own)")
@@ -793,8 +792,8 @@ def run(num_pairs: int, budgets: list[int], out_json: Path, threads: int, tune_i
 
 def merge_rows(base: dict, added: dict) -> dict:
     """``base``'s result with the families only ``added`` ran inserted after each budget's rows;
-    the rows both ran stay ``base``'s, and ``meta.merged`` says how far ``added`` differs on them
-    (the same pairs and seeds: float noise)."""
+    the rows both ran stay ``base``'s, and an entry of ``meta.merged`` says how far ``added``
+    differs on them (the same pairs and seeds: float noise)."""
     new = {r["method"] for r in added["rows"]} - {r["method"] for r in base["rows"]}
     if added["meta"]["pairs"] != base["meta"]["pairs"]:
         raise ValueError(f"--merge-into needs the same --pairs ({base['meta']['pairs']}), got {added['meta']['pairs']}")
@@ -808,7 +807,7 @@ def merge_rows(base: dict, added: dict) -> dict:
     merged = {"command": added["meta"]["command"], "date": added["meta"]["date"], "families": sorted(new),
               "shared_rows": len(differences), "largest_psnr_difference": round(max(differences, default=0.0), 4),
               "wall_seconds": added["meta"]["wall_seconds"]}
-    return {"meta": {**base["meta"], "merged": merged}, "rows": rows}
+    return {"meta": {**base["meta"], "merged": [*base["meta"].get("merged", []), merged]}, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> dict:
