@@ -85,3 +85,22 @@ def test_budget_defaults_are_what_config_and_help_show():
     description = SpectrumConfig.model_fields["step_grid"].description
     assert f"below {PLAIN_GRID_BELOW}" in description
     assert f"default: {BUDGET_DEFAULTS['warmup_steps']}" in SpectrumConfig.model_fields["warmup_steps"].description
+
+
+def test_the_runner_runs_the_plain_grid_and_reports_steps_asked_and_run():
+    from spectrum_xdit.launch.request import ParallelLayout, model_defaults, parse_request
+    from spectrum_xdit.launch.runner import init_rank
+    from spectrum_xdit.models import resolve_model
+
+    spec = resolve_model("tiny-wan")
+    rank_pipeline = init_rank(spec, ParallelLayout())
+    reports = {}
+    for grid in ("auto", "request"):
+        request = parse_request({"prompt": "a red square", "num_inference_steps": 10,
+                                 "cache": {"target_nfe": 4, "step_grid": grid}}, model_defaults(spec))
+        reports[grid] = rank_pipeline.generate(request).report
+    plain, kept = reports["auto"], reports["request"]
+    assert (plain["num_inference_steps"], plain["num_inference_steps_asked"], plain["step_grid"]) == (4, 10, "plain")
+    assert plain["real_steps"]["cond"] == [0, 1, 2, 3] and plain["spectrum"]["num_inference_steps"] == 4
+    assert (kept["num_inference_steps"], kept["num_inference_steps_asked"], kept["step_grid"]) == (10, 10, "request")
+    assert len(kept["real_steps"]["cond"]) == 4 and kept["real_steps"]["cond"][-1] == 9
