@@ -23,6 +23,11 @@ guidance branch (``--budgets``, default 14, 10 and 7 of 50: 3.5x, 5x and 7x):
 - ``spectrum-budget``: ``target_nfe`` = the budget with the auto blend (exactly that many real
   steps, placed by validated error; nothing to tune), and ``spectrum-budget-reuse`` the same with
   ``reuse=True``;
+- ``spectrum-default``: ``target_nfe`` alone, the budget defaults on the step grid they choose
+  (below ``config.PLAIN_GRID_BELOW`` the plain sampler of that many steps);
+- ``cache-dit`` (optional, the ``benchmarks`` extra): cache-dit's DBCache F1B0 with its TaylorSeer
+  calibrator, the threshold bisected on held-out seeds to the budget's block NFE (dropped below its
+  floor ``1 + 49/L``), and ``cache-dit-steps`` matched to the budget's fully computed steps instead;
 - ``spectrum-adaptive``: the error-controlled schedule with the auto blend, its ``error_budget``
   bisected on held-out seeds to land near the budget (the real steps it chose per clip are in
   the JSON);
@@ -552,7 +557,12 @@ def build_methods(bench: Bench, budgets: list[int], calibration: list[tuple[str,
             log(f"magcache: threshold {threshold:.4g} gives block NFE {nfe:.2f} on the held-out seeds "
                 f"(target {budget})")
             methods.append(magcache(threshold))
-        if want("cache-dit"):
+        if want("cache-dit") and want("fbcache") and bench.model.family == "flux":
+            # seen 2026-12-07: after cache_dit.disable_cache, diffusers' FirstBlockCache on the FLUX
+            # transformer fails (head_block_output None, first_block_cache.py:173)
+            dropped.append({"method": "cache-dit", "budget": budget, "dropped": True, "setting": (
+                "skipped beside fbcache on FLUX.1 (its disable breaks FirstBlockCache): run --methods cache-dit")})
+        elif want("cache-dit"):
             methods += cache_dit_methods(bench, budget, calibration, iterations, log, dropped)
     return [m for m in methods if want(m.method) or m.method == "cache-dit-steps"], dropped
 

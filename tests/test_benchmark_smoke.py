@@ -53,7 +53,8 @@ def test_quality_benchmark_quick(tmp_path, model):
     families = {r["method"] for r in result["rows"]}
     assert families == {"full", "plain", "reuse", "spectrum", "spectrum-auto", "spectrum-auto-reuse",
                         "spectrum-adaptive", "spectrum-budget", "spectrum-budget-reuse", "spectrum-default",
-                        "taylorseer", "fbcache", "magcache", "cache-dit", "cache-dit-steps"}
+                        "taylorseer", "fbcache", "magcache",
+                        "cache-dit", *(("cache-dit-steps",) if model == "digits-wan" else ())}
     assert result["meta"]["pairs"] == 2 and result["meta"]["model"].startswith(model)
     for row in result["rows"]:
         assert set(row) >= {"method", "setting", "nfe", "psnr", "ssim", "accuracy", "speedup_wall", "speedup_nfe"}
@@ -63,7 +64,7 @@ def test_quality_benchmark_quick(tmp_path, model):
             assert row["nfe"] == 50 and row["psnr"] is None
             continue
         # every method skips work and so differs from the reference, but stays a recognisable sample
-        assert 10.0 < row["psnr"] < 80.0 and 0.3 < row["ssim"] < 1.0
+        assert 10.0 < row["psnr"] < 80.0 and 0.3 < row["ssim"] <= 1.0   # cache-dit-steps rounds to 1.0
         assert row["speedup_nfe"] == round(50 / row["nfe"], 3)
     assert rows[("plain", "14 steps")]["nfe"] == 14
     for (method, setting), row in rows.items():
