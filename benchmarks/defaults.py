@@ -15,9 +15,10 @@ x two flow shifts (3, the one the models were trained at, and 6) x two guidance 
 ``guidance_scale`` 3 and 5; digits-flux ``true_cfg_scale`` 1.5 and 2) x ``num_inference_steps`` 30
 and 50. Each cell's reference is its own sampler at its own step count, full compute.
 
-**The budgets** are the issue's 14, 10 and 7 of 50 as speedups (3.5x, 5x, 7.1x): a cell of S
-steps gets ``target_nfe = round(S * b / 50)``, so 14, 10, 7 at 50 steps and 8, 6, 4 at 30. The
-plain sampler of the same NFE is the cell's sampler run with ``num_inference_steps = target_nfe``.
+**The budgets** are ``target_nfe`` 14, 10 and 7 in every cell, as a user sets them: on 50 steps
+3.5x, 5x and 7.1x, on 30 steps 2.1x, 3x and 4.3x. The plain sampler of the same NFE is the cell's
+sampler run with ``num_inference_steps = target_nfe``. (A first run scaled them to the cell's
+steps, 8, 6 and 4 on 30; ``--scaled_budgets`` repeats it.)
 
 **The candidates**: the budget schedule with warm-up 3 and the auto blend, (``budget_tail``,
 ``reuse``) in ``CANDIDATES``, on the request's step grid.
@@ -68,9 +69,13 @@ CANDIDATES = ((0.2, False), (0.2, True), (0.0, False))
 WARMUP = BUDGET_DEFAULTS["warmup_steps"]
 
 
+SCALED_BUDGETS = False   # --scaled_budgets: the budgets at the same speedup on every step count
+
+
 def target_nfe(steps: int, budget: int) -> int:
-    """The budget of ``budget`` of 50 at the same speedup on ``steps`` steps."""
-    return max(1, round(steps * budget / STEPS))
+    """The cell's ``target_nfe`` for ``budget``: the budget itself, or (``--scaled_budgets``) the
+    budget of 50 at the same speedup on ``steps`` steps."""
+    return max(1, round(steps * budget / STEPS)) if SCALED_BUDGETS else min(budget, steps)
 
 
 def make_scheduler(name: str, shift: float, family: str):
@@ -225,7 +230,7 @@ def run(held_out_count: int, scored_count: int, cells: list[Cell], candidates: l
     benches = {model: Bench(threads, model) for model in sorted({c.model for c in cells})}
     # the held-out scores so far, so that a run cut short resumes where it stopped
     saved = Path("outputs") / f"{out_json.stem}_held_out.json"
-    key = json.dumps({"pairs": held_out_count, "candidates": candidates})
+    key = json.dumps({"pairs": held_out_count, "candidates": candidates, "scaled_budgets": SCALED_BUDGETS})
     held_out = json.loads(saved.read_text()).get(key, {}) if saved.exists() else {}
     for cell in tqdm(cells, desc="held-out", disable=quiet):
         if cell.name in held_out:
@@ -362,9 +367,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--held-out", type=int, default=None, help="held-out pairs per cell for the choice (default 1)")
     parser.add_argument("--pairs", type=int, default=None, help="scored pairs per cell (default 1)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scaled_budgets", action="store_true",
+                        help="target_nfe at the speedup of 14, 10, 7 of 50 on every step count (8, 6, 4 on 30)")
     parser.add_argument("--json", type=Path, default=None,
                         help="output JSON (default benchmarks/results/defaults_cpu.json; quick: outputs/defaults_quick.json)")
     args = parser.parse_args(argv)
+    global SCALED_BUDGETS
+    SCALED_BUDGETS = args.scaled_budgets
     cells = matrix()
     candidates = list(CANDIDATES)
     if args.quick:

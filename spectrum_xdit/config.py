@@ -23,11 +23,11 @@ MAX_ERROR_BUDGET = 100.0   # a relative error of 100 accepts any forecast
 # benchmarks/defaults.py across models, samplers, shifts, guidance scales and step counts (the
 # figures: benchmarks/README.md), so that ``target_nfe`` alone is the recommended setting. The
 # other schedules keep the field defaults (the paper's, which the reference vectors are made with).
-BUDGET_DEFAULTS = {"warmup_steps": 3, "blend_weight": AUTO, "reuse": False, "budget_tail": 0.2}
+BUDGET_DEFAULTS = {"warmup_steps": 3, "blend_weight": AUTO, "reuse": True, "budget_tail": 0.2}
 # With step_grid "auto", a target_nfe below this runs the plain sampler on a grid of target_nfe
 # steps: there the protocol found forecasting losing to it (too few real steps to fit after the
 # warm-up and the tail).
-PLAIN_GRID_BELOW = 9
+PLAIN_GRID_BELOW = 8
 
 
 def _budget_needs_its_schedule(budget, schedule) -> None:
@@ -104,6 +104,8 @@ class SpectrumConfig(BaseModel):
                 filled.add("schedule")
             if data.get("schedule") == "budget":
                 defaults = {name: value for name, value in BUDGET_DEFAULTS.items() if name not in data}
+                if data.get("blend_weight", AUTO) != AUTO:   # reuse is a predictor of the auto blend alone
+                    defaults.pop("reuse", None)
                 data = {**data, **defaults}
                 filled |= set(defaults)
         model = handler(data)

@@ -39,7 +39,7 @@ def test_a_request_cache_with_a_budget_takes_the_defaults():
     request = GenerationRequest(prompt="3 moving left", height=16, width=16, num_frames=9,
                                 guidance_scale=5.0, cache={"target_nfe": 10})
     config = request.spectrum
-    assert (config.warmup_steps, config.blend_weight, config.reuse) == (3, "auto", False)
+    assert (config.warmup_steps, config.blend_weight, config.reuse) == (3, "auto", BUDGET_DEFAULTS["reuse"])
     assert request.cache.model_fields_set == {"target_nfe", "num_inference_steps"}
 
 
