@@ -23,6 +23,11 @@ guidance branch (``--budgets``, default 14, 10 and 7 of 50: 3.5x, 5x and 7x):
 - ``spectrum-budget``: ``target_nfe`` = the budget with the auto blend (exactly that many real
   steps, placed by validated error; nothing to tune), and ``spectrum-budget-reuse`` the same with
   ``reuse=True``;
+- ``spectrum-default``: ``target_nfe`` alone, the budget defaults on the step grid they choose
+  (below ``config.PLAIN_GRID_BELOW`` the plain sampler of that many steps);
+- ``cache-dit`` (optional, the ``benchmarks`` extra): cache-dit's DBCache F1B0 with its TaylorSeer
+  calibrator, the threshold bisected on held-out seeds to the budget's block NFE (dropped below its
+  floor ``1 + 49/L``), and ``cache-dit-steps`` matched to the budget's fully computed steps instead;
 - ``spectrum-adaptive``: the error-controlled schedule with the auto blend, its ``error_budget``
   bisected on held-out seeds to land near the budget (the real steps it chose per clip are in
   the JSON);
@@ -67,6 +72,7 @@ import ast
 import io
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -105,6 +111,10 @@ TAYLORSEER_SCHEDULES = {14: (2, 4), 10: (2, 6), 7: (2, 10)}
 # MagCache never skips the first round(0.1 * 50) = 5 steps and at most K in a row after them, so
 # it needs 5 + ceil(45 / (K + 1)) <= budget: the K per budget.
 MAGCACHE_MAX_SKIP = {14: 6, 10: 12, 7: 44}
+# cache-dit's DBCache: one compute block first (F1B0, the least it allows) and the shortest
+# warm-up, so that it reaches the lowest block NFE it can: W + (50 - W) / L.
+CACHE_DIT_FN = 1
+CACHE_DIT_WARMUP = 1
 
 
 
@@ -304,6 +314,42 @@ class ReuseMethod(SpectrumMethod):
         return lambda: policy.row.forecaster.last_feature.clone()
 
 
+class CacheDitMethod(Method):
+    """cache-dit's DBCache on the pipeline: the first ``CACHE_DIT_FN`` blocks of every step always
+    run, and the rest of the stack is skipped while their residual changes less than the
+    threshold, its TaylorSeer calibrator (order 1) extrapolating the skipped residual."""
+
+    def __init__(self, pipe, method: str, budget: int, threshold: float):
+        super().__init__(method, f"DBCache F{CACHE_DIT_FN}B0 + TaylorSeer 1, threshold {threshold:.4g}, warmup "
+                         f"{CACHE_DIT_WARMUP}", budget, tuned={"threshold": threshold})
+        self.pipe = pipe
+        self.threshold = threshold
+
+    def attach(self, transformer) -> None:
+        import cache_dit
+
+        # both models run their guidance branches as two transformer calls a step: separate CFG
+        cache_dit.enable_cache(self.pipe, cache_config=cache_dit.DBCacheConfig(
+            Fn_compute_blocks=CACHE_DIT_FN, Bn_compute_blocks=0, residual_diff_threshold=self.threshold,
+            max_warmup_steps=CACHE_DIT_WARMUP, num_inference_steps=self.steps, enable_separate_cfg=True),
+            calibrator_config=cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1))
+
+    def detach(self, transformer) -> None:
+        import cache_dit
+
+        cache_dit.disable_cache(self.pipe)
+
+
+def cache_dit_missing() -> str | None:
+    """Why cache-dit cannot run here (not installed), or ``None``."""
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")   # it logs every enable and disable
+    try:
+        import cache_dit  # noqa: F401
+    except ImportError as error:
+        return f"cache-dit not installed (pip install -e '.[benchmarks]'): {error}"
+    return None
+
+
 class DiffusersCacheMethod(Method):
     def __init__(self, method: str, setting: str, budget: int | None, make_config, tuned: dict | None = None):
         super().__init__(method, setting, budget, tuned=tuned or {})
@@ -386,15 +432,16 @@ class Bench:
 
 
 def tune_threshold(bench: Bench, build, target: float, prompts: list[tuple[str, int]], lo: float, hi: float,
-                   iterations: int) -> tuple[float, float]:
+                   iterations: int, measure: str = "block_nfe") -> tuple[float, float]:
     """Bisect a threshold (block NFE falls as it grows) on held-out (prompt, seed) pairs.
 
-    Returns the tried threshold whose mean block NFE is closest to ``target`` (ties: the higher)."""
+    Returns the tried threshold whose mean ``measure`` (block NFE, or ``nfe``: whole-stack
+    evaluations) is closest to ``target`` (ties: the higher)."""
     tried = []
     for _ in range(iterations):
         mid = math.sqrt(lo * hi)
         method = build(mid)
-        nfe = statistics.fmean(bench.sample(method, p, s)[3]["block_nfe"] for p, s in prompts)
+        nfe = statistics.fmean(_measured(bench.sample(method, p, s), measure) for p, s in prompts)
         tried.append((abs(nfe - target), -nfe, mid, nfe))
         if nfe > target:
             lo = mid
@@ -404,6 +451,11 @@ def tune_threshold(bench: Bench, build, target: float, prompts: list[tuple[str, 
             break
     _, _, threshold, nfe = min(tried)
     return threshold, nfe
+
+
+def _measured(sample: tuple, measure: str) -> float:
+    _, _, nfe, info = sample
+    return nfe if measure == "nfe" else info["block_nfe"]
 
 
 def calibrate_magcache(bench: Bench, prompt: str, seed: int) -> list[float]:
@@ -425,8 +477,12 @@ def calibrate_magcache(bench: Bench, prompt: str, seed: int) -> list[float]:
 
 
 def build_methods(bench: Bench, budgets: list[int], calibration: list[tuple[str, int]], iterations: int,
-                  log) -> tuple[list[Method], list[dict]]:
-    """The methods to run, and a row for each baseline that cannot reach a budget at all."""
+                  log, only: set[str] | None = None) -> tuple[list[Method], list[dict]]:
+    """The methods to run, and a row for each baseline that cannot reach a budget at all; ``only``:
+    these families (and always ``full`` and ``plain``), the others not even tuned."""
+    def want(family: str) -> bool:
+        return only is None or family in only or family in ("full", "plain")
+
     methods: list[Method] = [Method("full", f"{STEPS} steps")]
     dropped: list[dict] = []
     magcache_ratios = None
@@ -450,6 +506,7 @@ def build_methods(bench: Bench, budgets: list[int], calibration: list[tuple[str,
                 f"target_nfe {budget}, warmup {BUDGET_WARMUP}, blend auto{' + reuse' if reuse else ''}", budget,
                 SpectrumConfig(num_inference_steps=STEPS, target_nfe=budget, warmup_steps=BUDGET_WARMUP,
                                blend_weight="auto", reuse=reuse)))
+        methods.append(default_method(budget))
 
         def adaptive(error_budget):
             config = SpectrumConfig(num_inference_steps=STEPS, blend_weight="auto", error_budget=error_budget,
@@ -457,10 +514,11 @@ def build_methods(bench: Bench, budgets: list[int], calibration: list[tuple[str,
             return SpectrumMethod("spectrum-adaptive", f"budget {error_budget:.4g}, warmup {config.warmup_steps}, "
                                   f"gaps {config.min_gap}-{config.max_gap}, blend auto", budget, config,
                                   {"error_budget": error_budget})
-        error_budget, nfe = tune_threshold(bench, adaptive, budget, calibration, 0.005, 2.0, iterations)
-        log(f"spectrum-adaptive: error budget {error_budget:.4g} gives NFE {nfe:.1f} on the held-out seeds "
-            f"(target {budget})")
-        methods.append(adaptive(error_budget))
+        if want("spectrum-adaptive"):
+            error_budget, nfe = tune_threshold(bench, adaptive, budget, calibration, 0.005, 2.0, iterations)
+            log(f"spectrum-adaptive: error budget {error_budget:.4g} gives NFE {nfe:.1f} on the held-out seeds "
+                f"(target {budget})")
+            methods.append(adaptive(error_budget))
         before, interval = TAYLORSEER_SCHEDULES[budget]
         for order in (1, 2):
             def taylorseer(before=before, interval=interval, order=order):
@@ -474,7 +532,9 @@ def build_methods(bench: Bench, budgets: list[int], calibration: list[tuple[str,
             return DiffusersCacheMethod("fbcache", f"threshold {threshold:.4g}", budget,
                                         lambda: FirstBlockCacheConfig(threshold=threshold),
                                         {"threshold": threshold})
-        if budget < fbcache_floor:
+        if not want("fbcache"):
+            pass
+        elif budget < fbcache_floor:
             dropped.append({"method": "fbcache", "budget": budget, "dropped": True,
                             "setting": f"dropped: its first block on every step costs block NFE >= {fbcache_floor:g}"})
         else:
@@ -483,7 +543,7 @@ def build_methods(bench: Bench, budgets: list[int], calibration: list[tuple[str,
                 f"(target {budget})")
             methods.append(fbcache(threshold))
 
-        if magcache_ratios is None:
+        if want("magcache") and magcache_ratios is None:
             magcache_ratios = calibrate_magcache(bench, *calibration[0])
 
         def magcache(threshold, ratios=magcache_ratios, skips=MAGCACHE_MAX_SKIP[budget]):
@@ -492,10 +552,52 @@ def build_methods(bench: Bench, budgets: list[int], calibration: list[tuple[str,
                                       num_inference_steps=STEPS, mag_ratios=list(ratios))
             return DiffusersCacheMethod("magcache", f"threshold {threshold:.4g}, K {skips}, retention 0.1", budget,
                                         config, {"threshold": threshold})
-        threshold, nfe = tune_threshold(bench, magcache, budget, calibration, 1e-3, 10.0, iterations)
-        log(f"magcache: threshold {threshold:.4g} gives block NFE {nfe:.2f} on the held-out seeds (target {budget})")
-        methods.append(magcache(threshold))
-    return methods, dropped
+        if want("magcache"):
+            threshold, nfe = tune_threshold(bench, magcache, budget, calibration, 1e-3, 10.0, iterations)
+            log(f"magcache: threshold {threshold:.4g} gives block NFE {nfe:.2f} on the held-out seeds "
+                f"(target {budget})")
+            methods.append(magcache(threshold))
+        if want("cache-dit") and want("fbcache") and bench.model.family == "flux":
+            # seen 2026-12-07: after cache_dit.disable_cache, diffusers' FirstBlockCache on the FLUX
+            # transformer fails (head_block_output None, first_block_cache.py:173)
+            dropped.append({"method": "cache-dit", "budget": budget, "dropped": True, "setting": (
+                "skipped beside fbcache on FLUX.1 (its disable breaks FirstBlockCache): run --methods cache-dit")})
+        elif want("cache-dit"):
+            methods += cache_dit_methods(bench, budget, calibration, iterations, log, dropped)
+    return [m for m in methods if want(m.method) or m.method == "cache-dit-steps"], dropped
+
+
+def default_method(budget: int) -> SpectrumMethod:
+    """``target_nfe`` alone: the budget schedule's defaults, on the step grid they choose."""
+    config = SpectrumConfig(num_inference_steps=STEPS, target_nfe=budget)
+    grid = config.on_step_grid()
+    shown = (f"plain grid of {grid.num_inference_steps} steps" if config.plain_grid else
+             f"warmup {config.warmup_steps}, blend {config.blend_weight}, reuse {config.reuse}, "
+             f"tail {config.budget_tail}")
+    return SpectrumMethod("spectrum-default", f"target_nfe {budget} alone: {shown}", budget, grid)
+
+
+def cache_dit_methods(bench: Bench, budget: int, calibration: list[tuple[str, int]], iterations: int, log,
+                      dropped: list[dict]) -> list[Method]:
+    """cache-dit at the budget's block NFE (where its always-computed first block allows it), and
+    at the budget's count of fully computed steps (``cache-dit-steps``, spending more block NFE)."""
+    missing = cache_dit_missing()
+    if missing is not None:
+        dropped.append({"method": "cache-dit", "budget": budget, "dropped": True, "setting": f"skipped: {missing}"})
+        return []
+    methods: list[Method] = []
+    floor = CACHE_DIT_WARMUP + (STEPS - CACHE_DIT_WARMUP) * CACHE_DIT_FN / bench.counter.blocks
+    for method, measure in (("cache-dit", "block_nfe"), ("cache-dit-steps", "nfe")):
+        if measure == "block_nfe" and budget < floor:
+            dropped.append({"method": method, "budget": budget, "dropped": True,
+                            "setting": f"dropped: its first block on every step costs block NFE >= {floor:g}"})
+            continue
+        def build(threshold, method=method):
+            return CacheDitMethod(bench.pipe, method, budget, threshold)
+        threshold, nfe = tune_threshold(bench, build, budget, calibration, 1e-3, 10.0, iterations, measure)
+        log(f"{method}: threshold {threshold:.4g} gives {measure} {nfe:.2f} on the held-out seeds (target {budget})")
+        methods.append(build(threshold))
+    return methods
 
 
 # ----------------------------------------------------------------------------- report
@@ -518,7 +620,7 @@ def summarise(method: Method, runs: list[dict], full_seconds: float) -> dict:
         if method.timings[kind]:
             row[f"{kind}_ms"] = round(1e3 * statistics.median(method.timings[kind]), 4)
     row.update({k: v for k, v in runs[0]["info"].items() if k != "block_nfe"})
-    if method.method in ("spectrum-adaptive", "spectrum-budget", "spectrum-budget-reuse"):
+    if method.method in ("spectrum-adaptive", "spectrum-budget", "spectrum-budget-reuse", "spectrum-default"):
         row.pop("real_steps")
         row["real_steps_per_clip"] = [r["info"]["real_steps"] for r in runs]
     return row
@@ -530,7 +632,8 @@ def markdown_table(rows: list[dict], real_step_ms: float, blocks: int, branches:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     best = {}
     for row in rows:
-        if row["budget"] is not None and not row.get("dropped"):
+        # cache-dit-steps spends more block NFE than the budget (matched in fully computed steps)
+        if row["budget"] is not None and not row.get("dropped") and row["method"] != "cache-dit-steps":
             best[row["budget"]] = max(best.get(row["budget"], -1.0), row["psnr"])
     for row in rows:
         if row.get("dropped"):
@@ -559,7 +662,8 @@ FAMILY_STYLE = {"full": ("black", "*"), "plain": ("tab:gray", "s"), "reuse": ("t
                 "spectrum": ("tab:red", "o"), "spectrum-auto": ("tab:orange", "o"),
                 "spectrum-auto-reuse": ("tab:pink", "o"), "spectrum-adaptive": ("gold", "h"),
                 "spectrum-budget": ("tab:cyan", "X"), "spectrum-budget-reuse": ("tab:olive", "X"), "taylorseer": ("tab:blue", "^"), "fbcache": ("tab:green", "D"),
-                "magcache": ("tab:purple", "P")}
+                "magcache": ("tab:purple", "P"), "spectrum-default": ("tab:red", "*"),
+                "cache-dit": ("darkgreen", "d"), "cache-dit-steps": ("lime", "d")}
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -617,7 +721,8 @@ def frame_grid(samples: dict[str, np.ndarray], path: Path, title: str) -> None:
 # ----------------------------------------------------------------------------- main
 
 def run(num_pairs: int, budgets: list[int], out_json: Path, threads: int, tune_iterations: int,
-        calibration_pairs: int, command: str, quiet: bool = False, model: str = "digits-wan") -> dict:
+        calibration_pairs: int, command: str, quiet: bool = False, model: str = "digits-wan",
+        only: set[str] | None = None, merge_into: Path | None = None) -> dict:
     started = time.time()
 
     def log(message: str) -> None:
@@ -632,7 +737,7 @@ def run(num_pairs: int, budgets: list[int], out_json: Path, threads: int, tune_i
     pairs = benchmark_pairs(num_pairs, conditions)
     calibration = held_out_pairs(calibration_pairs, conditions)
 
-    methods, dropped = build_methods(bench, budgets, calibration, tune_iterations, log)
+    methods, dropped = build_methods(bench, budgets, calibration, tune_iterations, log, only)
     runs: dict[str, list[dict]] = {m.label: [] for m in methods}
     grid: dict[str, np.ndarray] = {}
     for (digit, _where, prompt), seed in tqdm(pairs, desc="quality", unit=unit, disable=quiet):
@@ -667,22 +772,52 @@ def run(num_pairs: int, budgets: list[int], out_json: Path, threads: int, tune_i
         "wall_seconds": round(time.time() - started, 1),
     }
     result = {"meta": meta, "rows": rows}
+    if merge_into is not None:
+        result = merge_rows(json.loads(merge_into.read_text()), result)
+        out_json, rows, meta, command = merge_into, result["rows"], result["meta"], result["meta"]["command"]
+        num_pairs = meta["pairs"]
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=2) + "\n")
     guidance = "guidance" if spec.guidance_field == "guidance_scale" else "true CFG"
     title = (f"{spec.name}, {num_pairs} {unit}s, {STEPS} {spec.sampler} steps, {guidance} {spec.guidance}; "
              f"{meta['date']}; {meta['machine']}")
-    table = markdown_table(rows, real_step_ms, bench.counter.blocks, spec.branches)
-    out_json.with_suffix(".md").write_text(f"{title}\n\n`{command}`\n\n{table}")
+    table = markdown_table(rows, meta["real_step_ms"], bench.counter.blocks, spec.branches)
+    header = f"`{command}`"
+    for merged in meta.get("merged", []):
+        header += (f"; rows of {', '.join(merged['families'])} added {merged['date']} by `{merged['command']}` on "
+                   f"the same pairs (the rows both runs have differ by at most {merged['largest_psnr_difference']:.4f}"
+                   f" dB; wall speedups are each run's own)")
+    out_json.with_suffix(".md").write_text(f"{title}\n\n{header}\n\n{table}")
     plot(rows, out_json.with_suffix(".png"), title)
-    frame_grid(grid, out_json.with_name(out_json.stem + "_frames.png"),
-               f"'{pairs[0][0][2]}', seed 0: " + ("the 9 frames of each method" if unit == "clip" else
-                                                   "each method's image"))
+    if merge_into is None:
+        frame_grid(grid, out_json.with_name(out_json.stem + "_frames.png"),
+                   f"'{pairs[0][0][2]}', seed 0: " + ("the 9 frames of each method" if unit == "clip" else
+                                                       "each method's image"))
     if not quiet:
         print(table)
         print(f"wrote {out_json}, {out_json.with_suffix('.md')}, {out_json.with_suffix('.png')}, "
               f"{out_json.with_name(out_json.stem + '_frames.png')} in {meta['wall_seconds']:.0f} s")
     return result
+
+
+def merge_rows(base: dict, added: dict) -> dict:
+    """``base``'s result with the families only ``added`` ran inserted after each budget's rows;
+    the rows both ran stay ``base``'s, and an entry of ``meta.merged`` says how far ``added``
+    differs on them (the same pairs and seeds: float noise)."""
+    new = {r["method"] for r in added["rows"]} - {r["method"] for r in base["rows"]}
+    if added["meta"]["pairs"] != base["meta"]["pairs"]:
+        raise ValueError(f"--merge-into needs the same --pairs ({base['meta']['pairs']}), got {added['meta']['pairs']}")
+    rows = list(base["rows"])
+    for row in added["rows"]:
+        if row["method"] in new:
+            rows.insert(max(i for i, r in enumerate(rows) if r["budget"] == row["budget"]) + 1, row)
+    shared = {(r["method"], r["setting"]): r["psnr"] for r in added["rows"] if r["method"] not in new}
+    differences = [abs(shared[r["method"], r["setting"]] - r["psnr"]) for r in base["rows"]
+                   if (r["method"], r["setting"]) in shared and r["psnr"] is not None]
+    merged = {"command": added["meta"]["command"], "date": added["meta"]["date"], "families": sorted(new),
+              "shared_rows": len(differences), "largest_psnr_difference": round(max(differences, default=0.0), 4),
+              "wall_seconds": added["meta"]["wall_seconds"]}
+    return {"meta": {**base["meta"], "merged": [*base["meta"].get("merged", []), merged]}, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -696,13 +831,20 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"output JSON (default {DEFAULT_JSON}, other models quality_MODEL_cpu.json beside "
                              "it; quick: outputs/quality_quick.json, quality_MODEL_quick.json)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=None, choices=sorted(FAMILY_STYLE),
+                        help="only these method families (full and plain always run; cache-dit includes "
+                             "cache-dit-steps); default: all")
+    parser.add_argument("--merge-into", type=Path, default=None,
+                        help="add the families this run has and that result has not to that result (the same "
+                             "pairs), rewriting its JSON, Markdown and plot")
     args = parser.parse_args(argv)
     pairs = args.pairs if args.pairs is not None else (2 if args.quick else 40)
     out = args.json or BENCH_MODELS[args.model].default_json(args.quick)
     command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
     budgets = args.budgets or ([14] if args.quick else [14, 10, 7])
     return run(pairs, budgets, out, args.threads, tune_iterations=3 if args.quick else 7,
-               calibration_pairs=1 if args.quick else 2, command=command.strip(), model=args.model)
+               calibration_pairs=1 if args.quick else 2, command=command.strip(), model=args.model,
+               only=set(args.methods) if args.methods else None, merge_into=args.merge_into)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from ..experts import (
     pipeline_spectrum_stats,
     remove_spectrum_from_pipeline,
 )
+from ..config import SpectrumConfig
 from ..models import ModelSpec, SizeRules, size_rules
 from ..parallel import patches
 from .images import decode_image
@@ -82,7 +83,7 @@ class RankPipeline:
         report says which (``stopped_after_step``; the latents are then those of that step).
         """
         started = time.perf_counter() if started is None else started
-        pipe, config = self.pipe, request.spectrum
+        pipe, (_, config) = self.pipe, step_grid(request)
         if config is not None:
             split = apply_spectrum_to_pipeline(pipe, config)
             if self.world_size > 1:
@@ -113,7 +114,7 @@ class RankPipeline:
         return GenerationResult(latents, media, report)
 
     def _pipeline_call(self, request: GenerationRequest) -> dict:
-        call = dict(prompt=request.prompt, num_inference_steps=request.num_inference_steps, height=request.height,
+        call = dict(prompt=request.prompt, num_inference_steps=step_grid(request)[0], height=request.height,
                     width=request.width, guidance_scale=request.guidance_scale, output_type="latent",
                     generator=torch.Generator().manual_seed(request.seed))
         if request.negative_prompt is not None:
@@ -157,8 +158,7 @@ class RankPipeline:
         ``transformer_2`` of Wan2.2) and guidance branch, empty without Spectrum. ``real_steps`` and
         ``nfe`` are per branch over the whole call; a two-expert pipeline's report adds ``experts``:
         per expert its steps ``[first, end)`` and its own ``real_steps`` and ``nfe`` per branch."""
-        config = request.spectrum
-        steps = request.num_inference_steps
+        steps, config = step_grid(request)
         layout = self.layout
         split = expert_steps(self.pipe, steps)
         if config is None:
@@ -174,6 +174,8 @@ class RankPipeline:
         report = {
             "model": self.spec.name,
             "num_inference_steps": steps,
+            "num_inference_steps_asked": request.num_inference_steps,
+            "step_grid": "plain" if config is not None and steps < request.num_inference_steps else "request",
             "world_size": self.world_size,
             "parallel": {"ulysses_degree": layout.ulysses_degree, "ring_degree": layout.ring_degree,
                          "cfg_degree": layout.cfg_degree,
@@ -201,6 +203,17 @@ class RankPipeline:
                                         "nfe": {b: s["nfe"] for b, s in stats.get(name, {}).items()}}
                                  for name, own in split.items()}
         return report
+
+
+def step_grid(request: GenerationRequest) -> tuple[int, Optional[SpectrumConfig]]:
+    """The steps the sampler runs for ``request`` and its Spectrum config on them: the request's,
+    or, where a budget's ``step_grid`` "auto" finds forecasting losing to the plain sampler, the
+    plain sampler's grid of ``target_nfe`` steps (``SpectrumConfig.on_step_grid``)."""
+    config = request.spectrum
+    if config is None:
+        return request.num_inference_steps, None
+    grid = config.on_step_grid()
+    return grid.num_inference_steps, grid
 
 
 def peak_state_bytes(stats: dict) -> int:
@@ -257,12 +270,12 @@ class PipeFusionRankPipeline(RankPipeline):
             raise NotImplementedError("stopping at a step boundary is not supported under PipeFusion, whose "
                                       "denoising loop is xDiT's")
         started = time.perf_counter() if started is None else started
-        config = request.spectrum
+        steps, config = step_grid(request)
         self.pipefusion.set_spectrum(config)
         denoise_start = time.perf_counter()
         with torch.no_grad():
             output = self.pipefusion(prompt=request.prompt, height=request.height, width=request.width,
-                                     num_inference_steps=request.num_inference_steps,
+                                     num_inference_steps=steps,
                                      guidance_scale=request.guidance_scale, output_type="latent",
                                      max_sequence_length=flux_text_tokens(self.spec),
                                      generator=torch.Generator().manual_seed(request.seed))

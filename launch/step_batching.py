@@ -35,7 +35,7 @@ from ..experts import expert_states, expert_steps, pipeline_experts
 from ..hooks import BranchState, RowsPolicy, SpectrumState, hook_transformer, unhook_transformer
 from .images import decode_image
 from .request import GenerationRequest, guidance_branches
-from .runner import GenerationResult, RankPipeline, flux_text_tokens, peak_state_bytes, text_length
+from .runner import GenerationResult, RankPipeline, flux_text_tokens, peak_state_bytes, step_grid, text_length
 
 
 @dataclass
@@ -106,7 +106,7 @@ class WanRows:
         if guided:
             branches["uncond"] = {"encoder_hidden_states": negative.to(dtype)}
         scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        scheduler.set_timesteps(request.num_inference_steps, device=device)
+        scheduler.set_timesteps(step_grid(request)[0], device=device)
         scheduler.set_begin_index(0)
         generator = torch.Generator().manual_seed(request.seed)
         prepared = {"branches": branches, "scheduler": scheduler, "scale": request.guidance_scale}
@@ -163,7 +163,7 @@ class FluxRows:
         latents, image_ids = pipe.prepare_latents(1, pipe.transformer.config.in_channels // 4, request.height,
                                                   request.width, branches["cond"]["encoder_hidden_states"].dtype,
                                                   device, generator, None)
-        steps = request.num_inference_steps
+        steps = step_grid(request)[0]
         scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
         config = scheduler.config
         sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
@@ -223,8 +223,9 @@ class StepBatcher:
         dtype = next(iter(self.experts.values())).dtype
         with torch.no_grad():
             prepared = self.rows.prepare(request, rp.device, dtype)
-        split = {name: steps for name, steps in expert_steps(rp.pipe, request.num_inference_steps).items() if steps}
-        states = expert_states(request.spectrum, split) if request.spectrum is not None else {}
+        run, config = step_grid(request)
+        split = {name: steps for name, steps in expert_steps(rp.pipe, run).items() if steps}
+        states = expert_states(config, split) if config is not None else {}
         self.active[job] = ActiveRequest(job, request, split=split, states=states, **prepared)
         self._composition = None
 

@@ -52,8 +52,9 @@ def test_quality_benchmark_quick(tmp_path, model):
     rows = {(r["method"], r["setting"]): r for r in result["rows"]}
     families = {r["method"] for r in result["rows"]}
     assert families == {"full", "plain", "reuse", "spectrum", "spectrum-auto", "spectrum-auto-reuse",
-                        "spectrum-adaptive", "spectrum-budget", "spectrum-budget-reuse", "taylorseer", "fbcache",
-                        "magcache"}
+                        "spectrum-adaptive", "spectrum-budget", "spectrum-budget-reuse", "spectrum-default",
+                        "taylorseer", "fbcache", "magcache",
+                        "cache-dit", *(("cache-dit-steps",) if model == "digits-wan" else ())}
     assert result["meta"]["pairs"] == 2 and result["meta"]["model"].startswith(model)
     for row in result["rows"]:
         assert set(row) >= {"method", "setting", "nfe", "psnr", "ssim", "accuracy", "speedup_wall", "speedup_nfe"}
@@ -63,7 +64,7 @@ def test_quality_benchmark_quick(tmp_path, model):
             assert row["nfe"] == 50 and row["psnr"] is None
             continue
         # every method skips work and so differs from the reference, but stays a recognisable sample
-        assert 10.0 < row["psnr"] < 80.0 and 0.3 < row["ssim"] < 1.0
+        assert 10.0 < row["psnr"] < 80.0 and 0.3 < row["ssim"] <= 1.0   # cache-dit-steps rounds to 1.0
         assert row["speedup_nfe"] == round(50 / row["nfe"], 3)
     assert rows[("plain", "14 steps")]["nfe"] == 14
     for (method, setting), row in rows.items():
@@ -76,20 +77,44 @@ def test_quality_benchmark_quick(tmp_path, model):
         if method == "spectrum-adaptive":
             assert len(row["real_steps_per_clip"]) == 2 and row["error_budget"] > 0
             assert row["nfe"] == sum(map(len, row["real_steps_per_clip"])) / 2
-        if method.startswith("spectrum-budget"):
+        if method.startswith("spectrum-budget") or method == "spectrum-default":
             # the budget schedule spends exactly target_nfe real steps on every clip
             assert row["nfe"] == row["nfe_max"] == row["block_nfe"] == 14
             assert [len(steps) for steps in row["real_steps_per_clip"]] == [14, 14]
         if method == "taylorseer":
             assert row["nfe"] == 14
-        if method == "fbcache":
+        if method in ("fbcache", "cache-dit", "cache-dit-steps"):
             # the first block runs on every step, so it costs more than its stack count says
-            assert row["block_nfe"] > row["nfe"]
+            assert row["block_nfe"] > row["nfe"] and row["threshold"] > 0
     spectrum = [r for r in result["rows"] if r["method"] in ("spectrum", "spectrum-auto", "spectrum-auto-reuse")]
     reuse = rows[("reuse", "flex 0.75, warmup 5, window 2")]
     assert all(r["real_steps"] == reuse["real_steps"] for r in spectrum)
     # different predictors at the same real steps give different outputs
     assert len({r["psnr"] for r in spectrum} | {reuse["psnr"]}) == len(spectrum) + 1
+
+
+def test_defaults_protocol_quick(tmp_path):
+    """`benchmarks.defaults --quick`: one cell per model through the choice and the scores; where the
+    one-flag default runs the plain grid it is the plain sampler, sample for sample."""
+    from benchmarks import defaults
+
+    assert len(defaults.matrix()) == 48
+    out = tmp_path / "defaults.json"
+    result = defaults.main(["--quick", "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    for suffix in (".md", ".png"):
+        assert out.with_suffix(suffix).stat().st_size > 0
+    assert {c["model"] for c in result["cells"]} == {"digits-wan", "digits-flux"}
+    chosen = result["choices"]["all"]
+    for cell in result["cells"]:
+        scored = cell["scored"]
+        for budget in defaults.BUDGETS:
+            nfe, run = defaults.target_nfe(cell["steps"], budget), scored["default steps run"][str(budget)]
+            assert run == (nfe if nfe < chosen["plain_grid_below_nfe"] else cell["steps"])
+            if run == nfe:
+                assert scored["default"][str(budget)] == scored["plain"][str(budget)]
+            assert 10.0 < scored["default"][str(budget)] < 80.0
+    assert result["goals"]["cells"] == 2 and set(result["goals"]) >= {"14", "10", "7"}
 
 
 def test_state_memory_measures_true_per_rank_state():

@@ -18,10 +18,11 @@ from spectrum_xdit.parallel.testing import run_distributed
 STEPS = 14
 # The adaptive schedule with a budget a random-weight model can meet (its features are rougher
 # than a trained model's) and the auto blend, so that it skips steps here too.
-# The budget schedule at a 7-step budget.
+# The budget schedule at a 7-step budget, forecasting on the request's grid (step_grid "auto" would
+# run the plain 7-step sampler there, which skips nothing).
 SCHEDULES = {"paper": {}, "adaptive": {"schedule": "adaptive", "blend_weight": "auto", "warmup_steps": 3,
                                        "error_budget": 0.3, "max_gap": 4},
-             "budget": {"target_nfe": 7, "blend_weight": "auto", "warmup_steps": 3}}
+             "budget": {"target_nfe": 7, "blend_weight": "auto", "warmup_steps": 3, "step_grid": "request"}}
 BUDGET = 7
 LAYOUTS = {
     "ulysses2": dict(ulysses_degree=2),

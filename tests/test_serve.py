@@ -133,6 +133,9 @@ def test_health_and_config(server):
     assert config["limits"]["max_height"] == 1024 and config["limits"]["max_steps"] == 100
     assert config["defaults"]["num_inference_steps"] == STEPS and config["defaults"]["cache"]["method"] == "spectrum"
     assert (config["defaults"]["guidance_scale"], config["defaults"]["true_cfg_scale"]) == (5.0, 1.0)
+    # what a request naming only target_nfe takes (spectrum_xdit.config.BUDGET_DEFAULTS)
+    from spectrum_xdit.config import budget_defaults
+    assert config["budget_defaults"] == budget_defaults() and config["budget_defaults"]["warmup_steps"] == 3
     # the built model's size rules are the ones its spec gave before anything was built
     assert config["sizes"] == {"family": "wan", "spatial_multiple": 16, "temporal_multiple": 4, "temporal_patch": 1,
                                "max_positions": 32}

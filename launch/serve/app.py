@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from ...config import budget_defaults
 from ...parallel.patches import ray_serve_grpc
 from ..media import IMAGE_CONTENT_TYPES, SPRITE_SHEET_FORMAT, THUMBNAIL_FORMAT, sprite_sheet, thumbnail, transcode_image
 from ..request import CONTENT_TYPES, RequestError, from_text, parse_request
@@ -389,6 +390,7 @@ class SpectrumServer:
             "limits": settings.limits.model_dump(),
             "defaults": settings.default_request(spec).model_dump(exclude={"prompt": True,
                                                                              "cache": {"num_inference_steps"}}),
+            "budget_defaults": budget_defaults(),
             "output_formats": list(settings.output_formats(spec)),
             "fps": settings.fps,
             "sizes": group.infos[0].sizes if group.infos else dataclasses.asdict(spec.sizes),
