@@ -57,7 +57,9 @@ def add_flags(parser, fields: dict, defaults: Optional[dict] = None) -> None:
         default = (defaults or {}).get(name, field.default)
         shown = "" if default is PydanticUndefined else f" (default: {default})"
         if field.annotation is bool:
-            parser.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help=field.description)
+            # alone it sets true; "false" turns off a default that is true (reuse under a budget)
+            parser.add_argument(f"--{name}", nargs="?", const=True, default=argparse.SUPPRESS, metavar="false",
+                                help=f"{field.description or ''}{shown}")
         elif typing.get_origin(field.annotation) is list:
             parser.add_argument(f"--{name}", action="append", default=argparse.SUPPRESS, metavar=name.upper(),
                                 help=f"{field.description or ''} (repeatable)")
