@@ -94,6 +94,15 @@ def test_flags_are_read_by_the_request_model():
     assert (request.height, request.width, request.num_frames) == (spec.height, spec.width, spec.num_frames)
 
 
+@pytest.mark.parametrize("extra,reuse", [([], True), (["--spectrum_reuse"], True), (["--spectrum_reuse", "false"], False)])
+def test_a_bool_flag_alone_is_true_and_false_turns_off_a_true_default(extra, reuse):
+    """``--spectrum_target_nfe`` alone takes the budget's reuse default (true); ``false`` turns it off."""
+    parser = build_parser()
+    args = parser.parse_args(["generate", "--prompt", "5", "--spectrum_target_nfe", "10", *extra])
+    _, _, request, _ = check_arguments(args, parser, 1)
+    assert request.spectrum.reuse is reuse
+
+
 @pytest.mark.parametrize("model,guidance", [("digits-wan", 5.0), ("tiny-wan", 5.0), ("tiny-flux", 3.5)])
 def test_guidance_scale_defaults_to_the_model_family_s(model, guidance):
     """Wan2.1's classifier-free guidance 5.0, FLUX.1's distilled guidance 3.5 (diffusers' defaults);
