@@ -30,7 +30,7 @@ steps, 8, 6 and 4 on 30; ``--scaled_budgets`` repeats it.)
    margin is negative (``PLAIN_GRID_BELOW`` = that + 1; 1 if none is): below it the plain sampler
    runs, margin 0 by construction.
 2. Choose the candidate of the largest worst-case margin, so counted, over every cell at the
-   budgets 14 and 10 of 50 (where the goals ask forecasting to win); ties: the larger mean there.
+   budgets 14 and 10 (where the goals ask forecasting to win); ties: the larger mean there.
 
 **The scores**: every cell on the scored pairs (``benchmarks.quality.benchmark_pairs``), the
 one-flag default (the chosen values) against the plain sampler, at each budget; and the
@@ -310,7 +310,7 @@ def markdown(result: dict) -> str:
              "Chosen (all cells): " + ", ".join(f"{k} {chosen[k]}" for k in ("budget_tail", "reuse",
                                                                              "plain_grid_below_nfe"))
              + f"; shipped defaults {meta['shipped_defaults']} (match: {meta['shipped_defaults_match']})", "",
-             "Held-out ranking (margin over plain at 14 and 10 of 50, dB, plain grid below the NFE given): "
+             "Held-out ranking (margin over plain at target_nfe 14 and 10, dB, plain grid below the NFE given): "
              + "; ".join(f"{r['candidate']}: below {r['plain_grid_below_nfe']}, worst {r['worst_14_10']:+.2f}, "
                          f"mean {r['mean_14_10']:+.2f}" for r in chosen["ranking"]), ""]
     for name, choice in result["choices"].items():
@@ -328,7 +328,7 @@ def markdown(result: dict) -> str:
     g = result["goals"]
     lines += ["", "Goals with the one-flag default (margin over the plain sampler of the same NFE, scored pairs):"]
     for b in BUDGETS:
-        lines.append(f"- {b} of 50: {g[str(b)]['met']}/{g['cells']} cells >= {g[str(b)]['goal_db']:g} dB; "
+        lines.append(f"- target_nfe {b}: {g[str(b)]['met']}/{g['cells']} cells >= {g[str(b)]['goal_db']:g} dB; "
                      f"worst {g[str(b)]['worst']:+.2f} dB, mean {g[str(b)]['mean']:+.2f} dB")
     for key, value in g.items():
         if key.startswith("chosen on"):
@@ -347,7 +347,7 @@ def plot(result: dict, path: Path) -> None:
     for offset, (budget, colour) in enumerate(zip(BUDGETS, ("tab:blue", "tab:orange", "tab:red"))):
         ax.bar([i + (offset - 1) * 0.27 for i in range(len(names))],
                [margin(c, "default", budget) for c in result["cells"]], width=0.27, color=colour,
-               label=f"{budget} of 50")
+               label=f"target_nfe {budget}")
     ax.axhline(1.0, color="k", lw=0.6, ls="--")
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xticks(range(len(names)), [n.replace(" shift", "\nshift").replace(" guidance", " g") for n in names],
